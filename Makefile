@@ -1,0 +1,37 @@
+# clipstyle: make test (set up and run the tests), make demo (set up and
+# stylize an example image with the real weights, fetched once).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A torch build known to work; override for another (e.g. a CPU-only wheel).
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+DEMO_IMAGE ?= examples/images/astronaut.jpg
+DEMO_PROMPT ?= starry night by Vincent van Gogh
+DEMO_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+# On a machine without a GPU the demo uses the draft preset (100 steps, 256 px).
+demo: install
+	@mkdir -p out
+	$(VENV)/bin/clipstyle run -p "$(DEMO_PROMPT)" "$(DEMO_IMAGE)" -o out/ --report out/demo.jsonl \
+		$$($(PY) -c "import torch; print('' if torch.cuda.is_available() or torch.backends.mps.is_available() else '--preset draft')") \
+		$(DEMO_ARGS)
+
+bench: install
+	$(VENV)/bin/clipstyle bench --size 256 --crops 16 --device cpu
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

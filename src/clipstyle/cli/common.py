@@ -1,0 +1,104 @@
+"""Pieces shared by the commands: error lines, model options, device handling."""
+
+from __future__ import annotations
+
+import functools
+import signal
+from pathlib import Path
+
+import click
+
+
+def format_error(exc: BaseException) -> str:
+    """One line for any error: ``<file>: <reason>`` for our own errors."""
+    from clipstyle.errors import ClipstyleError
+
+    if isinstance(exc, ClipstyleError):
+        return str(exc)
+    name = type(exc).__name__
+    if name == "OutOfMemoryError":
+        return "out of memory; lower --size or --crops, or use --crop-batch"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"internal error: {name}: {first} (run with --debug for the traceback)"
+
+
+class UserError(click.ClickException):
+    """Prints ``clipstyle: error: <file>: <reason>`` and exits 1."""
+
+    exit_code = 1
+
+    def __init__(self, exc: BaseException | str):
+        super().__init__(exc if isinstance(exc, str) else format_error(exc))
+
+    def show(self, file=None) -> None:
+        click.echo(f"clipstyle: error: {self.message}", err=True)
+
+
+def debug_option(f):
+    """``--debug`` on a command, as on the group: tracebacks instead of one-line errors."""
+
+    def callback(ctx, _param, value):
+        if value:
+            ctx.ensure_object(dict)
+            root = ctx.find_root()
+            root.ensure_object(dict)
+            root.obj["debug"] = True
+        return value
+
+    return click.option("--debug", is_flag=True, expose_value=False, callback=callback,
+                        help="Show full tracebacks for errors.")(f)
+
+
+def model_options(f):
+    """CLIP/VGG model and weight options, and the device; the same on every command."""
+    options = [
+        click.option("--clip-model", default="ViT-B-32", show_default=True,
+                     help="open_clip architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...)."),
+        click.option("--clip-pretrained", default="openai", show_default=True,
+                     help="open_clip pretrained tag, downloaded once into open_clip's cache."),
+        click.option("--clip-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="Local CLIP weights: an open_clip state dict, safetensors, or OpenAI's original .pt "
+                          "file. No network is used."),
+        click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="Local torchvision vgg19 state dict (vgg19-dcbb9e9d.pth). No network is used."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device, progress=True):
+    from clipstyle.device import resolve_device
+    from clipstyle.encoders import load_models
+
+    dev = resolve_device(device)
+    return load_models(clip_model=clip_model, clip_pretrained=clip_pretrained, clip_weights=clip_weights,
+                       vgg_weights=vgg_weights, device=dev, progress=progress)
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def stop_on_sigterm(f):
+    """SIGTERM stops a command the way Ctrl-C does: cleanly, exit code 130."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        def handler(signum, frame):
+            raise _Terminated()
+
+        try:
+            previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not in the main thread (tests)
+            return f(*args, **kwargs)
+        try:
+            return f(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper

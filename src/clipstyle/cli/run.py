@@ -1,0 +1,185 @@
+"""``clipstyle run``: restyle images after text prompts."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from clipstyle.cli.common import UserError, debug_option, load_models_from_options, model_options, stop_on_sigterm
+from clipstyle.config import PRECISIONS, PRESETS, Settings
+
+D = Settings()  # every default below is read from Settings: written once
+
+
+def _progress(quiet: bool, steps: int):
+    from clipstyle.runner import RunEvents
+
+    class Events(RunEvents):
+        def __init__(self):
+            self.bar = None
+
+        def pair_started(self, pairs, done, total):
+            if quiet:
+                return
+            from tqdm import tqdm
+
+            names = ", ".join(f"{p.input.path.name} x {p.prompt[:30]!r}" for p in pairs[:2])
+            names += "" if len(pairs) <= 2 else f" (+{len(pairs) - 2})"
+            self.bar = tqdm(total=steps, desc=f"[{done + 1}/{total}] {names}", unit="step", leave=False,
+                            file=sys.stderr, dynamic_ncols=True)
+
+        def step(self, pair, info):
+            if self.bar is None or info.pair != 0:
+                return
+            self.bar.update(1)
+            if info.losses:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()}, refresh=False)
+
+        def pair_finished(self, pair, record):
+            if record["status"] == "ok" and self.bar is not None and self.bar.n >= steps:
+                self.bar.close()
+                self.bar = None
+            if record["status"] == "ok":
+                if not quiet:
+                    click.echo(f"wrote {record['output']} ({record['seconds_total']:.1f} s)", err=True)
+            elif record["status"] == "skipped":
+                if not quiet:
+                    click.echo(f"skipped {record['output']}: exists (use --overwrite to replace it)", err=True)
+            else:
+                click.echo(f"clipstyle: error: {record['error']}", err=True)
+
+        def note(self, pair, message):
+            where = f"{pair.input.path}: " if pair is not None else ""
+            click.echo(f"clipstyle: warning: {where}{message}", err=True)
+
+        def close(self):
+            if self.bar is not None:
+                self.bar.close()
+
+    return Events()
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("images", nargs=-1, type=str)
+@click.option("-p", "--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Style prompt; repeat for several (each image is restyled with each prompt).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output .png file (one image, one prompt) or folder. [default: current folder, "
+                   "named <image>-<prompt>.png]")
+@click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
+@click.option("--from-file", type=str, default=None, metavar="LIST",
+              help="Read input paths from LIST, one per line ('-' for standard input).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
+              help="paper: the paper's settings. draft: 100 steps, 256 px, 16 crops of 64 px, for CPUs. "
+                   "Explicit options override the preset.")
+@click.option("--steps", type=click.IntRange(1), default=None, help=f"Optimisation steps. [default: {D.steps}]")
+@click.option("--size", type=click.IntRange(8), default=None,
+              help=f"Longest side in pixels (aspect ratio kept, rounded to a multiple of 8). [default: {D.size}]")
+@click.option("--crops", type=click.IntRange(0), default=None, help=f"Random crops per step. [default: {D.crops}]")
+@click.option("--crop-size", type=click.IntRange(8), default=None, help=f"Crop side in pixels. [default: {D.crop_size}]")
+@click.option("--threshold", type=float, default=D.threshold, show_default=True,
+              help="Patch loss threshold: patches below it are dropped.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D.lr, show_default=True,
+              help="Adam learning rate (halved at the middle of the run).")
+@click.option("--lambda-patch", type=click.FloatRange(0), default=D.lambda_patch, show_default=True,
+              help="Weight of the patch directional CLIP loss.")
+@click.option("--lambda-dir", type=click.FloatRange(0), default=D.lambda_dir, show_default=True,
+              help="Weight of the global directional CLIP loss.")
+@click.option("--lambda-content", type=click.FloatRange(0), default=D.lambda_content, show_default=True,
+              help="Weight of the VGG-19 content loss.")
+@click.option("--lambda-tv", type=click.FloatRange(0), default=D.lambda_tv, show_default=True,
+              help="Weight of total variation (raise it if the prompt's words get painted in).")
+@click.option("--source", default=D.source, show_default=True, help="Neutral text the style direction starts from.")
+@click.option("--templates", "templates_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="File of prompt templates, one per line with {} (default: CLIP's 79 ImageNet templates).")
+@click.option("--no-templates", is_flag=True, help="Encode prompts as they are, without templates.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=D.precision, show_default=True,
+              help="Encoder precision: auto is fp32 on CPU, bf16 on CUDA, fp16 on MPS.")
+@click.option("--crop-batch", type=click.IntRange(0), default=D.crop_batch, show_default=True,
+              help="Encode crops in chunks of this many (0: all at once); lowers peak memory.")
+@model_options
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Base seed; each image x prompt pair derives its own from it, so results repeat.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
+              help="Optimise this many image x prompt pairs together (faster on a large GPU).")
+@click.option("--shard", type=str, default=None, metavar="K/N",
+              help="Process only the K-th of N stable shards of the pairs (for job arrays).")
+@click.option("--save-every", type=click.IntRange(0), default=0, show_default=True, metavar="N",
+              help="Also save a numbered snapshot every N steps (0: none).")
+@click.option("--contrast", is_flag=True,
+              help="Post-process as the reference code does silently (contrast x1.5, then min-max "
+                   "rescaling): the look of the paper's figures.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Append one JSON line per image x prompt to this file.")
+@click.option("--max-pixels", type=click.IntRange(1), default=100_000_000, show_default=True,
+              help="Refuse input images with more pixels than this (decompression bombs).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors and warnings only.")
+@debug_option
+@stop_on_sigterm
+def run(images, prompts, output, recursive, from_file, preset, steps, size, crops, crop_size, threshold, lr,
+        lambda_patch, lambda_dir, lambda_content, lambda_tv, source, templates_file, no_templates, precision,
+        crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, shard,
+        save_every, contrast, overwrite, report, max_pixels, quiet):
+    """Restyle IMAGES (files, folders or globs) after each --prompt.
+
+    \b
+      clipstyle run -p "starry night" photo.jpg
+      clipstyle run -p "ink wash painting" -p "mosaic" photos/ -o styled/ --report runs.jsonl
+
+    Existing outputs are skipped unless --overwrite; a file that fails is
+    reported and the run goes on. Exit code 0 when every pair is ok or
+    skipped, 1 when any failed, 130 when interrupted.
+    """
+    from clipstyle import prompts as prompt_templates
+    from clipstyle.errors import ClipstyleError
+    from clipstyle.runner import Report, RunOptions, check_outputs, collect_inputs, parse_shard, plan_pairs, run_pairs
+
+    if not prompts:
+        raise click.UsageError("at least one --prompt is needed")
+    if not images and from_file is None:
+        raise click.UsageError("no input images (give files, folders or globs, or --from-file)")
+    empty = [p for p in prompts if not p.strip()]
+    if empty:
+        raise UserError("the prompt is empty")
+    values = {**PRESETS[preset]}
+    for name, value in (("steps", steps), ("size", size), ("crops", crops), ("crop_size", crop_size)):
+        if value is not None:
+            values[name] = value
+    templates = D.templates
+    if no_templates:
+        templates = prompt_templates.NO_TEMPLATES
+    elif templates_file is not None:
+        templates = prompt_templates.load_templates(templates_file)
+    settings = Settings(**values, threshold=threshold, lr=lr, lambda_patch=lambda_patch, lambda_dir=lambda_dir,
+                        lambda_content=lambda_content, lambda_tv=lambda_tv, source=source, templates=templates,
+                        precision=precision, crop_batch=crop_batch)
+    shard_kn = parse_shard(shard) if shard else None
+    inputs = collect_inputs(list(images), recursive=recursive, from_file=from_file, stdin=sys.stdin)
+    if not inputs:
+        raise UserError("no input images found")
+    pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn)
+    check_outputs(pairs)
+    report_file = Report(report)
+    events = _progress(quiet, settings.steps)
+    start = time.perf_counter()
+    try:
+        todo = [p for p in pairs if overwrite or not p.output.exists()]
+        models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device) \
+            if todo else None
+        options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
+                             max_pixels=max_pixels, base_seed=seed)
+        summary = run_pairs(pairs, models, settings, options, report_file, events)
+    except ClipstyleError:
+        raise
+    finally:
+        events.close()
+        report_file.close()
+    elapsed = time.perf_counter() - start
+    if not quiet or summary.failed:
+        click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {elapsed:.1f} s", err=True)
+    if summary.failed:
+        sys.exit(1)

@@ -1,0 +1,97 @@
+"""Settings of one stylization: a single source of truth for every default.
+
+Defaults equal the CLIPstyler paper's (Kwon & Ye, CVPR 2022, section 4 and
+appendix A). The CLI builds its options and their defaults from this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from clipstyle.prompts import IMAGENET_TEMPLATES
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Optimisation length. More steps: stronger style, linear cost.
+    steps: int = 200
+    # Longest side of the image the network is trained on, rounded to a
+    # multiple of 8 (three down/up-sampling stages). Memory and time grow with
+    # its square.
+    size: int = 512
+    # Random crops per step for the patch loss, and their side in pixels of
+    # the output. More crops: smoother style signal, proportionally more CLIP work.
+    crops: int = 64
+    crop_size: int = 128
+    # Patches whose directional loss is already under this stop pulling (the
+    # paper's threshold rejection, tau).
+    threshold: float = 0.7
+    # Perspective distortion of each crop (0 = none, 1 = corners may move to the centre).
+    distortion: float = 0.5
+    # Adam learning rate; halved once at the middle of the run.
+    lr: float = 5e-4
+    # Loss weights: patch directional, global directional, VGG content, total variation.
+    lambda_patch: float = 9000.0
+    lambda_dir: float = 500.0
+    lambda_content: float = 150.0
+    lambda_tv: float = 2e-3
+    # Neutral text the style direction starts from.
+    source: str = "a Photo"
+    # Prompt templates; each prompt is encoded in all of them and averaged.
+    templates: tuple[str, ...] = field(default=IMAGENET_TEMPLATES, repr=False)
+    # Numeric precision of the frozen encoders: "auto" is fp32 on the CPU and
+    # bf16 autocast on CUDA (fp16 on MPS); the U-Net and loss sums stay fp32.
+    precision: str = "auto"
+    # Crops encoded per CLIP batch; 0 encodes all at once. Lower it when
+    # memory is short: the result is the same, the peak memory smaller.
+    crop_batch: int = 0
+    # Read the losses back to the host every this many steps (and at the last
+    # step). Each read waits for the device, so rarer reads run faster.
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        from clipstyle.errors import ClipstyleError
+
+        checks = [
+            (self.steps >= 1, "steps must be at least 1"),
+            (self.size >= 8, "size must be at least 8"),
+            (self.crops >= 0, "crops must be 0 or more"),
+            (self.crop_size >= 8, "crop size must be at least 8"),
+            (0.0 <= self.distortion <= 1.0, "distortion must be between 0 and 1"),
+            (self.lr > 0, "learning rate must be positive"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.crop_batch >= 0, "crop batch must be 0 or more"),
+            (self.log_every >= 1, "log_every must be at least 1"),
+            (len(self.templates) > 0, "at least one template is needed"),
+        ]
+        for lam in ("lambda_patch", "lambda_dir", "lambda_content", "lambda_tv"):
+            checks.append((getattr(self, lam) >= 0, f"{lam.replace('_', ' ')} must be 0 or more"))
+        for ok, message in checks:
+            if not ok:
+                raise ClipstyleError(message)
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-ready values (templates included only when not the default)."""
+        data = asdict(self)
+        if self.templates == IMAGENET_TEMPLATES:
+            data["templates"] = "imagenet-79"
+        else:
+            data["templates"] = list(self.templates)
+        return data
+
+    def replace(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+
+# Presets for machines without a GPU. The defaults stay the paper's; a preset
+# trades quality for time and says so in its name.
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "draft": {"steps": 100, "size": 256, "crops": 16, "crop_size": 64},
+}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Settings)]

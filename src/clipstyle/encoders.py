@@ -1,0 +1,277 @@
+"""The frozen encoders: CLIP (style signal) and VGG-19 (content), and their loading.
+
+Each wrapper owns its preprocessing (resize, mean/std as buffers), is in eval
+mode with gradients off, and takes RGB images in [0, 1]. Gradients still flow
+through them to the images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipstyle.errors import WeightsError
+from clipstyle.weights import load_into, read_state_dict
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class ClipEncoder(nn.Module):
+    """CLIP's image and text towers behind one interface.
+
+    ``model`` is anything with ``encode_image(normalised images)`` and
+    ``encode_text(tokens)`` (an open_clip CLIP); ``tokenizer`` maps a list of
+    strings to a (N, context_length) tensor of token ids.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, image_size: int | tuple[int, int],
+                 mean=OPENAI_MEAN, std=OPENAI_STD):
+        super().__init__()
+        self.model = _freeze(model)
+        self.tokenizer = tokenizer
+        self.image_size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize (B, 3, H, W) to the model's input size.
+
+        Like the reference code, the whole image is resized to the square input
+        ignoring its aspect ratio: content and output are squashed alike, so
+        their CLIP direction is comparable, and nothing is cropped away.
+        """
+        if tuple(images.shape[-2:]) == self.image_size:
+            return images
+        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D) unnormalised embeddings."""
+        x = (self.resize(images) - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return self.model.encode_image(x)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """N strings -> (N, D) unnormalised embeddings."""
+        tokens = self.tokenizer(list(texts)).to(self.mean.device)
+        return self.model.encode_text(tokens)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77) or 77)
+
+    def token_count(self, text: str) -> int:
+        """Tokens ``text`` needs, start and end tokens included."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:
+            return 0
+        return len(encode(text)) + 2
+
+
+# torchvision's VGG-19 feature layout ("E"): channel counts, "M" for max pooling.
+VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512)
+# Indices in that layout (same as torchvision's vgg19().features) whose outputs
+# the content loss uses. The reference code reads indices 21 and 31, but
+# torchvision's ReLUs run in place, so what it gets are relu4_2 and relu5_2.
+VGG_CONTENT_LAYERS = {"relu4_2": 22, "relu5_2": 31}
+
+
+def vgg19_features(width_divisor: int = 1) -> nn.Sequential:
+    """VGG-19's convolutional trunk up to relu5_2, indexed like torchvision's.
+
+    ``width_divisor`` > 1 gives a narrow network of the same layout (for tests).
+    """
+    layers: list[nn.Module] = []
+    cin = 3
+    for item in VGG19_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            cout = max(1, item // width_divisor)
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=False)]
+            cin = cout
+    assert len(layers) == 32
+    return nn.Sequential(*layers)
+
+
+class VggEncoder(nn.Module):
+    """VGG-19 features for the content loss, from [0, 1] images."""
+
+    def __init__(self, features: nn.Sequential, layers: dict[str, int] | None = None,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.layers = dict(layers or VGG_CONTENT_LAYERS)
+        last = max(self.layers.values())
+        self.features = _freeze(features[: last + 1])  # nothing past the last layer used
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        wanted = {i: name for name, i in self.layers.items()}
+        out: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in wanted:
+                out[wanted[i]] = x
+        return out
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """open_clip reports through the root logger; the library never prints."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _tag_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    import open_clip
+
+    if model_name.endswith("-quickgelu"):
+        return True
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    return bool(cfg.get("quick_gelu", False))
+
+
+def _clip_cache_hint(cache_dir: str | None) -> str:
+    if cache_dir:
+        return cache_dir
+    hf = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    return f"{hf} or {os.path.expanduser('~/.cache/clip')}"
+
+
+def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = "openai",
+              weights: str | Path | None = None, device: torch.device | str = "cpu",
+              cache_dir: str | None = None) -> ClipEncoder:
+    """An open_clip model as a frozen ClipEncoder.
+
+    ``weights``: a local file (open_clip state dict, safetensors, or OpenAI's
+    original TorchScript ``.pt``); no network is used. Otherwise ``pretrained``
+    names an open_clip tag, downloaded once into open_clip's cache. ``None``
+    for both gives random weights (benchmarks and tests).
+    """
+    import open_clip
+
+    if model_name.replace("/", "-") not in open_clip.list_models():
+        raise WeightsError(f"unknown CLIP model {model_name!r}; see open_clip.list_models()")
+    if pretrained and weights is None and not open_clip.get_pretrained_cfg(model_name, pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+        raise WeightsError(f"unknown pretrained tag {pretrained!r} for {model_name} (known: {tags})")
+    quick_gelu = _tag_quick_gelu(model_name, pretrained)
+    with _quiet_logging():
+        if weights is None and pretrained:
+            try:
+                model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu,
+                                               cache_dir=cache_dir)
+            except Exception as exc:  # download failures surface as many error types
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise WeightsError(
+                    f"CLIP weights {model_name}/{pretrained} are not in the cache ({_clip_cache_hint(cache_dir)})"
+                    f" and could not be downloaded ({reason[:200]}); pass --clip-weights FILE to use a local file"
+                ) from None
+        else:
+            model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+            if weights is not None:
+                state = read_state_dict(weights)
+                for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+                    state.pop(key, None)
+                if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+                    state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+                load_into(model, state, weights, f"open_clip {model_name}")
+    model = model.float()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    image_size = model.visual.image_size
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_STD
+    return ClipEncoder(model, tokenizer, image_size, mean, std).to(device)
+
+
+VGG_FILE = "vgg19-dcbb9e9d.pth"
+
+
+def load_vgg(weights: str | Path | None = None, device: torch.device | str = "cpu",
+             progress: bool = False, random_init: bool = False) -> VggEncoder:
+    """VGG-19 (ImageNet) up to relu5_2 as a frozen VggEncoder.
+
+    ``weights``: a local torchvision vgg19 state dict; otherwise torchvision's
+    IMAGENET1K_V1 weights, downloaded once into torch hub's cache.
+    """
+    features = vgg19_features()
+    if random_init:
+        return VggEncoder(features).to(device)
+    if weights is not None:
+        state = read_state_dict(weights)
+        path = weights
+    else:
+        from torchvision.models import VGG19_Weights
+
+        try:
+            state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=progress, check_hash=True)
+        except Exception as exc:  # URLError, hash mismatch, disk errors
+            cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise WeightsError(
+                f"VGG-19 ImageNet weights ({VGG_FILE}) are not in the cache ({cache}) and could not be"
+                f" downloaded ({reason[:200]}); pass --vgg-weights FILE or put the file in that folder"
+            ) from None
+        path = VGG_FILE
+    # Accept torchvision's full vgg19 state dict ("features.N.*", "classifier.*")
+    # or the trunk alone ("N.*"); only the trunk up to relu5_2 is used.
+    if any(k.startswith("features.") for k in state):
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    trunk = {k: v for k, v in state.items() if int(k.split(".")[0]) < len(features)} if all(
+        k.split(".")[0].isdigit() for k in state) else state
+    load_into(features, trunk, path, "torchvision vgg19")
+    return VggEncoder(features).to(device)
+
+
+@dataclass
+class Models:
+    """The frozen encoders of a run, loaded once and shared by every image and prompt."""
+
+    clip: ClipEncoder
+    vgg: VggEncoder
+    info: dict = field(default_factory=dict)
+    # prompt/source/template embeddings, computed once per text
+    text_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.mean.device
+
+
+def load_models(clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
+                clip_weights: str | Path | None = None, vgg_weights: str | Path | None = None,
+                device: torch.device | str = "cpu", random_init: bool = False,
+                progress: bool = False, cache_dir: str | None = None) -> Models:
+    """Load CLIP and VGG-19 once. ``random_init`` skips all weights (benchmarks)."""
+    clip = load_clip(clip_model, None if random_init else clip_pretrained,
+                     None if random_init else clip_weights, device, cache_dir)
+    vgg = load_vgg(vgg_weights, device, progress=progress, random_init=random_init)
+    info = {
+        "clip_model": clip_model,
+        "clip_pretrained": "random" if random_init else (None if clip_weights else clip_pretrained),
+        "clip_weights": None if clip_weights is None else Path(clip_weights).name,
+        "vgg_weights": "random" if random_init else (None if vgg_weights is None else Path(vgg_weights).name),
+    }
+    return Models(clip, vgg, info)

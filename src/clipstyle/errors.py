@@ -1,0 +1,41 @@
+"""Errors a user can cause. Each one renders as one line naming the file and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ClipstyleError(Exception):
+    """An error caused by input, settings or environment, not by a bug.
+
+    ``path`` is the file the error is about (if any); the CLI prints
+    ``clipstyle: error: <path>: <reason>``.
+    """
+
+    def __init__(self, reason: str, path: str | Path | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.path = None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path else self.reason
+
+
+class ImageError(ClipstyleError):
+    """An input image that cannot be read or used."""
+
+
+class WeightsError(ClipstyleError):
+    """Model weights that are missing, unreachable, corrupt or for another architecture."""
+
+
+class DeviceError(ClipstyleError):
+    """A requested device that is absent."""
+
+
+class NonFiniteLossError(ClipstyleError):
+    """The optimisation diverged (NaN or inf in the losses)."""
+
+
+class OutputError(ClipstyleError):
+    """An output that cannot be written."""

@@ -1,0 +1,338 @@
+"""The optimisation loop: train a fresh StyleNet per (image, prompt) pair.
+
+    L = lambda_patch * L_patch + lambda_dir * L_dir + lambda_c * L_content + lambda_tv * L_tv
+
+(CLIPstyler, Kwon & Ye, CVPR 2022, eq. 5). Several pairs can be optimised in
+one batch; each keeps its own network, optimiser, crops and seed, so a pair's
+result does not depend on what it is batched with (up to rounding).
+
+Gradient flow: the U-Net output ``out`` is detached into a leaf; every loss is
+computed on the leaf (CLIP rows in chunks of ``crop_batch`` when memory is
+short), each chunk back-propagates into the leaf, and one final backward pass
+carries the leaf's gradient through the U-Net.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from clipstyle import losses as L
+from clipstyle.augment import random_crop_grids, sample_crops
+from clipstyle.config import Settings
+from clipstyle.device import autocast, autocast_dtype, peak_memory_bytes, precision_name, reset_peak_memory, synchronize
+from clipstyle.encoders import Models
+from clipstyle.errors import ClipstyleError, NonFiniteLossError
+from clipstyle.unet import StyleNet
+
+LOSS_NAMES = ("total", "patch", "dir", "content", "tv")
+
+
+@dataclass
+class StepInfo:
+    """Progress of one pair after one optimisation step (for callbacks)."""
+
+    pair: int  # index of the pair in the batch
+    step: int  # steps done, 1..steps
+    steps: int
+    losses: dict[str, float] | None  # read back every ``log_every`` steps and at the last step
+    seconds: float  # since the first step started
+    output: torch.Tensor  # (1, 3, H, W) current output in [0, 1], detached, on the device
+
+
+@dataclass
+class StylizeResult:
+    """One stylized pair. ``error`` is set (and ``image`` None) when the pair failed."""
+
+    prompt: str
+    seed: int
+    steps: int
+    size: tuple[int, int]  # (width, height) trained at
+    image: object | None = None  # PIL RGB image
+    tensor: torch.Tensor | None = None  # (1, 3, H, W) on the CPU, [0, 1]
+    network: StyleNet | None = None  # the trained network: applies to other images and sizes
+    losses: dict[str, float] = field(default_factory=dict)
+    seconds_total: float = 0.0
+    seconds_per_step: float = 0.0  # median over steps
+    peak_memory_bytes: int | None = None
+    device: str = ""
+    precision: str = ""
+    error: ClipstyleError | None = None
+
+
+def make_network(seed: int, device: torch.device) -> StyleNet:
+    """A freshly initialised StyleNet; its weights depend only on ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = StyleNet()
+    return net.to(device)
+
+
+def text_embedding(models: Models, text: str, templates: tuple[str, ...]) -> torch.Tensor:
+    """Template-averaged, normalised CLIP embedding of ``text`` (D,), cached per text."""
+    key = (text, templates)
+    if key not in models.text_cache:
+        with torch.no_grad():
+            emb = L.embed_texts(models.clip.encode_text, [t.format(text) for t in templates])
+        models.text_cache[key] = emb.float()
+    return models.text_cache[key]
+
+
+def check_prompt(models: Models, prompt: str) -> list[str]:
+    """Warnings about ``prompt`` (too long for CLIP's context). Raises on an empty prompt."""
+    if not prompt or not prompt.strip():
+        raise ClipstyleError("the prompt is empty")
+    n = models.clip.token_count(prompt)
+    limit = models.clip.context_length
+    if n > limit:
+        return [f"prompt has {n} tokens, more than CLIP's {limit}: the end is cut off"]
+    return []
+
+
+class _Pair:
+    """State of one (image, prompt) pair during optimisation."""
+
+    def __init__(self, index, content, prompt, seed, models, settings, amp):
+        device = models.device
+        self.index, self.prompt, self.seed = index, prompt, seed
+        self.content = content.to(device)  # (1, 3, H, W)
+        self.generator = torch.Generator().manual_seed(seed)  # crops: CPU generator, same on every device
+        self.net = make_network(seed, device)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr)
+        with torch.no_grad(), autocast(device, amp):
+            # Constant for the whole run: text direction, source embedding, content features.
+            style = text_embedding(models, prompt, settings.templates)
+            source = text_embedding(models, settings.source, settings.templates)
+            self.text_dir = L.text_direction(style, source)  # (D,)
+            self.source_emb = F.normalize(models.clip.encode_image(self.content).float(), dim=-1)[0]  # (D,)
+            self.content_feats = {k: v.float() for k, v in models.vgg(self.content).items()}
+        self.step_times: list[float] = []
+        self.sums: dict[str, torch.Tensor] = {}
+        self.losses: dict[str, float] = {}
+        self.output: torch.Tensor | None = None
+        self.error: ClipstyleError | None = None
+
+
+def _read_losses(pair: _Pair) -> dict[str, float]:
+    values = {k: float(v) for k, v in pair.sums.items()}
+    bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
+    if bad:
+        raise NonFiniteLossError(
+            f"the optimisation diverged ({', '.join(bad)} loss is not finite); try a lower --lr or --precision fp32")
+    return values
+
+
+def _clip_rows(pairs: list[_Pair], n_crops: int, chunk: int):
+    """Row specs (pair, kind, start, stop) in chunks of at most ``chunk`` rows (0: one chunk).
+
+    Row kinds: "g" is the pair's whole output (global loss), "c" its crops [start, stop).
+    """
+    items = []
+    for p in pairs:
+        items.append((p, "g", 0, 1))
+        items.extend((p, "c", i, i + 1) for i in range(n_crops))
+    if chunk <= 0:
+        chunk = len(items)
+    for s in range(0, len(items), chunk):
+        part = items[s:s + chunk]
+        merged = []  # merge consecutive crops of one pair into one slice
+        for p, kind, a, b in part:
+            if merged and merged[-1][0] is p and merged[-1][1] == "c" == kind and merged[-1][3] == a:
+                merged[-1] = (p, kind, merged[-1][2], b)
+            else:
+                merged.append((p, kind, a, b))
+        yield merged
+
+
+def stylize_many(
+    contents: list[torch.Tensor],
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    models: Models,
+    settings: Settings | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> list[StylizeResult]:
+    """Optimise one fresh StyleNet per (content, prompt, seed) triple, all in one batch.
+
+    contents: (1, 3, H, W) tensors in [0, 1] at the training size (multiples of 8).
+    Returns one StylizeResult per pair, in order; a pair whose losses became
+    non-finite has ``error`` set and no image, and the others go on.
+    """
+    settings = settings or Settings()
+    device = models.device
+    amp = autocast_dtype(settings.precision, device)
+    clip, vgg = models.clip, models.vgg
+    out_size = clip.image_size[0]
+    reset_peak_memory(device)
+    pairs = [_Pair(i, c, p, s, models, settings, amp) for i, (c, p, s) in enumerate(zip(contents, prompts, seeds))]
+    active = list(pairs)
+    n = settings.crops
+    start = time.perf_counter()
+    last = start
+
+    for step in range(settings.steps):
+        # Adam, lr halved once at the middle of the run (paper: step 100 of 200).
+        lr = settings.lr * (0.5 if step >= settings.steps // 2 else 1.0)
+        outs, leaves = [], []
+        for p in active:
+            for group in p.opt.param_groups:
+                group["lr"] = lr
+            out = p.net(p.content)  # (1, 3, H, W), fp32
+            outs.append(out)
+            leaf = out.detach().requires_grad_()
+            leaves.append(leaf)
+            p.leaf = leaf
+            h, w = out.shape[-2:]
+            p.grids = random_crop_grids(h, w, n, settings.crop_size, out_size, settings.distortion,
+                                        p.generator, device)
+            p.sums = {k: torch.zeros((), device=device) for k in ("patch", "dir")}
+
+        # CLIP terms: global direction (one row per pair) and patch directions (n rows per pair).
+        for chunk in _clip_rows(active, n, settings.crop_batch):
+            images, src, tdir, weight, is_crop, owners = [], [], [], [], [], []
+            for p, kind, a, b in chunk:
+                rows = b - a
+                if kind == "g":
+                    images.append(clip.resize(p.leaf))
+                    weight.append(torch.full((1,), settings.lambda_dir, device=device))
+                else:
+                    images.append(sample_crops(p.leaf, p.grids.slice(a, b)))
+                    weight.append(torch.full((rows,), settings.lambda_patch / n, device=device))
+                is_crop.append(torch.full((rows,), kind == "c", device=device))
+                src.append(p.source_emb.expand(rows, -1))
+                tdir.append(p.text_dir.expand(rows, -1))
+                owners.append((p, kind, rows))
+            with autocast(device, amp):
+                emb = clip.encode_image(torch.cat(images))  # (rows, D)
+            per_row = L.directional_loss(emb.float(), torch.cat(src), torch.cat(tdir))  # (rows,)
+            is_crop_t = torch.cat(is_crop)
+            # threshold rejection applies to patches only
+            per_row = torch.where(is_crop_t, L.reject_below(per_row, settings.threshold), per_row)
+            (per_row * torch.cat(weight)).sum().backward()
+            detached = per_row.detach()
+            i = 0
+            for p, kind, rows in owners:
+                part = detached[i:i + rows].sum()
+                if kind == "g":
+                    p.sums["dir"] = p.sums["dir"] + part
+                else:
+                    p.sums["patch"] = p.sums["patch"] + part / max(n, 1)
+                i += rows
+
+        # Content (VGG-19) and total variation, batched over pairs of the same size.
+        by_shape: dict[tuple, list[_Pair]] = {}
+        for p in active:
+            by_shape.setdefault(tuple(p.leaf.shape), []).append(p)
+        for group in by_shape.values():
+            x = torch.cat([p.leaf for p in group])  # (B, 3, H, W)
+            with autocast(device, amp):
+                feats = vgg(x)
+            target = {k: torch.cat([p.content_feats[k] for p in group]) for k in feats}
+            content = L.content_loss(feats, target)  # (B,)
+            tv = L.total_variation(x)  # (B,)
+            (settings.lambda_content * content + settings.lambda_tv * tv).sum().backward()
+            for j, p in enumerate(group):
+                p.sums["content"] = content[j].detach()
+                p.sums["tv"] = tv[j].detach()
+
+        # Through the U-Nets, then one Adam step per pair.
+        torch.autograd.backward(outs, [leaf.grad for leaf in leaves])
+        for p in active:
+            p.opt.step()
+            p.opt.zero_grad(set_to_none=True)
+            s = p.sums
+            s["total"] = (settings.lambda_patch * s["patch"] + settings.lambda_dir * s["dir"]
+                          + settings.lambda_content * s["content"] + settings.lambda_tv * s["tv"])
+            p.output = p.leaf.detach()
+
+        done = step + 1
+        read = done % settings.log_every == 0 or done == settings.steps
+        if read:
+            synchronize(device)
+        now = time.perf_counter()
+        for p in list(active):
+            p.step_times.append(now - last)
+            values = None
+            if read:
+                try:
+                    values = _read_losses(p)
+                    p.losses = values
+                except NonFiniteLossError as exc:
+                    p.error = exc
+                    active.remove(p)
+            if callback is not None and p.error is None:
+                callback(StepInfo(p.index, done, settings.steps, values, now - start, p.output))
+        last = now
+        if not active:
+            break
+
+    total = time.perf_counter() - start
+    peak = peak_memory_bytes(device)
+    results = []
+    from clipstyle.images import to_pil
+
+    for p in pairs:
+        h, w = p.content.shape[-2:]
+        r = StylizeResult(prompt=p.prompt, seed=p.seed, steps=settings.steps, size=(w, h),
+                          seconds_total=total, peak_memory_bytes=peak, device=str(device),
+                          precision=precision_name(amp), error=p.error, losses=dict(p.losses))
+        r.seconds_per_step = statistics.median(p.step_times) if p.step_times else 0.0
+        if p.error is None:
+            r.tensor = p.output.float().cpu()
+            r.image = to_pil(r.tensor)
+            r.network = p.net.eval()
+        results.append(r)
+    return results
+
+
+def stylize(
+    image,
+    prompt: str,
+    *,
+    models: Models | None = None,
+    settings: Settings | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    callback: Callable[[StepInfo], None] | None = None,
+    **overrides,
+) -> StylizeResult:
+    """Restyle ``image`` (a path, a PIL image, or a (1, 3, H, W) tensor in [0, 1]) after ``prompt``.
+
+    The image is resized to ``settings.size`` on its longest side (aspect ratio
+    kept, sides rounded to multiples of 8). ``models`` defaults to CLIP
+    ViT-B/32 (OpenAI weights) and VGG-19 (ImageNet), downloaded once.
+    Keyword ``overrides`` replace single settings, e.g. ``steps=100``.
+    Raises NonFiniteLossError if the optimisation diverges.
+    """
+    from clipstyle import images as io
+    from clipstyle.device import resolve_device
+    from clipstyle.encoders import load_models
+
+    settings = (settings or Settings()).replace(**overrides) if overrides else (settings or Settings())
+    if models is None:
+        models = load_models(device=resolve_device(str(device)))
+    check_prompt(models, prompt)
+    content = prepare_content(image, settings.size)
+    result = stylize_many([content], [prompt], [seed], models=models, settings=settings, callback=callback)[0]
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def prepare_content(image, size: int) -> torch.Tensor:
+    """A path, PIL image or tensor -> (1, 3, h, w) in [0, 1], longest side ``size``, sides multiples of 8."""
+    from clipstyle import images as io
+
+    if isinstance(image, torch.Tensor):
+        t = image if image.dim() == 4 else image.unsqueeze(0)
+        w, h = io.fit_size(t.shape[-1], t.shape[-2], size)
+        return F.interpolate(t.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    if not hasattr(image, "size"):
+        image = io.open_image(image).image
+    return io.to_tensor(image.convert("RGB"), io.fit_size(*image.size, size))

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny stand-ins for CLIP and VGG-19 built from random weights
+through the same classes as the real ones, so tests need no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_clip(seed: int = 0, image_size: int = 32):
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from clipstyle.encoders import ClipEncoder
+
+    torch.manual_seed(seed)
+    model = CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=image_size),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+        quick_gelu=True,
+    )
+    return ClipEncoder(model, open_clip.SimpleTokenizer(), image_size)
+
+
+def tiny_vgg(seed: int = 0):
+    from clipstyle.encoders import VggEncoder, vgg19_features
+
+    torch.manual_seed(seed)
+    return VggEncoder(vgg19_features(width_divisor=16))
+
+
+def tiny_models(seed: int = 0):
+    from clipstyle.encoders import Models
+
+    return Models(tiny_clip(seed), tiny_vgg(seed), {"clip_model": "tiny", "clip_pretrained": "random",
+                                                   "clip_weights": None, "vgg_weights": "random"})
+
+
+@pytest.fixture
+def models():
+    return tiny_models()
+
+
+@pytest.fixture
+def tiny_settings():
+    from clipstyle.config import Settings
+    from clipstyle.prompts import NO_TEMPLATES
+
+    return Settings(steps=4, size=32, crops=4, crop_size=16, templates=NO_TEMPLATES, log_every=2)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A small structured RGB photo (gradients and a square) written as JPEG."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (48, 32))
+    px = img.load()
+    for y in range(32):
+        for x in range(48):
+            px[x, y] = (x * 5, y * 7, 128)
+    ImageDraw.Draw(img).rectangle([10, 8, 24, 20], fill=(240, 240, 30))
+    path = tmp_path / "photo.jpg"
+    img.save(path, quality=95)
+    return path

@@ -1,0 +1,82 @@
+"""The run command through click's CliRunner, with tiny models behind the loader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from clipstyle.cli import cli
+
+from conftest import tiny_models
+
+TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+
+
+@pytest.fixture
+def fake_loader(monkeypatch):
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append(args)
+        return tiny_models()
+
+    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", load)
+    return calls
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_run_writes_png_with_aspect_ratio_metadata_and_report(tmp_path, photo, fake_loader):
+    out = tmp_path / "out.png"
+    report = tmp_path / "report.jsonl"
+    result = invoke("run", "-p", "starry night", str(photo), "-o", str(out), "--report", str(report), *TINY)
+    assert result.exit_code == 0, result.output
+    img = Image.open(out)
+    assert img.size == (32, 24)  # 48x32 input, longest side 32, multiples of 8
+    assert img.text["prompt"] == "starry night"
+    meta = json.loads(img.text["clipstyle"])
+    assert meta["settings"]["steps"] == 2 and meta["prompt"] == "starry night"
+    (record,) = [json.loads(line) for line in report.read_text().splitlines()]
+    assert record["status"] == "ok" and record["output"] == str(out)
+    for key in ("input", "prompt", "error", "seed", "steps", "size", "device", "seconds_total",
+                "seconds_per_step", "losses", "peak_memory_bytes"):
+        assert key in record
+    assert set(record["losses"]) == {"total", "patch", "dir", "content", "tv"}
+
+
+def test_existing_output_is_skipped_not_overwritten(tmp_path, photo, fake_loader):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"mine")
+    result = invoke("run", "-p", "x", str(photo), "-o", str(out), *TINY)
+    assert result.exit_code == 0
+    assert out.read_bytes() == b"mine"
+    assert fake_loader == []  # nothing to do: models never loaded
+    result = invoke("run", "-p", "x", str(photo), "-o", str(out), "--overwrite", *TINY)
+    assert result.exit_code == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_images_and_prompts_go_to_a_folder_with_safe_names(tmp_path, photo, fake_loader):
+    second = tmp_path / "second.png"
+    Image.new("RGB", (20, 40), (10, 200, 30)).save(second)
+    out = tmp_path / "styled"
+    result = invoke("run", "-p", "ink/wash", "-p", "../mosaic", str(photo), str(second), "-o", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["photo-ink-wash.png", "photo-mosaic.png", "second-ink-wash.png", "second-mosaic.png"]
+    assert len(fake_loader) == 1  # models load once per process
+
+
+def test_same_seed_gives_identical_files(tmp_path, photo, fake_loader):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    invoke("run", "-p", "fire", str(photo), "-o", str(a), "--seed", "7", *TINY)
+    invoke("run", "-p", "fire", str(photo), "-o", str(b), "--seed", "7", *TINY)
+    assert a.read_bytes() == b.read_bytes()
+    c = tmp_path / "c.png"
+    invoke("run", "-p", "fire", str(photo), "-o", str(c), "--seed", "8", *TINY)
+    assert a.read_bytes() != c.read_bytes()
