@@ -66,3 +66,9 @@ def photo(tmp_path):
     path = tmp_path / "photo.jpg"
     img.save(path, quality=95)
     return path
+
+
+def tiny_loader(*args, device="cpu", **kwargs):
+    """A picklable stand-in for the CLI's model loader (worker processes import it)."""
+    models = tiny_models()
+    return models

@@ -247,6 +247,20 @@ def output_metadata(pair: Pair, settings, models_info: dict, options: RunOptions
     }
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _free_memory(models) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if models is not None and models.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: Report,
               events: RunEvents | None = None) -> Summary:
     """Stylize every pair, skipping existing outputs and isolating failures."""
@@ -312,8 +326,21 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                     image = io.enhance_contrast(image)
                 io.save_png(image, snap, {"prompt": pair.prompt, "step": str(info.step)}, overwrite=True)
 
-        results = stylize_many([c for _, c in batch], [p.prompt for p, _ in batch], [p.seed for p, _ in batch],
-                               models=models, settings=settings, callback=on_step)
+        try:
+            results = stylize_many([c for _, c in batch], [p.prompt for p, _ in batch],
+                                   [p.seed for p, _ in batch], models=models, settings=settings, callback=on_step)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                raise
+            _free_memory(models)
+            h, w = batch[0][1].shape[-2:]
+            message = (f"out of memory at {w}x{h} px with {settings.crops} crops"
+                       f"{f' and {len(batch)} pairs per batch' if len(batch) > 1 else ''}; lower --size, --crops"
+                       f"{' or --batch' if len(batch) > 1 else ''}, or encode crops in chunks with --crop-batch 8")
+            for pair, _ in batch:
+                done += 1
+                finish(pair, base_record(pair, settings, "failed", f"{pair.input.path}: {message}"))
+            return
         for (pair, _), result in zip(batch, results):
             done += 1
             record = base_record(pair, settings, "ok")
@@ -322,7 +349,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                           seconds_per_step=round(result.seconds_per_step, 5),
                           losses=result.losses or None, peak_memory_bytes=result.peak_memory_bytes)
             if result.error is not None:
-                record.update(status="failed", error=str(result.error))
+                record.update(status="failed", error=f"{pair.input.path}: {result.error.reason}")
             else:
                 image = result.tensor
                 if options.contrast:
@@ -341,7 +368,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
             continue
         if pair.prompt in prompt_errors:
             done += 1
-            finish(pair, base_record(pair, settings, "failed", prompt_errors[pair.prompt]))
+            finish(pair, base_record(pair, settings, "failed", f"{pair.prompt!r}: {prompt_errors[pair.prompt]}"))
             continue
         content = load(pair)
         if isinstance(content, ClipstyleError):

@@ -71,7 +71,8 @@ def model_options(f):
     return f
 
 
-def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device, progress=True):
+def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device="auto",
+                             progress=True):
     from clipstyle.device import resolve_device
     from clipstyle.encoders import load_models
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from clipstyle.config import PRECISIONS, PRESETS, Settings
 D = Settings()  # every default below is read from Settings: written once
 
 
-def _progress(quiet: bool, steps: int):
+def _progress(quiet: bool, steps: int, per_step: bool = True):
     from clipstyle.runner import RunEvents
 
     class Events(RunEvents):
@@ -22,7 +23,8 @@ def _progress(quiet: bool, steps: int):
             self.bar = None
 
         def pair_started(self, pairs, done, total):
-            if quiet:
+            self.close()
+            if quiet or not per_step:
                 return
             from tqdm import tqdm
 
@@ -58,6 +60,7 @@ def _progress(quiet: bool, steps: int):
         def close(self):
             if self.bar is not None:
                 self.bar.close()
+                self.bar = None
 
     return Events()
 
@@ -105,6 +108,9 @@ def _progress(quiet: bool, steps: int):
               help="Base seed; each image x prompt pair derives its own from it, so results repeat.")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
               help="Optimise this many image x prompt pairs together (faster on a large GPU).")
+@click.option("--devices", type=str, default=None, metavar="LIST",
+              help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process per device over a "
+                   "shared queue, each loading the models once. Overrides --device.")
 @click.option("--shard", type=str, default=None, metavar="K/N",
               help="Process only the K-th of N stable shards of the pairs (for job arrays).")
 @click.option("--save-every", type=click.IntRange(0), default=0, show_default=True, metavar="N",
@@ -122,7 +128,7 @@ def _progress(quiet: bool, steps: int):
 @stop_on_sigterm
 def run(images, prompts, output, recursive, from_file, preset, steps, size, crops, crop_size, threshold, lr,
         lambda_patch, lambda_dir, lambda_content, lambda_tv, source, templates_file, no_templates, precision,
-        crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, shard,
+        crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, shard,
         save_every, contrast, overwrite, report, max_pixels, quiet):
     """Restyle IMAGES (files, folders or globs) after each --prompt.
 
@@ -135,7 +141,6 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     skipped, 1 when any failed, 130 when interrupted.
     """
     from clipstyle import prompts as prompt_templates
-    from clipstyle.errors import ClipstyleError
     from clipstyle.runner import Report, RunOptions, check_outputs, collect_inputs, parse_shard, plan_pairs, run_pairs
 
     if not prompts:
@@ -164,17 +169,26 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn)
     check_outputs(pairs)
     report_file = Report(report)
-    events = _progress(quiet, settings.steps)
+    events = _progress(quiet, settings.steps, per_step=not devices)
     start = time.perf_counter()
+    options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
+                         max_pixels=max_pixels, base_seed=seed)
     try:
-        todo = [p for p in pairs if overwrite or not p.output.exists()]
-        models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device) \
-            if todo else None
-        options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
-                             max_pixels=max_pixels, base_seed=seed)
-        summary = run_pairs(pairs, models, settings, options, report_file, events)
-    except ClipstyleError:
-        raise
+        if devices:
+            from clipstyle.device import resolve_device
+            from clipstyle.workers import run_on_devices
+
+            names = [d.strip() for d in devices.split(",") if d.strip()]
+            for name in names:
+                resolve_device(name)  # an absent device fails here, before any work
+            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                       vgg_weights, progress=False)
+            summary = run_on_devices(pairs, names, loader, settings, options, report_file, events)
+        else:
+            todo = [p for p in pairs if overwrite or not p.output.exists()]
+            models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights,
+                                              device=device) if todo else None
+            summary = run_pairs(pairs, models, settings, options, report_file, events)
     finally:
         events.close()
         report_file.close()

@@ -1,0 +1,128 @@
+"""Several devices on one machine: one worker process per device over a shared queue.
+
+Each worker loads the models once on its device and takes batches of pairs
+from the queue until it is empty, so a fast device simply takes more work. The
+parent process owns the report and everything the user sees. Results do not
+depend on which worker ran a pair: every pair carries its own seed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_module
+import signal
+import time
+from dataclasses import dataclass
+
+from clipstyle.runner import Pair, Report, RunEvents, RunOptions, Summary, base_record, run_pairs
+
+
+@dataclass
+class _Forward(RunEvents):
+    """Events of a worker, forwarded to the parent."""
+
+    results: object  # multiprocessing queue
+    worker: int
+
+    def pair_started(self, pairs, done, total) -> None:
+        self.results.put(("started", self.worker, [p.output for p in pairs]))
+
+    def pair_finished(self, pair, record) -> None:
+        self.results.put(("record", self.worker, record))
+
+    def note(self, pair, message) -> None:
+        self.results.put(("note", self.worker, (None if pair is None else str(pair.input.path), message)))
+
+
+def _worker(index: int, device: str, loader, settings, options: RunOptions, tasks, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    try:
+        models = loader(device=device)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
+        from clipstyle.cli.common import format_error
+
+        results.put(("fatal", index, f"{device}: {format_error(exc)}"))
+        return
+    events = _Forward(results, index)
+    while True:
+        batch = tasks.get()
+        if batch is None:
+            break
+        run_pairs(batch, models, settings, options, Report(None), events)
+    results.put(("done", index, None))
+
+
+def run_on_devices(pairs: list[Pair], devices: list[str], loader, settings, options: RunOptions,
+                   report: Report, events: RunEvents | None = None) -> Summary:
+    """Like runner.run_pairs, spread over ``devices`` (e.g. ["cuda:0", "cuda:1"]).
+
+    ``loader(device=...)`` loads the models in a worker; it must be picklable
+    (a module-level function or a functools.partial of one).
+    """
+    events = events or RunEvents()
+    summary = Summary()
+    start = time.perf_counter()
+
+    def finish(pair: Pair | None, record: dict) -> None:
+        summary.records.append(record)
+        setattr(summary, record["status"], getattr(summary, record["status"]) + 1)
+        report.write(record)
+        events.pair_finished(pair, record)
+
+    todo = []
+    for pair in pairs:
+        if pair.output.exists() and not options.overwrite:
+            finish(pair, base_record(pair, settings, "skipped", f"{pair.output} exists"))
+        else:
+            todo.append(pair)
+    by_output = {str(p.output): p for p in todo}
+    if todo:
+        ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+        tasks, results = ctx.Queue(), ctx.Queue()
+        size = max(1, options.batch)
+        for i in range(0, len(todo), size):
+            tasks.put(todo[i:i + size])
+        for _ in devices:
+            tasks.put(None)
+        procs = [ctx.Process(target=_worker, args=(i, d, loader, settings, options, tasks, results), daemon=True)
+                 for i, d in enumerate(devices)]
+        for proc in procs:
+            proc.start()
+        running, reported = len(procs), set()
+        fatal: list[str] = []
+        try:
+            while running:
+                try:
+                    kind, worker, payload = results.get(timeout=1.0)
+                except queue_module.Empty:
+                    dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in reported]
+                    for i in dead:  # a worker that died without saying goodbye
+                        reported.add(i)
+                        running -= 1
+                        fatal.append(f"{devices[i]}: worker stopped unexpectedly (exit code {procs[i].exitcode})")
+                    continue
+                if kind == "record":
+                    finish(by_output.pop(payload["output"], None), payload)
+                elif kind == "started":
+                    events.pair_started([by_output[str(o)] for o in payload if str(o) in by_output],
+                                        len(summary.records), len(pairs))
+                elif kind == "note":
+                    path, message = payload
+                    events.note(None, f"{path}: {message}" if path else message)
+                elif kind in ("done", "fatal"):
+                    reported.add(worker)
+                    running -= 1
+                    if kind == "fatal":
+                        fatal.append(payload)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join(timeout=5)
+        for message in fatal:
+            events.note(None, message)
+        for pair in list(by_output.values()):  # pairs no worker could take
+            finish(pair, base_record(pair, settings, "failed",
+                                     f"{pair.input.path}: not processed ({'; '.join(fatal) or 'no worker left'})"))
+    summary.seconds = time.perf_counter() - start
+    return summary
