@@ -1,0 +1,145 @@
+"""``clipstyle score``: how much of the prompt's style, how much of the content."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from clipstyle.cli.common import UserError, debug_option, load_models_from_options, model_options, stop_on_sigterm
+from clipstyle.config import Settings
+
+D = Settings()
+
+
+def _templates_label(templates, templates_file) -> str:
+    from clipstyle.prompts import IMAGENET_TEMPLATES, NO_TEMPLATES
+
+    if templates == IMAGENET_TEMPLATES:
+        return "imagenet-79"
+    if templates == NO_TEMPLATES:
+        return "none"
+    return f"{Path(templates_file).name} ({len(templates)})"
+
+
+def _jobs(images, prompt, content, reports) -> list[tuple[str, str, str]]:
+    """(image, content, prompt) triples from the arguments and from run reports."""
+    from clipstyle.sheet import read_report
+
+    jobs = [(str(image), str(content), prompt) for image in images]
+    for report in reports:
+        for record in read_report(report):
+            if record["status"] in ("ok", "skipped"):
+                jobs.append((record["output"], record["input"], record["prompt"]))
+    return jobs
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", default=None, metavar="TEXT", help="The prompt the IMAGES were made for.")
+@click.option("--content", type=click.Path(path_type=Path), default=None,
+              help="The content image the IMAGES were made from (resized to each image's size).")
+@click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Score every output of a 'clipstyle run --report' file (its input is the content). "
+                   "Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image (JSON lines).")
+@click.option("--no-templates", is_flag=True,
+              help="Encode the prompt as it is (as CLIPScore does) instead of averaging CLIP's 79 ImageNet "
+                   "templates (as the loss does).")
+@click.option("--templates", "templates_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="File of prompt templates, one per line with {}.")
+@click.option("--source", default=D.source, show_default=True,
+              help="Neutral text the direction starts from (directional similarity).")
+@click.option("--patch-crops", type=click.IntRange(1), default=64, show_default=True,
+              help="Random crops for the patch CLIP score (paper: 64).")
+@click.option("--patch-seed", type=int, default=0, show_default=True,
+              help="Seed of the patch crops: the same seed gives the same crops.")
+@click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when the lpips package is installed.")
+@model_options
+@click.option("--max-pixels", type=click.IntRange(1), default=100_000_000, show_default=True,
+              help="Refuse images with more pixels than this.")
+@debug_option
+@stop_on_sigterm
+def score(images, prompt, content, reports, as_json, no_templates, templates_file, source, patch_crops, patch_seed,
+          no_lpips, clip_model, clip_pretrained, clip_weights, vgg_weights, device, max_pixels):
+    """Score stylized IMAGES for a prompt against their content image.
+
+    \b
+      clipstyle score styled.png -p "starry night" --content photo.jpg
+      clipstyle score --report runs.jsonl --json > scores.jsonl
+
+    Metrics: clip_score (prompt vs image), patch_clip_score (mean over random
+    crops, CLIPstyler appendix B.3), directional_similarity (content->image
+    direction vs text direction); content_distance (the VGG content loss, 0
+    for the content image itself), ssim and, when the optional lpips package
+    and its weights are installed, lpips. A file that fails is reported and
+    the others go on; exit code 1 if any failed.
+    """
+    from clipstyle import prompts as prompt_templates
+
+    if images and (prompt is None or content is None):
+        raise click.UsageError("scoring IMAGES needs --prompt and --content")
+    if not images and not reports:
+        raise click.UsageError("give IMAGES with --prompt and --content, or --report FILE")
+    if prompt is not None and not prompt.strip():
+        raise UserError("the prompt is empty")
+    templates = D.templates
+    if no_templates:
+        templates = prompt_templates.NO_TEMPLATES
+    elif templates_file is not None:
+        templates = prompt_templates.load_templates(templates_file)
+    jobs = _jobs(images, prompt, content, reports)
+    if not jobs:
+        raise UserError("nothing to score: the reports list no finished outputs")
+
+    from clipstyle import metrics
+    from clipstyle.errors import ClipstyleError
+    from clipstyle.images import open_image, to_tensor
+    from clipstyle.stylize import check_prompt
+
+    models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device=device)
+    lpips_fn, lpips_note = (None, "lpips not computed: --no-lpips") if no_lpips else metrics.load_lpips(models.device)
+    common = {"templates": _templates_label(templates, templates_file), "source": source,
+              "patch_crops": patch_crops, "patch_seed": patch_seed, "models": dict(models.info)}
+    if not as_json:
+        m = models.info
+        click.echo(f"# CLIP {m.get('clip_model')} ({m.get('clip_weights') or m.get('clip_pretrained')}), "
+                   f"VGG-19 ({m.get('vgg_weights') or 'imagenet'}); templates: {common['templates']}; "
+                   f"patch: {patch_crops} crops, seed {patch_seed}")
+        if lpips_note:
+            click.echo(f"# {lpips_note}")
+    warned: set[str] = set()
+    failed = 0
+    for image_path, content_path, text in jobs:
+        try:
+            if text not in warned:
+                warned.add(text)
+                for warning in check_prompt(models, text):
+                    click.echo(f"clipstyle: warning: {warning}", err=True)
+            loaded, loaded_content = open_image(image_path, max_pixels), open_image(content_path, max_pixels)
+            for path, notes in ((image_path, loaded.notes), (content_path, loaded_content.notes)):
+                for note in notes:
+                    click.echo(f"clipstyle: warning: {path}: {note}", err=True)
+            image, content_image = loaded.image, loaded_content.image
+            x = to_tensor(image)
+            c = to_tensor(content_image, image.size)  # the content at the output's size
+            result = metrics.score_image(models, x, c, text, templates=templates, source=source,
+                                         patch_crops=patch_crops, patch_seed=patch_seed,
+                                         lpips_fn=lpips_fn, lpips_note=lpips_note)
+        except ClipstyleError as exc:
+            failed += 1
+            click.echo(f"clipstyle: error: {exc}", err=True)
+            continue
+        if as_json:
+            record = {"image": image_path, "content": content_path, "prompt": text, **result.to_dict(),
+                      "size": list(image.size), **common}
+            click.echo(json.dumps(record, ensure_ascii=False, sort_keys=True))
+        else:
+            values = "  ".join(f"{name} {'n/a' if getattr(result, name) is None else f'{getattr(result, name):.4f}'}"
+                               for name in metrics.METRIC_NAMES)
+            click.echo(f"{image_path}: {values}")
+    if failed:
+        click.echo(f"clipstyle: {failed} of {len(jobs)} images failed", err=True)
+        sys.exit(1)
