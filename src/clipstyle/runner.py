@@ -213,6 +213,20 @@ class RunOptions:
     contrast: bool = False
     max_pixels: int = 100_000_000
     base_seed: int = 0
+    # issue 6: keep the trained network; render at another size; blend with the content
+    save_style: Path | None = None  # a .style file (one pair) or a folder
+    output_size: str | None = None  # None: the training size; "full": the input's; or a longest side
+    strength: float = 1.0
+
+
+def style_path(pair: Pair, save_style: Path | None, single: bool) -> Path | None:
+    """Where ``--save-style`` puts a pair's network: the path itself for one pair
+    when it ends in .style, else ``<output stem>.style`` in that folder."""
+    if save_style is None:
+        return None
+    if single and save_style.suffix == ".style":
+        return save_style
+    return save_style / f"{pair.output.stem}.style"
 
 
 @dataclass
@@ -242,6 +256,7 @@ def output_metadata(pair: Pair, settings, models_info: dict, options: RunOptions
         "clipstyle": {
             "version": __version__, "input": Path(pair.input.rel).name, "prompt": pair.prompt,
             "seed": pair.seed, "base_seed": options.base_seed, "contrast": options.contrast,
+            "strength": options.strength, "output_size": options.output_size,
             "settings": settings.to_dict(), "models": models_info,
         },
     }
@@ -293,6 +308,8 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
     done = 0
     cache: dict[str, torch.Tensor | ClipstyleError] = {}
 
+    originals: dict[str, object] = {}
+
     def load(pair: Pair):
         key = str(pair.input.path)
         if key not in cache:
@@ -302,10 +319,28 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                     events.note(pair, note)
                 cache.clear()  # keep one decoded image at a time
                 cache[key] = prepare_content(loaded.image, settings.size)
+                if options.output_size:
+                    originals[key] = loaded.image
             except ClipstyleError as exc:
                 cache.clear()
                 cache[key] = exc
         return cache[key]
+
+    single = len(pairs) == 1
+
+    def final_image(pair: Pair, result, content):
+        """The image to save: the run's output, or the trained network rendered
+        at the requested size, blended with the content by ``strength``."""
+        if not options.output_size and options.strength == 1.0:
+            return result.tensor
+        from clipstyle.styles import render, target_size
+
+        if options.output_size:
+            original = originals.pop(str(pair.input.path))
+            longest = None if options.output_size == "full" else int(options.output_size)
+            content = io.to_tensor(original, target_size(*original.size, longest))
+            return render(result.network, content, strength=options.strength)
+        return torch.lerp(content.cpu(), result.tensor, options.strength)
 
     def flush() -> None:
         nonlocal done
@@ -341,7 +376,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                 done += 1
                 finish(pair, base_record(pair, settings, "failed", f"{pair.input.path}: {message}"))
             return
-        for (pair, _), result in zip(batch, results):
+        for (pair, content), result in zip(batch, results):
             done += 1
             record = base_record(pair, settings, "ok")
             record.update(size=list(result.size), device=result.device, precision=result.precision,
@@ -351,12 +386,22 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
             if result.error is not None:
                 record.update(status="failed", error=f"{pair.input.path}: {result.error.reason}")
             else:
-                image = result.tensor
-                if options.contrast:
-                    image = io.enhance_contrast(image)
                 try:
+                    image = final_image(pair, result, content)
+                    if options.contrast:
+                        image = io.enhance_contrast(image)
                     io.save_png(image, pair.output, output_metadata(pair, settings, models.info, options),
                                 overwrite=options.overwrite)
+                    record["output_size"] = list(image.shape[-1:-3:-1])
+                    style = style_path(pair, options.save_style, single)
+                    if style is not None:
+                        from clipstyle.styles import save_style, style_metadata
+
+                        meta = style_metadata(prompt=pair.prompt, settings=settings, seed=pair.seed,
+                                              input_path=pair.input.path, trained_size=result.size,
+                                              models_info=models.info)
+                        save_style(style, result.network, meta, overwrite=options.overwrite)
+                        record["style"] = str(style)
                 except ClipstyleError as exc:
                     record.update(status="failed", error=str(exc))
             finish(pair, record)

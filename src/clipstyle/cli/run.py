@@ -118,6 +118,14 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--contrast", is_flag=True,
               help="Post-process as the reference code does silently (contrast x1.5, then min-max "
                    "rescaling): the look of the paper's figures.")
+@click.option("--save-style", type=click.Path(path_type=Path), default=None,
+              help="Keep the trained network as a style file for `clipstyle apply`: a .style file for one "
+                   "image and one prompt, else a folder (<output name>.style).")
+@click.option("--output-size", type=str, default=None, metavar="full|N",
+              help="Render the final image with the trained network at the input's own resolution (full) "
+                   "or with longest side N; training stays at --size. [default: the training size]")
+@click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="How much of the style to apply: a blend of content (0) and styled image (1).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image x prompt to this file.")
@@ -129,7 +137,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 def run(images, prompts, output, recursive, from_file, preset, steps, size, crops, crop_size, threshold, lr,
         lambda_patch, lambda_dir, lambda_content, lambda_tv, source, templates_file, no_templates, precision,
         crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, shard,
-        save_every, contrast, overwrite, report, max_pixels, quiet):
+        save_every, contrast, save_style, output_size, strength, overwrite, report, max_pixels, quiet):
     """Restyle IMAGES (files, folders or globs) after each --prompt.
 
     \b
@@ -171,8 +179,11 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     report_file = Report(report)
     events = _progress(quiet, settings.steps, per_step=not devices)
     start = time.perf_counter()
+    if output_size is not None and output_size != "full" and not (output_size.isdigit() and int(output_size) >= 8):
+        raise click.BadParameter("must be 'full' or a number of pixels (8 or more)", param_hint="--output-size")
     options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
-                         max_pixels=max_pixels, base_seed=seed)
+                         max_pixels=max_pixels, base_seed=seed, save_style=save_style, output_size=output_size,
+                         strength=strength)
     try:
         if devices:
             from clipstyle.device import resolve_device
