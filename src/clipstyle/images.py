@@ -2,21 +2,27 @@
 
 What happens to odd files (documented in README, "What clipstyle does with odd files"):
 - EXIF orientation is applied, so the image is used the way viewers show it.
+- An embedded ICC colour profile (CMYK print files, Display P3 phone photos) is
+  converted to sRGB; without one, Pillow's plain conversion is used.
 - Greyscale, palette, CMYK, 16-bit and float images are converted to 8-bit RGB;
   16-bit values are scaled from 0..65535, float values are taken as 0..1.
-- Transparency is composited over white; the output has no alpha channel.
-- Animated files use their first frame (a note says so).
+- Transparency (alpha channels and PNG/GIF transparent colours) is composited
+  over white; the output has no alpha channel.
+- Animated and multi-page files use their first frame (a note says so).
 - Empty, truncated, corrupt and non-image files, and images over the pixel
   limit (decompression bombs), are refused with one line naming the file.
+- Formats whose decoding runs another program (EPS through Ghostscript, WMF
+  through the OS) are never opened, whatever the file is named.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
-import struct
+import stat
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +38,11 @@ IMAGE_EXTENSIONS = frozenset({
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels; --max-pixels changes it
 MAX_ASPECT = 20.0  # images thinner than 1:20 are refused
 
+# Pillow identifies files by content, not name, so these are excluded by format:
+# EPS is rendered by running Ghostscript on the file, WMF/EMF by the OS; the
+# others are identify-only stubs that can never give pixels.
+_REFUSED_FORMATS = frozenset({"EPS", "WMF", "BUFR", "GRIB", "HDF5", "MPEG"})
+
 
 @dataclass
 class LoadedImage:
@@ -39,91 +50,161 @@ class LoadedImage:
     notes: list[str] = field(default_factory=list)
 
 
+def _allowed_formats() -> list[str]:
+    from PIL import Image
+
+    Image.init()
+    return [f for f in Image.OPEN if f not in _REFUSED_FORMATS]
+
+
 def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read ``path`` as an 8-bit RGB PIL image, or raise ImageError with one reason."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.exists():
-        raise ImageError("file not found", path)
-    if path.is_dir():
-        raise ImageError("is a folder, not an image", path)
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError("is a folder, not an image", path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file", path)
+        if st.st_size == 0:
             raise ImageError("empty file", path)
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise ImageError("file not found", path) from None
     except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror}", path) from None
+        raise ImageError(f"cannot read: {exc.strerror or exc}", path) from None
 
-    # Our own pixel limit replaces Pillow's (which warns, then fails at twice its default).
-    Image.MAX_IMAGE_PIXELS = None
     notes: list[str] = []
+    # Our own pixel limit replaces Pillow's (which warns, then fails at twice its
+    # default); Pillow's is restored afterwards.
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
+        with fh, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(path)
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise ImageError("image has no pixels", path)
-            if w * h > max_pixels:
-                raise ImageError(f"image has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}"
-                                 " (raise it with --max-pixels if the file is trusted)", path)
-            if getattr(img, "n_frames", 1) > 1:
-                notes.append(f"animated image with {img.n_frames} frames: using the first")
-                img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb(img)
+            with Image.open(fh, formats=_allowed_formats()) as img:
+                w, h = img.size
+                if w <= 0 or h <= 0:
+                    raise ImageError("image has no pixels", path)
+                if w * h > max_pixels:
+                    raise ImageError(f"image has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}"
+                                     " (raise it with --max-pixels if the file is trusted)", path)
+                if max(w, h) / min(w, h) > MAX_ASPECT:  # before decoding; rotation keeps the ratio
+                    raise ImageError(f"image is {w}x{h}: aspect ratios beyond {MAX_ASPECT:g}:1 are not supported",
+                                     path)
+                frames = getattr(img, "n_frames", 1)
+                # MPO: a phone's JPEG with extra pictures (depth map, preview) after the main one
+                if frames > 1 and img.format != "MPO":
+                    notes.append(f"file has {frames} frames (animated or multi-page): using the first")
+                if frames > 1:
+                    img.seek(0)
+                img.load()
+                rgb = _to_rgb(_apply_orientation(img, notes), notes)
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image, or a format Pillow cannot read", path) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError,
-            ZeroDivisionError, KeyError, AttributeError, RuntimeError, struct.error) as exc:
+    except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes fail in many ways
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "truncated" in reason.lower():
+        if "truncated" in reason.lower() or isinstance(exc, EOFError):
             reason = "truncated file"
         raise ImageError(f"cannot decode image ({reason[:120]})", path) from None
-    rw, rh = rgb.size
-    if max(rw, rh) / min(rw, rh) > MAX_ASPECT:
-        raise ImageError(f"image is {rw}x{rh}: aspect ratios beyond {MAX_ASPECT:g}:1 are not supported", path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     return LoadedImage(rgb, notes)
 
 
-def _to_rgb(img):
-    """Any Pillow mode -> 8-bit RGB; transparency over white."""
+_ORIENTATION = {  # EXIF orientation -> the transpose that shows the image upright
+    2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+    6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90",
+}
+
+
+def _apply_orientation(img, notes: list[str]):
+    """The image as viewers show it. Broken EXIF data is not a reason to refuse
+    good pixels: the image is then used as stored, with a note."""
+    from PIL import Image
+
+    try:
+        orientation = img.getexif().get(0x0112, 1)  # 0x0112: Orientation
+    except Exception:  # noqa: BLE001 - malformed EXIF blocks raise many error types
+        notes.append("unreadable EXIF data: orientation not applied")
+        return img
+    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(Image.Transpose[method]) if method else img
+
+
+def _icc_to_srgb(img, icc: bytes | None, notes: list[str]):
+    """RGB through the ICC profile ``icc`` to sRGB, or None when there is no
+    profile or it cannot be used (then Pillow's plain conversion follows)."""
+    if not icc or img.mode not in ("RGB", "CMYK", "L"):
+        return None
+    try:
+        import io
+
+        from PIL import ImageCms
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except Exception:  # noqa: BLE001 - no littlecms, or a broken or mismatched profile
+        notes.append("embedded colour profile not usable: colours converted without it")
+        return None
+
+
+def _to_rgb(img, notes: list[str] | None = None):
+    """Any Pillow mode -> 8-bit RGB in sRGB; transparency over white."""
     import numpy as np
     from PIL import Image
 
+    notes = [] if notes is None else notes
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        if mode == "F":
-            hi = float(np.nanmax(a)) if a.size else 1.0
-            a = np.nan_to_num(a) / (hi if hi > 1.0 else 1.0)
-        elif mode == "I" and a.size and a.max() <= 255:
-            a = a / 255.0
-        else:
-            a = a / 65535.0
+        if mode == "F":  # floats: 0..1, or 0..max when brighter than 1
+            a = np.where(np.isfinite(a), a, 0.0)
+            hi = float(a.max()) if a.size else 1.0
+            a = a / max(hi, 1.0)
+        else:  # 16-bit (PNG, PGM, TIFF) are 0..65535; wider integers are scaled by their maximum
+            hi = float(a.max()) if a.size else 0.0
+            a = a / max(hi, 65535.0)
         a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
         return Image.fromarray(a, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    icc = img.info.get("icc_profile")
+    alpha = None
+    if "transparency" in img.info and mode in ("P", "L", "RGB", "1"):
+        img = img.convert("RGBA")  # palette alpha or a single transparent colour -> alpha channel
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode == "RGB":
-        return img.copy()
-    return img.convert("RGB")
+        rgba = img.convert("RGBA")  # also undoes premultiplied alpha
+        alpha = rgba.getchannel("A")
+        img = img.convert("L") if mode in ("LA", "La") else rgba.convert("RGB")
+    rgb = _icc_to_srgb(img, icc, notes)
+    if rgb is None:
+        rgb = img.copy() if img.mode == "RGB" else img.convert("RGB")
+    if alpha is not None and alpha.getextrema() != (255, 255):
+        rgb = Image.composite(rgb, Image.new("RGB", rgb.size, (255, 255, 255)), alpha)
+    return rgb
 
 
-def fit_size(width: int, height: int, size: int, multiple: int = 8) -> tuple[int, int]:
-    """(w, h) with the longest side ``size`` (rounded to ``multiple``), aspect ratio kept."""
+# VGG-19 pools four times before relu5_2 (the content loss), so a side under
+# 16 px would vanish; the U-Net needs multiples of 8.
+MIN_SIDE = 16
+
+
+def fit_size(width: int, height: int, size: int, multiple: int = 8, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """(w, h) with the longest side ``size`` (rounded to ``multiple``), aspect ratio kept.
+
+    Neither side is below ``min_side`` (rounded up to ``multiple``): very thin
+    images and tiny ``size`` values get a slightly wider short side instead of
+    a network input too small to use.
+    """
     scale = size / max(width, height)
+    floor = max(multiple, -(-min_side // multiple) * multiple)
 
     def snap(v: float) -> int:
-        return max(multiple, int(round(v * scale / multiple)) * multiple)
+        return max(floor, int(round(v * scale / multiple)) * multiple)
 
     return snap(width), snap(height)
 
@@ -164,15 +245,23 @@ def enhance_contrast(tensor, factor: float = 1.5):
 
 def slugify(text: str, max_bytes: int = 60) -> str:
     """A file-name-safe slug of ``text``: Unicode letters and digits kept, the rest
-    as '-', no leading dot, at most ``max_bytes`` UTF-8 bytes, never empty."""
+    as '-', no leading dot, at most ``max_bytes`` UTF-8 bytes, never empty.
+
+    Only characters for which ``str.isalnum`` holds survive, so no path
+    separator, dot, control, format (bidi) or space character can appear.
+    """
     s = unicodedata.normalize("NFKC", text).lower()
     s = "".join(ch if ch.isalnum() else "-" for ch in s)
     s = re.sub(r"-+", "-", s).strip("-")
     encoded = s.encode("utf-8")[:max_bytes]
     s = encoded.decode("utf-8", errors="ignore").strip("-")
     if not s:
-        s = "prompt-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+        # surrogatepass: a command line with undecodable bytes still gives a name
+        s = "prompt-" + hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:8]
     return s
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def png_metadata(values: dict) -> "object":
@@ -182,8 +271,12 @@ def png_metadata(values: dict) -> "object":
     info = PngInfo()
     for key, value in values.items():
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
-        info.add_itxt(key, text)
+        # Lone surrogates (undecodable command-line bytes) cannot be UTF-8: shown as U+FFFD, not fatal.
+        info.add_itxt(key, _SURROGATES.sub("\ufffd", text))
     return info
+
+
+_TMP_COUNTER = itertools.count()
 
 
 def write_atomic(path: str | Path, write, overwrite: bool = False) -> None:
@@ -195,9 +288,13 @@ def write_atomic(path: str | Path, write, overwrite: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder: {exc.strerror}", path.parent) from None
-    if path.exists() and not overwrite:
-        raise OutputError("exists (use --overwrite to replace it)", path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.exists() and not overwrite:
+            raise OutputError("exists (use --overwrite to replace it)", path)
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise OutputError(f"cannot write: {exc.strerror or exc}", path) from None
+    # Hidden, and unique per process and call, so parallel writers never share one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_TMP_COUNTER)}.tmp")
     try:
         with open(tmp, "wb") as fh:
             write(fh)
@@ -217,7 +314,7 @@ def write_atomic(path: str | Path, write, overwrite: bool = False) -> None:
     finally:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:  # already moved into place, or the folder went away
             pass
 
 

@@ -11,7 +11,10 @@ Three formats are read, none with Python's unrestricted unpickler:
 from __future__ import annotations
 
 import collections
+import math
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -41,11 +44,15 @@ class _ScriptObject:
             self.__dict__.update(state)
 
 
-def _rebuild_tensor(flat, offset, size, stride, *_):
-    return flat.as_strided(tuple(size), tuple(stride), offset).clone()
-
-
 class _ArchiveUnpickler(pickle.Unpickler):
+    """Rebuilds tensors and TorchScript objects' attributes; any other global is refused.
+
+    Memory stays proportional to the file: each storage is read once, and a
+    tensor may not hold more elements than its storage (a stride-0 record could
+    otherwise claim terabytes), nor all tensors together more than twice the
+    storages' bytes.
+    """
+
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
         import io
 
@@ -53,6 +60,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
         self._archive = archive
         self._prefix = prefix
         self._classes: dict[str, type] = {}
+        self._storages: dict[str, torch.Tensor] = {}
+        self._budget = 1 << 20  # bytes that rebuilt tensors may still take
 
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
@@ -61,23 +70,61 @@ class _ArchiveUnpickler(pickle.Unpickler):
                 self._classes[key] = type(name, (_ScriptObject,), {})
             return self._classes[key]
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
+            return self._rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
-        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+
+    def _rebuild_tensor(self, flat, offset, size, stride, *_):
+        size, stride = tuple(size), tuple(stride)
+        if (not isinstance(flat, torch.Tensor) or len(size) != len(stride)
+                or not all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
+            raise pickle.UnpicklingError("malformed tensor record")
+        numel = math.prod(size)
+        nbytes = numel * flat.element_size()
+        if numel > flat.numel() or nbytes > self._budget:
+            raise pickle.UnpicklingError("tensor record larger than its storage")
+        self._budget -= nbytes
+        return flat.as_strided(size, stride, offset).clone()
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
             raise pickle.UnpicklingError("unexpected persistent id")
-        dtype, key = pid[1], pid[2]
+        dtype, key = pid[1], str(pid[2])
         if not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError("unknown storage type")
-        raw = self._archive.read(f"{self._prefix}/data/{key}")
-        if not raw:
-            return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(bytearray(raw), dtype=dtype)
+        if key not in self._storages:
+            raw = _read_entry(self._archive, f"{self._prefix}/data/{key}")
+            self._budget += 2 * len(raw)
+            self._storages[key] = (torch.frombuffer(bytearray(raw), dtype=dtype) if raw
+                                   else torch.empty(0, dtype=dtype))
+        storage = self._storages[key]
+        return storage if storage.dtype == dtype else storage.view(dtype)
+
+
+def _check_pickle_stream(data: bytes) -> None:
+    """Walk the opcodes without building anything. Python's own unpickler allocates
+    what a length field claims before reading it, so one flipped byte could ask
+    for gigabytes; here a length past the end of the data is an error."""
+    import io
+    import pickletools
+
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except Exception as exc:  # noqa: BLE001 - ValueError for most malformations
+        raise ValueError(f"malformed pickle data: {_first_line(exc)}") from None
+
+
+def _read_entry(archive: zipfile.ZipFile, name: str) -> bytes:
+    """An archive member, refusing compression bombs (torch writes members uncompressed)."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 64 * info.compress_size + (1 << 20):
+        raise pickle.UnpicklingError(f"{name} expands {info.file_size // max(info.compress_size, 1)}-fold"
+                                     " (a compression bomb)")
+    return archive.read(info)
 
 
 def _collect_tensors(obj, prefix: str, out: dict, seen: set) -> None:
@@ -92,11 +139,32 @@ def _collect_tensors(obj, prefix: str, out: dict, seen: set) -> None:
 
 
 def is_torchscript_archive(path: str | Path) -> bool:
+    """A zip archive with a ``code/`` folder: TorchScript (torch.jit.save), not torch.save."""
     try:
         with zipfile.ZipFile(path) as zf:
             return any("/code/" in n for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return False
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors starts with an 8-byte little-endian header length, then a JSON object."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message; its type where the message says nothing
+    (a corrupt pickle can raise ``KeyError(101)``)."""
+    text = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else ""
+    text = text.split(". ")[0].rstrip(".")
+    if len(text) < 8 or isinstance(exc, KeyError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:160]
 
 
 def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -107,45 +175,67 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             if not names:
                 raise WeightsError("TorchScript archive without data.pkl", path)
             prefix = names[0].split("/")[0]
-            root = _ArchiveUnpickler(zf.read(names[0]), zf, prefix).load()
+            data = _read_entry(zf, names[0])
+            _check_pickle_stream(data)
+            root = _ArchiveUnpickler(data, zf, prefix).load()
+            tensors: dict[str, torch.Tensor] = {}
+            _collect_tensors(root, "", tensors, set())
     except WeightsError:
         raise
-    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"not a readable TorchScript weights archive ({exc})", path) from None
-    tensors: dict[str, torch.Tensor] = {}
-    _collect_tensors(root, "", tensors, set())
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("GLOBAL "):
+            raise WeightsError(f"refused: it holds Python objects besides tensors ({str(exc)[7:]}),"
+                               " and loading it could run code", path) from None
+        raise WeightsError(f"refused: {_first_line(exc)}", path) from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: zip, pickle and tensor errors of every kind
+        raise WeightsError(f"not a readable TorchScript weights archive ({_first_line(exc)})", path) from None
     return tensors
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat name -> tensor mapping from any of the supported formats."""
     path = Path(path)
-    if not path.exists():
-        raise WeightsError("weights file not found", path)
-    if not path.is_file():
-        raise WeightsError("weights path is not a file", path)
-    if path.suffix == ".safetensors":
+    try:
+        if not path.exists():
+            raise WeightsError("weights file not found", path)
+        if not path.is_file():
+            raise WeightsError("weights path is not a file", path)
+        if path.stat().st_size == 0:
+            raise WeightsError("empty weights file", path)
+    except OSError as exc:
+        raise WeightsError(f"cannot read: {exc.strerror or exc}", path) from None
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         try:
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise WeightsError(f"not a readable safetensors file ({exc})", path) from None
-    if is_torchscript_archive(path):
-        return read_torchscript_tensors(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "unpickling failed"
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it holds Python objects besides tensors, and loading it could run code"
-        raise WeightsError(f"refused: {reason}", path) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"not a readable PyTorch weights file ({first})", path) from None
+            data = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise WeightsError(f"not a readable safetensors file ({_first_line(exc)})", path) from None
+    elif is_torchscript_archive(path):
+        data = read_torchscript_tensors(path)
+    else:
+        try:
+            with warnings.catch_warnings():  # the library never prints; torch warns about pickle protocols
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # torch's weights-only unpickler names a refused class "GLOBAL module.name";
+            # any other failure of it is plain corruption.
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if found:
+                raise WeightsError(f"refused: it holds Python objects besides tensors ({found.group(1)}),"
+                                   " and loading it could run code", path) from None
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            reason = detail.group(1).strip() if detail else _first_line(exc)
+            raise WeightsError("not a readable weights file: expected a PyTorch state dict, safetensors or a"
+                               f" TorchScript archive (corrupt pickle data: {reason[:120]})", path) from None
+        except Exception as exc:  # noqa: BLE001 - corrupt files fail with many error types
+            raise WeightsError("not a readable weights file: expected a PyTorch state dict, safetensors or a"
+                               f" TorchScript archive ({_first_line(exc)})", path) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
         raise WeightsError("expected a state dict (a mapping of names to tensors)", path)
     if data and all(k.startswith("module.") for k in data):
         data = {k[len("module."):]: v for k, v in data.items()}

@@ -1,0 +1,303 @@
+"""Bad input through ``clipstyle run`` (issue 5): each case ends in a correct result
+or one line ``clipstyle: error: <file>: <reason>``; nothing partial is left behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+import conftest
+from clipstyle.cli import cli
+
+TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than the maths on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Tiny models behind the CLI's loader; the list records each load."""
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append(args)
+        return conftest.tiny_models()
+
+    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", load)
+    return calls
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_lines(result):
+    assert "Traceback" not in result.stderr
+    return [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error: ")]
+
+
+def assert_one_error(result, path, *words):
+    assert result.exit_code == 1, result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"clipstyle: error: {path}: "), lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def img(tmp_path):
+    path = tmp_path / "in.png"
+    Image.new("RGB", (24, 16), (30, 90, 200)).save(path)
+    return path
+
+
+# --- error format ---------------------------------------------------------------------------------
+
+def test_missing_input_is_one_line(tmp_path, loads):
+    result = invoke("run", tmp_path / "nope.jpg", "-p", "x", "-o", tmp_path / "out", *TINY)
+    assert_one_error(result, tmp_path / "nope.jpg", "file not found")
+
+
+def test_traceback_only_with_debug(tmp_path, img):
+    """A real process: one line on stderr and exit 1; the traceback appears only with --debug.
+    (Refusing an output that is the input happens before any model loads.)"""
+    before = img.read_bytes()
+    base = [sys.executable, "-m", "clipstyle"]
+    args = ["run", str(img), "-p", "x", "-o", str(img)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    plain = subprocess.run(base + args, capture_output=True, text=True, timeout=120, env=env)
+    assert plain.returncode == 1
+    assert plain.stderr == f"clipstyle: error: {img}: the output would overwrite an input image\n"
+    debug = subprocess.run(base + ["--debug"] + args, capture_output=True, text=True, timeout=120, env=env)
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr and "OutputError" in debug.stderr
+    assert img.read_bytes() == before
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\t\n"])
+def test_empty_prompt_is_an_error(tmp_path, img, loads, prompt):
+    result = invoke("run", img, "-p", "ok", "-p", prompt, "-o", tmp_path / "out", *TINY)
+    assert result.exit_code == 1
+    assert error_lines(result) == ["clipstyle: error: the prompt is empty"]
+    assert loads == [] and not (tmp_path / "out").exists()
+
+
+def test_long_prompt_warns_that_it_was_cut(tmp_path, img, loads):
+    prompt = "a very detailed oil painting with thick impasto brush strokes " * 8
+    report = tmp_path / "r.jsonl"
+    result = invoke("run", img, "-p", prompt, "-o", tmp_path / "out", "--report", report, *TINY)
+    assert result.exit_code == 0, result.stderr
+    warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: warning: ")]
+    assert len(warnings) == 1 and "more than CLIP's 77" in warnings[0] and "cut off" in warnings[0]
+    (png,) = (tmp_path / "out").iterdir()
+    assert Image.open(png).text["prompt"] == prompt
+    assert json.loads(report.read_text())["prompt"] == prompt
+
+
+def test_unicode_prompts_give_safe_names_and_keep_the_full_prompt(tmp_path, img, loads):
+    prompts = ["../../etc/passwd", "水墨画/ink wash", ".hidden", "🎨", "a\u202egnp.exe", "C:\\windows"]
+    out, report = tmp_path / "out", tmp_path / "r.jsonl"
+    args = ["run", img, "-o", out, "--report", report, *TINY]
+    for p in prompts:
+        args += ["-p", p]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == len(prompts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out", "r.jsonl"]  # nothing escaped
+    for name in written:
+        assert not name.startswith(".") and "/" not in name and "\\" not in name and "\u202e" not in name
+        assert len(name.encode("utf-8")) <= 255
+    assert "in-水墨画-ink-wash.png" in written and "in-etc-passwd.png" in written
+    kept = {Image.open(out / name).text["prompt"] for name in written}
+    assert kept == set(prompts)
+    assert {json.loads(ln)["prompt"] for ln in report.read_text().splitlines()} == set(prompts)
+
+
+# --- paths ----------------------------------------------------------------------------------------
+
+def test_missing_output_folders_are_created(tmp_path, img, loads):
+    out = tmp_path / "a" / "b" / "c"
+    result = invoke("run", img, "-p", "x", "-o", out, *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in out.iterdir()] == ["in-x.png"]
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "new" / "file.png", *TINY)
+    assert result.exit_code == 0 and (tmp_path / "new" / "file.png").is_file()
+
+
+def test_output_that_is_the_input_is_refused_before_compute(tmp_path, img, loads):
+    before = img.read_bytes()
+    result = invoke("run", img, "-p", "x", "-o", img, "--overwrite", *TINY)
+    assert_one_error(result, img, "would overwrite an input")
+    assert loads == [] and img.read_bytes() == before
+
+
+def test_unwritable_output_is_refused_before_compute(tmp_path, img, loads):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder should be")
+    result = invoke("run", img, "-p", "x", "-o", blocker / "out", *TINY)
+    assert_one_error(result, blocker / "out", "cannot create the output folder")
+    assert loads == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_output_folder_is_refused_before_compute(tmp_path, img, loads):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        result = invoke("run", img, "-p", "x", "-o", out, *TINY)
+    finally:
+        out.chmod(0o755)
+    assert_one_error(result, out, "not writable")
+    assert loads == []
+
+
+def test_full_disk_leaves_no_partial_file(tmp_path, img, loads, monkeypatch):
+    import clipstyle.images as io
+
+    real = io.write_atomic
+
+    def disk_full(path, write, overwrite=False):
+        def write_half(fh):
+            fh.write(b"\x89PNG\r\n\x1a\n half an image")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return real(path, write_half, overwrite)
+
+    monkeypatch.setattr(io, "write_atomic", disk_full)
+    out, report = tmp_path / "out", tmp_path / "r.jsonl"
+    result = invoke("run", img, "-p", "x", "-o", out, "--report", report, *TINY)
+    assert_one_error(result, out / "in-x.png", "No space left on device")
+    assert list(out.iterdir()) == []  # neither the image nor a temporary file
+    assert json.loads(report.read_text())["status"] == "failed"
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+def _odd_folder(tmp_path):
+    d = tmp_path / "odd"
+    d.mkdir()
+    phone = Image.new("RGB", (48, 24), (0, 0, 255))
+    ImageDraw.Draw(phone).rectangle([0, 0, 23, 23], fill=(255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 24 wide, 48 high
+    phone.save(d / "phone.jpg", exif=exif.tobytes())
+    logo = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    ImageDraw.Draw(logo).ellipse([3, 3, 16, 16], fill=(200, 20, 20, 255))
+    logo.save(d / "logo.png")
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(d / "print.jpg")
+    Image.fromarray(np.linspace(0, 65535, 400, dtype=np.uint16).reshape(20, 20)).save(d / "deep.png")
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (1, 1), (9, 99, 199)).save(d / "dot.png")
+    Image.new("RGB", (3, 5), (9, 99, 199)).save(d / "tiny.png")
+    bad = {"thin.png": None, "empty.jpg": b"", "notes.jpg": b"shopping list: eggs, milk\n"}
+    Image.new("RGB", (7, 900)).save(d / "thin.png")
+    full = (d / "phone.jpg").read_bytes()
+    bad["half.jpg"] = full[: len(full) // 2]
+    for name, data in bad.items():
+        if data is not None:
+            (d / name).write_bytes(data)
+    return d, {"thin.png": "20:1", "empty.jpg": "empty file", "notes.jpg": "not an image",
+               "half.jpg": "truncated"}
+
+
+def test_odd_images_work_or_fail_with_one_line_each(tmp_path, loads):
+    folder, refusals = _odd_folder(tmp_path)
+    out = tmp_path / "out"
+    result = invoke("run", folder, "-p", "x", "-o", out, *TINY, "--size", "32")
+    assert result.exit_code == 1
+    lines = error_lines(result)
+    assert len(lines) == len(refusals), result.stderr
+    for name, reason in refusals.items():
+        (line,) = [ln for ln in lines if ln.startswith(f"clipstyle: error: {folder / name}: ")]
+        assert reason in line, line
+    assert any(f"{folder / 'anim.gif'}: file has 2 frames" in ln for ln in result.stderr.splitlines())
+    sizes = {p.name: Image.open(p).size for p in out.iterdir()}
+    assert set(sizes) == {f"{n}-x.png" for n in ("phone", "logo", "print", "deep", "anim", "dot", "tiny")}
+    assert sizes["phone-x.png"] == (16, 32)  # EXIF rotation: portrait, as viewers show it
+    assert sizes["dot-x.png"] == (32, 32) and sizes["tiny-x.png"] == (16, 32)  # smaller than a crop: upscaled
+    for p in out.iterdir():
+        with Image.open(p) as im:
+            im.verify()
+
+
+def test_max_pixels_limit_is_settable(tmp_path, img, loads):
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "a", "--max-pixels", "100", *TINY)
+    assert_one_error(result, img, "24x16 = 384 pixels, over the limit of 100", "--max-pixels")
+    assert invoke("run", img, "-p", "x", "-o", tmp_path / "b", "--max-pixels", "384", *TINY).exit_code == 0
+
+
+# --- weight files, through the real loader (tiny architectures, no downloads) ---------------------
+
+@pytest.fixture
+def tiny_architectures(monkeypatch, tmp_path):
+    """open_clip and VGG-19 built at tiny widths, so the real loading path runs in milliseconds;
+    returns valid CLIP and VGG weight files for them."""
+    import open_clip
+
+    import clipstyle.encoders as enc
+
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: conftest.tiny_clip().model)
+    narrow = enc.vgg19_features
+    monkeypatch.setattr(enc, "vgg19_features", lambda width_divisor=1: narrow(16))
+    clip_file, vgg_file = tmp_path / "clip.pt", tmp_path / "vgg.pth"
+    torch.save(conftest.tiny_clip().model.state_dict(), clip_file)
+    torch.save(narrow(16).state_dict(), vgg_file)
+    return clip_file, vgg_file
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_weight_files_load_or_fail_with_one_line(tmp_path, img, tiny_architectures):
+    clip_file, vgg_file = tiny_architectures
+    run = ["run", img, "-p", "x", "--device", "cpu", *TINY]
+    ok = invoke(*run, "-o", tmp_path / "ok", "--clip-weights", clip_file, "--vgg-weights", vgg_file)
+    assert ok.exit_code == 0, ok.stderr  # the real loading path works with good files
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(clip_file.read_bytes()[:5000])
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"visual.proj": _Payload(marker)}, evil)
+    cases = [
+        (["--clip-weights", tmp_path / "nope.pt"], tmp_path / "nope.pt", "weights file not found"),
+        (["--clip-weights", corrupt], corrupt, "not a readable weights file"),
+        (["--clip-weights", vgg_file], vgg_file, "not open_clip ViT-B-32 weights"),
+        (["--clip-weights", clip_file, "--vgg-weights", clip_file], clip_file, "not torchvision vgg19 weights"),
+        (["--clip-weights", evil], evil, "could run code"),
+    ]
+    for options, path, reason in cases:
+        result = invoke(*run, "-o", tmp_path / "out", *options)
+        assert_one_error(result, path, reason)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    debug = invoke("--debug", *run, "-o", tmp_path / "out", "--clip-weights", corrupt)
+    assert type(debug.exception).__name__ == "WeightsError" and debug.exit_code == 1
