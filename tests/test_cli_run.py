@@ -80,3 +80,36 @@ def test_same_seed_gives_identical_files(tmp_path, photo, fake_loader):
     c = tmp_path / "c.png"
     invoke("run", "-p", "fire", str(photo), "-o", str(c), "--seed", "8", *TINY)
     assert a.read_bytes() != c.read_bytes()
+
+
+def test_save_style_then_apply_reproduces_the_run_at_full_resolution(tmp_path, fake_loader):
+    import numpy as np
+
+    from clipstyle.styles import load_style
+
+    src = tmp_path / "wide.png"
+    Image.new("RGB", (101, 61), (30, 140, 90)).save(src)
+    out, style = tmp_path / "out.png", tmp_path / "ink.style"
+    result = invoke("run", "-p", "ink", str(src), "-o", str(out), "--save-style", str(style),
+                    "--output-size", "full", *TINY)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (101, 61)  # trained at 32 px, rendered at the input's resolution
+    meta = load_style(style).metadata
+    assert meta["prompt"] == "ink" and meta["input"] == "wide.png"
+    applied = tmp_path / "applied.png"
+    assert invoke("apply", str(style), str(src), "-o", str(applied), "-q").exit_code == 0
+    a = np.asarray(Image.open(out), dtype=np.int16)
+    b = np.asarray(Image.open(applied), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_strength_zero_returns_the_content(tmp_path, photo, fake_loader):
+    import numpy as np
+
+    out = tmp_path / "s0.png"
+    assert invoke("run", "-p", "x", str(photo), "-o", str(out), "--strength", "0", *TINY).exit_code == 0
+    from clipstyle.images import fit_size, to_pil, to_tensor
+
+    src = Image.open(photo).convert("RGB")
+    expected = np.asarray(to_pil(to_tensor(src, fit_size(*src.size, 32))), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - expected).max() <= 1

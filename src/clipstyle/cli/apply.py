@@ -1,0 +1,175 @@
+"""``clipstyle apply``: restyle images with saved styles, one forward pass each."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from clipstyle.cli.common import UserError, debug_option, stop_on_sigterm
+
+STYLE_SUFFIXES = (".style", ".safetensors")  # as clipstyle.styles.SUFFIXES, without importing torch
+
+
+def split_arguments(args: tuple[str, ...], style_options: tuple[Path, ...]) -> tuple[list[str], list[str]]:
+    """(styles, images). With --style, every argument is an image; otherwise the
+    leading arguments ending in .style or .safetensors are styles."""
+    if style_options:
+        return [str(s) for s in style_options], list(args)
+    n = 0
+    while n < len(args) and Path(args[n]).suffix.lower() in STYLE_SUFFIXES:
+        n += 1
+    return list(args[:n]), list(args[n:])
+
+
+def mix_from_options(n_styles: int, mix: tuple[float, ...]) -> list[float] | None:
+    """--mix values -> one weight per style. Two styles: --mix M gives (1 - M, M).
+    N styles: N - 1 values for styles 2..N; the first style gets the rest."""
+    if not mix:
+        return None
+    if n_styles < 2:
+        raise click.UsageError("--mix needs two or more styles")
+    if len(mix) != n_styles - 1:
+        raise click.UsageError(f"{n_styles} styles need {n_styles - 1} --mix value(s) (for styles 2..{n_styles})")
+    rest = 1.0 - sum(mix)
+    if rest < -1e-9:
+        raise click.UsageError(f"--mix values sum to {sum(mix):g}, more than 1")
+    return [max(rest, 0.0), *mix]
+
+
+def _events(quiet: bool):
+    from clipstyle.styles import ApplyEvents
+
+    class Events(ApplyEvents):
+        def __init__(self):
+            self.bar = None
+
+        def tile(self, job, done, total):
+            if quiet or total <= 1:
+                return
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=job.input.path.name, unit="tile", leave=False,
+                                file=sys.stderr, dynamic_ncols=True)
+            self.bar.update(done - self.bar.n)
+
+        def finished(self, job, record):
+            self.close()
+            if record["status"] == "ok":
+                if not quiet:
+                    w, h = record["size"]
+                    click.echo(f"wrote {record['output']} ({w}x{h}, {record['seconds']:.1f} s)", err=True)
+            elif record["status"] == "skipped":
+                if not quiet:
+                    click.echo(f"skipped {record['output']}: exists (use --overwrite to replace it)", err=True)
+            else:
+                click.echo(f"clipstyle: error: {record['error']}", err=True)
+
+        def note(self, job, message):
+            where = f"{job.input.path}: " if job is not None else ""
+            click.echo(f"clipstyle: warning: {where}{message}", err=True)
+
+        def close(self):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Events()
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("args", nargs=-1, type=str, metavar="STYLE... IMAGES...")
+@click.option("-s", "--style", "style_options", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="A style file; repeat for several. With --style, every argument is an image.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output .png file (one image) or folder. [default: current folder, named "
+                   "<image>-<style>.png, styles joined by '+']")
+@click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
+@click.option("--from-file", type=str, default=None, metavar="LIST",
+              help="Read input paths from LIST, one per line ('-' for standard input).")
+@click.option("--size", type=click.IntRange(8), default=None,
+              help="Longest side of the output in pixels, aspect ratio kept. [default: the input's own size]")
+@click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="How much of the style to apply: a linear blend with the input in pixel space "
+                   "(0: the input, 1: the fully styled image).")
+@click.option("--mix", type=click.FloatRange(0, 1), multiple=True, metavar="W",
+              help="Blend the outputs of two styles: (1-W) x first + W x second, in pixel space; 0 gives the "
+                   "first style exactly, 1 the second. With N styles give N-1 values. [default: equal]")
+@click.option("--tile", type=click.IntRange(0), default=None, metavar="PX",
+              help="Render in overlapping tiles of PX pixels (0: never tile). [default: whole image up to "
+                   "4 megapixels, tiles of 1024 above]")
+@click.option("--overlap", type=click.IntRange(0), default=64, show_default=True, metavar="PX",
+              help="Overlap of neighbouring tiles, blended with smooth ramps.")
+@click.option("--tile-stats", type=click.Choice(["image", "tile"]), default="image", show_default=True,
+              help="Tiles normalise with the whole image's statistics (no seams; about 8x the compute) or "
+                   "each with its own (one pass; soft seams possible).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Append one JSON line per image to this file.")
+@click.option("--max-pixels", type=click.IntRange(1), default=100_000_000, show_default=True,
+              help="Refuse input images with more pixels than this (decompression bombs).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; errors and warnings only.")
+@debug_option
+@stop_on_sigterm
+def apply(args, style_options, output, recursive, from_file, size, strength, mix, tile, overlap, tile_stats,
+          device, overwrite, report, max_pixels, quiet):
+    """Restyle IMAGES (files, folders or globs) with saved styles, one forward pass each.
+
+    Styles are the leading arguments ending in .style or .safetensors (or
+    given with --style); the rest are images. Styles come from
+    `clipstyle run --save-style FILE`; files that could run code when loaded
+    (pickles, torch.save) are refused.
+
+    \b
+      clipstyle apply ink.style photo.jpg                       # -> ./photo-ink.png, same size as photo.jpg
+      clipstyle apply ink.style frames/ -o styled/ --size 1080
+      clipstyle apply ink.style fire.style --mix 0.3 photo.jpg  # 70% ink, 30% fire
+      clipstyle apply ink.style photo.jpg --strength 0.6 -o soft.png
+
+    Existing outputs are skipped unless --overwrite; a file that fails is
+    reported and the rest go on. Exit code 0 when every image is ok or
+    skipped, 1 when any failed, 130 when interrupted.
+    """
+    import time
+
+    from clipstyle.device import resolve_device
+    from clipstyle.runner import Report, check_outputs, collect_inputs
+    from clipstyle.styles import ApplyOptions, apply_files, load_style, plan_outputs, plan_tiles
+
+    style_paths, images = split_arguments(args, style_options)
+    if not style_paths:
+        raise click.UsageError("no style: give a .style file first (or --style FILE)")
+    if not images and from_file is None:
+        raise click.UsageError("no input images (give files, folders or globs after the styles, or --from-file)")
+    weights = mix_from_options(len(style_paths), mix)
+    try:
+        if tile != 0:
+            plan_tiles(1 << 20, 1 << 20, tile, overlap)  # checks tile and overlap against each other
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--tile'/'--overlap'") from None
+    dev = resolve_device(device)
+    styles = [load_style(p) for p in style_paths]  # a bad style stops here, before any image
+    inputs = collect_inputs(images, recursive=recursive, from_file=from_file, stdin=sys.stdin)
+    if not inputs:
+        raise UserError("no input images found")
+    jobs = plan_outputs(inputs, styles, output)
+    check_outputs(jobs)
+    options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
+                           overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats)
+    report_file = Report(report)
+    events = _events(quiet)
+    start = time.perf_counter()
+    try:
+        summary = apply_files(jobs, styles, options, report_file, events, device=dev)
+    finally:
+        events.close()
+        report_file.close()
+    if not quiet or summary.failed:
+        click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in "
+                   f"{time.perf_counter() - start:.1f} s", err=True)
+    if summary.failed:
+        sys.exit(1)
