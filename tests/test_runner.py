@@ -143,3 +143,41 @@ def test_absent_device_in_devices_is_one_line(tmp_path, folder, loader):
     assert result.exit_code == 1
     assert result.stderr.startswith("clipstyle: error:") and "CUDA" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_undecodable_and_very_long_file_names_do_not_stop_the_run(tmp_path, loader):
+    import os
+
+    d = tmp_path / "odd"
+    d.mkdir()
+    odd = os.fsdecode(b"caf\xe9.png")  # not valid UTF-8: surrogate-escaped by Python
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(os.path.join(d, odd))
+    long_name = "x" * 240 + ".png"
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(d / long_name)
+    out, report = tmp_path / "out", tmp_path / "r.jsonl"
+    result = invoke("run", d, "-p", "ink", "-o", out, "--report", report, *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert [r["status"] for r in records(report)] == ["ok", "ok"]
+    assert all(len(os.fsencode(p.name)) <= 255 for p in out.iterdir())
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_a_crash_in_one_pair_is_that_pairs_failure(tmp_path, folder, loader, monkeypatch):
+    import clipstyle.stylize as S
+
+    real = S.stylize_many
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("something broke inside")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "stylize_many", flaky)
+    good = [folder / f"img{i}.png" for i in range(2)]
+    report = tmp_path / "r.jsonl"
+    result = invoke("run", *good, "-p", "x", "-o", tmp_path / "o", "--report", report, *TINY)
+    assert result.exit_code == 1
+    assert [r["status"] for r in records(report)] == ["failed", "ok"]
+    assert "something broke inside" in records(report)[0]["error"]

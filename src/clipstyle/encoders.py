@@ -33,6 +33,101 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def vit_fast_path_ok(visual) -> bool:
+    """Whether ``visual`` is a plain open_clip ViT that vit_image_embedding reproduces exactly.
+
+    Anything else (attentional pooling, average pooling, layer scale, custom
+    blocks, active patch dropout, token outputs) takes open_clip's own forward.
+    """
+    try:
+        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+    except ImportError:  # pragma: no cover - open_clip is a dependency
+        return False
+    if type(visual) is not VisionTransformer:
+        return False
+    conv = visual.conv1
+    if (visual.attn_pool is not None or visual.pool_type != "tok" or visual.output_tokens
+            or visual.proj is None or not isinstance(visual.patch_dropout, nn.Identity)
+            or conv.bias is not None or conv.kernel_size != conv.stride or conv.padding != (0, 0)
+            or visual.positional_embedding.ndim != 2 or getattr(visual.transformer, "grad_checkpointing", False)):
+        return False
+    for block in visual.transformer.resblocks:
+        attn = block.attn
+        if (type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv")
+                or not isinstance(block.ls_1, nn.Identity) or not isinstance(block.ls_2, nn.Identity)
+                or not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim
+                or not attn.batch_first or attn.in_proj_bias is None or attn.bias_k is not None
+                or attn.add_zero_attn or (attn.dropout and attn.training)):
+            return False
+    return True
+
+
+def _patch_embedding(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The ViT's patch convolution as one matmul: (B, 3, H, W) -> (B, N, width).
+
+    Kernel = stride and no padding, so the patches do not overlap and the
+    convolution is a matmul of flattened patches by the flattened kernel. On
+    the CPU the convolution's input gradient for a 32x32 kernel is about ten
+    times slower than this matmul's.
+    """
+    b, c, h, w = x.shape
+    ph, pw = conv.kernel_size
+    gh, gw = h // ph, w // pw
+    x = x[..., : gh * ph, : gw * pw]  # the convolution ignores leftover rows and columns too
+    patches = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
+    return patches @ conv.weight.reshape(conv.out_channels, -1).t()  # (B, N, width), rows in raster order
+
+
+def _attention(attn: nn.MultiheadAttention, x: torch.Tensor, first_only: bool) -> torch.Tensor:
+    """Multi-head self-attention of (B, L, D) tokens; queries of the first token only if ``first_only``.
+
+    nn.MultiheadAttention moves batch-first tensors to sequence-first and
+    projects them there, which makes its backward pass run many small batched
+    matmuls; here every projection is one (B*L, D) matmul.
+    """
+    b, length, d = x.shape
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if first_only:
+        q = F.linear(x[:, :1], weight[:d], bias[:d])  # (B, 1, D)
+        k, v = F.linear(x, weight[d:], bias[d:]).chunk(2, dim=-1)  # (B, L, D) each
+    else:
+        q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)
+    lq = q.shape[1]
+    q = q.reshape(b, lq, heads, -1).transpose(1, 2)  # (B, h, Lq, D/h)
+    k = k.reshape(b, length, heads, -1).transpose(1, 2)
+    v = v.reshape(b, length, heads, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Lq, D/h)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, lq, d))
+
+
+def vit_image_embedding(visual, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's VisionTransformer forward, computing only what the embedding needs.
+
+    x: (B, 3, H, W) normalised images -> (B, D). Same maths as
+    ``visual(x)`` (checked by tests to rounding), with two savings that matter
+    when gradients flow back to the images:
+
+    - the patch convolution is a matmul (see _patch_embedding);
+    - the embedding reads only the class token after the last block, so that
+      block computes attention queries, the output projection and the MLP for
+      the class token alone (one of the 1 + N tokens), about 1/12 of the
+      tower's work for ViT-B/32.
+    """
+    tokens = _patch_embedding(visual.conv1, x)  # (B, N, width)
+    b = tokens.shape[0]
+    cls = visual.class_embedding.to(tokens.dtype).expand(b, 1, -1)
+    tokens = torch.cat([cls, tokens], dim=1) + visual.positional_embedding.to(tokens.dtype)  # (B, 1+N, width)
+    tokens = visual.ln_pre(tokens)
+    blocks = visual.transformer.resblocks
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        attended = _attention(block.attn, block.ln_1(tokens), first_only=last)
+        tokens = (tokens[:, :1] if last else tokens) + attended  # last block: (B, 1, width)
+        tokens = tokens + block.mlp(block.ln_2(tokens))
+    return visual.ln_post(tokens[:, 0]) @ visual.proj  # (B, D)
+
+
 class ClipEncoder(nn.Module):
     """CLIP's image and text towers behind one interface.
 
@@ -49,6 +144,9 @@ class ClipEncoder(nn.Module):
         self.image_size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # Use vit_image_embedding where the model allows it (same maths, less work);
+        # False always takes open_clip's own encode_image (the reference for tests).
+        self.fast = True
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """Resize (B, 3, H, W) to the model's input size.
@@ -64,6 +162,9 @@ class ClipEncoder(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unnormalised embeddings."""
         x = (self.resize(images) - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        visual = getattr(self.model, "visual", None)
+        if self.fast and vit_fast_path_ok(visual):
+            return vit_image_embedding(visual, x)
         return self.model.encode_image(x)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
@@ -120,9 +221,24 @@ class VggEncoder(nn.Module):
         self.features = _freeze(features[: last + 1])  # nothing past the last layer used
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool) -> "VggEncoder":
+        """Store the convolutions channels-last (NHWC) and feed them NHWC images.
+
+        Same maths; oneDNN on the CPU and cuDNN's tensor-core kernels run VGG's
+        convolutions faster in that layout (measured in docs/performance.md).
+        """
+        if enabled != self.channels_last:
+            fmt = torch.channels_last if enabled else torch.contiguous_format
+            self.features.to(memory_format=fmt)
+            self.channels_last = enabled
+        return self
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         wanted = {i: name for name, i in self.layers.items()}
         out: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.features):
@@ -184,15 +300,16 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = "openai",
                 model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu,
                                                cache_dir=cache_dir)
             except Exception as exc:  # download failures surface as many error types
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise WeightsError(
                     f"CLIP weights {model_name}/{pretrained} are not in the cache ({_clip_cache_hint(cache_dir)})"
-                    f" and could not be downloaded ({reason[:200]}); pass --clip-weights FILE to use a local file"
-                ) from None
+                    " and could not be downloaded; pass --clip-weights FILE (an open_clip state dict or OpenAI's"
+                    " original .pt file) to use a local file, or run once with network access"
+                ) from exc
         else:
+            # read the file first: a missing or corrupt file fails before a large model is built
+            state = read_state_dict(weights) if weights is not None else None
             model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
             if weights is not None:
-                state = read_state_dict(weights)
                 for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
                     state.pop(key, None)
                 if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
@@ -229,11 +346,11 @@ def load_vgg(weights: str | Path | None = None, device: torch.device | str = "cp
             state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=progress, check_hash=True)
         except Exception as exc:  # URLError, hash mismatch, disk errors
             cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WeightsError(
                 f"VGG-19 ImageNet weights ({VGG_FILE}) are not in the cache ({cache}) and could not be"
-                f" downloaded ({reason[:200]}); pass --vgg-weights FILE or put the file in that folder"
-            ) from None
+                " downloaded; pass --vgg-weights FILE (torchvision's vgg19 state dict) or put the file in that"
+                " folder, or run once with network access"
+            ) from exc
         path = VGG_FILE
     # Accept torchvision's full vgg19 state dict ("features.N.*", "classifier.*")
     # or the trunk alone ("N.*"); only the trunk up to relu5_2 is used.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from clipstyle import __version__
 from clipstyle.errors import ClipstyleError, ImageError, OutputError
-from clipstyle.images import IMAGE_EXTENSIONS, slugify
+from clipstyle.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, slugify
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def collect_inputs(items: list[str], recursive: bool = False, from_file: str | N
 def pair_seed(base_seed: int, rel: str, prompt: str) -> int:
     """A pair's seed from the base seed and the pair's identity, so a result does
     not depend on order, sharding or batching."""
-    digest = hashlib.sha256(f"{base_seed}\0{rel}\0{prompt}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{base_seed}\0{rel}\0{prompt}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -108,8 +108,18 @@ def parse_shard(text: str) -> tuple[int, int]:
 def in_shard(pair: Pair, shard: tuple[int, int]) -> bool:
     """Stable assignment of a pair to one of N shards, the same on every machine."""
     k, n = shard
-    digest = hashlib.sha256(f"{pair.input.rel}\0{pair.prompt}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{pair.input.rel}\0{pair.prompt}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") % n == k - 1
+
+
+def _short_stem(stem: str, max_bytes: int = 100) -> str:
+    """The input's stem, cut to ``max_bytes`` (plus a short hash of the whole) so
+    that stem, prompt slug and suffix stay under the 255-byte file-name limit."""
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) <= max_bytes:
+        return stem
+    cut = raw[:max_bytes].decode("utf-8", "ignore")
+    return f"{cut}-{hashlib.sha256(raw).hexdigest()[:8]}"
 
 
 def plan_pairs(inputs: list[InputFile], prompts: list[str], output: Path | None, base_seed: int,
@@ -142,7 +152,7 @@ def plan_pairs(inputs: list[InputFile], prompts: list[str], output: Path | None,
                 out = output
             else:
                 rel_parent = Path(inp.rel).parent
-                out = folder / rel_parent / f"{Path(inp.rel).stem}-{slugs[prompt]}.png"
+                out = folder / rel_parent / f"{_short_stem(Path(inp.rel).stem)}-{slugs[prompt]}.png"
             pair = Pair(inp, prompt, out, pair_seed(base_seed, inp.rel, prompt))
             if shard is None or in_shard(pair, shard):
                 pairs.append(pair)
@@ -177,7 +187,8 @@ class Report:
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "a", encoding="utf-8")
+                # file names that are not valid UTF-8 are written with backslash escapes
+                self._fh = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
             except OSError as exc:
                 raise OutputError(f"cannot open the report: {exc.strerror}", self.path) from None
 
@@ -211,7 +222,7 @@ class RunOptions:
     batch: int = 1
     save_every: int = 0
     contrast: bool = False
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     base_seed: int = 0
     # issue 6: keep the trained network; render at another size; blend with the content
     save_style: Path | None = None  # a .style file (one pair) or a folder
@@ -364,14 +375,18 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
         try:
             results = stylize_many([c for _, c in batch], [p.prompt for p, _ in batch],
                                    [p.seed for p, _ in batch], models=models, settings=settings, callback=on_step)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-            if not _is_oom(exc):
-                raise
+        except Exception as exc:  # noqa: BLE001 - one pair's failure must not stop the others
             _free_memory(models)
-            h, w = batch[0][1].shape[-2:]
-            message = (f"out of memory at {w}x{h} px with {settings.crops} crops"
-                       f"{f' and {len(batch)} pairs per batch' if len(batch) > 1 else ''}; lower --size, --crops"
-                       f"{' or --batch' if len(batch) > 1 else ''}, or encode crops in chunks with --crop-batch 8")
+            if _is_oom(exc):
+                h, w = batch[0][1].shape[-2:]
+                message = (f"out of memory at {w}x{h} px with {settings.crops} crops"
+                           f"{f' and {len(batch)} pairs per batch' if len(batch) > 1 else ''}; lower --size,"
+                           f" --crops{' or --batch' if len(batch) > 1 else ''}, or encode crops in chunks with"
+                           " --crop-batch 8")
+            else:
+                from clipstyle.cli.common import format_error
+
+                message = format_error(exc)
             for pair, _ in batch:
                 done += 1
                 finish(pair, base_record(pair, settings, "failed", f"{pair.input.path}: {message}"))

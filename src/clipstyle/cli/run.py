@@ -11,6 +11,7 @@ import click
 
 from clipstyle.cli.common import UserError, debug_option, load_models_from_options, model_options, stop_on_sigterm
 from clipstyle.config import PRECISIONS, PRESETS, Settings
+from clipstyle.images import DEFAULT_MAX_PIXELS
 
 D = Settings()  # every default below is read from Settings: written once
 
@@ -79,7 +80,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
               help="paper: the paper's settings. draft: 100 steps, 256 px, 16 crops of 64 px, for CPUs. "
                    "Explicit options override the preset.")
 @click.option("--steps", type=click.IntRange(1), default=None, help=f"Optimisation steps. [default: {D.steps}]")
-@click.option("--size", type=click.IntRange(8), default=None,
+@click.option("--size", type=click.IntRange(16), default=None,
               help=f"Longest side in pixels (aspect ratio kept, rounded to a multiple of 8). [default: {D.size}]")
 @click.option("--crops", type=click.IntRange(0), default=None, help=f"Random crops per step. [default: {D.crops}]")
 @click.option("--crop-size", type=click.IntRange(8), default=None, help=f"Crop side in pixels. [default: {D.crop_size}]")
@@ -129,7 +130,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image x prompt to this file.")
-@click.option("--max-pixels", type=click.IntRange(1), default=100_000_000, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse input images with more pixels than this (decompression bombs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors and warnings only.")
 @debug_option
@@ -158,6 +159,11 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     empty = [p for p in prompts if not p.strip()]
     if empty:
         raise UserError("the prompt is empty")
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("the prompt is not valid UTF-8 (check the terminal's encoding)") from None
     values = {**PRESETS[preset]}
     for name, value in (("steps", steps), ("size", size), ("crops", crops), ("crop_size", crop_size)):
         if value is not None:
