@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from clipstyle.prompts import IMAGENET_TEMPLATES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,14 @@ class Settings:
     # Read the losses back to the host every this many steps (and at the last
     # step). Each read waits for the device, so rarer reads run faster.
     log_every: int = 10
+    # Memory layout of VGG-19's activations: "auto" is channels-last (NHWC)
+    # where it was measured faster (the CPU; CUDA with bf16/fp16), contiguous
+    # (NCHW) elsewhere. The same maths either way.
+    memory_format: str = "auto"
+    # torch.compile the U-Net, the CLIP image tower and VGG-19. The first steps
+    # pay the compilation (tens of seconds to minutes), so it pays off only
+    # over long runs and many images; see docs/performance.md.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         from clipstyle.errors import ClipstyleError
@@ -64,6 +73,7 @@ class Settings:
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.crop_batch >= 0, "crop batch must be 0 or more"),
             (self.log_every >= 1, "log_every must be at least 1"),
+            (self.memory_format in MEMORY_FORMATS, f"memory format must be one of {', '.join(MEMORY_FORMATS)}"),
             (len(self.templates) > 0, "at least one template is needed"),
         ]
         for lam in ("lambda_patch", "lambda_dir", "lambda_content", "lambda_tv"):

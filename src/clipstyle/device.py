@@ -61,6 +61,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def use_channels_last(memory_format: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether VGG-19 runs channels-last (NHWC).
+
+    ``auto``: on the CPU, where oneDNN's NHWC convolutions measured about twice
+    as fast forwards and backwards (docs/performance.md); on CUDA
+    with bf16/fp16 autocast, whose tensor-core convolutions want NHWC; not on
+    MPS or in plain fp32 on CUDA, where it was not measured to help.
+    """
+    if memory_format == "channels_last":
+        return True
+    if memory_format == "contiguous":
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype is not None
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from clipstyle import losses as L
-from clipstyle.augment import random_crop_grids, sample_crops
+from clipstyle.augment import CropDraw, crop_grids, draw_crops, sample_crops
 from clipstyle.config import Settings
-from clipstyle.device import autocast, autocast_dtype, peak_memory_bytes, precision_name, reset_peak_memory, synchronize
+from clipstyle.device import (autocast, autocast_dtype, peak_memory_bytes, precision_name, reset_peak_memory,
+                              synchronize, use_channels_last)
 from clipstyle.encoders import Models
 from clipstyle.errors import ClipstyleError, NonFiniteLossError
 from clipstyle.unet import StyleNet
@@ -43,6 +44,9 @@ class StepInfo:
     losses: dict[str, float] | None  # read back every ``log_every`` steps and at the last step
     seconds: float  # since the first step started
     output: torch.Tensor  # (1, 3, H, W) current output in [0, 1], detached, on the device
+    # This step alone, callbacks excluded (exact on an accelerator only when
+    # losses were read at this step: otherwise the device may still be working).
+    step_seconds: float = 0.0
 
 
 @dataclass
@@ -94,6 +98,15 @@ def check_prompt(models: Models, prompt: str) -> list[str]:
     return []
 
 
+def _adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam; its fused kernel where PyTorch has one: the same update rule in one
+    kernel per step instead of about ten small ones per parameter tensor (on a
+    2-core CPU 2-4x faster, as those small ops each wait for every thread)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr)
+
+
 class _Pair:
     """State of one (image, prompt) pair during optimisation."""
 
@@ -102,8 +115,21 @@ class _Pair:
         self.index, self.prompt, self.seed = index, prompt, seed
         self.content = content.to(device)  # (1, 3, H, W)
         self.generator = torch.Generator().manual_seed(seed)  # crops: CPU generator, same on every device
+        # Every step's crops drawn now, in the order the steps would draw them,
+        # and moved to the device in one copy: a copy from host memory in the
+        # loop would make the host wait for the device at every step.
+        h, w = self.content.shape[-2:]
+        draws = [draw_crops(h, w, settings.crops, settings.crop_size, settings.distortion, self.generator)
+                 for _ in range(settings.steps)]
+        self.crop_hom = torch.stack([d.hom for d in draws]).to(device)  # (steps, n, 3, 3)
+        self.crop_offset = torch.stack([d.offset for d in draws]).to(device)  # (steps, n, 2)
+        self.crop_side = draws[0].crop
+        # The U-Net stays NCHW: channels-last was only ~10% faster for it on the
+        # CPU and made batch-N results differ from batch 1 by more than rounding
+        # after a few Adam steps (different reduction orders per batch size).
         self.net = make_network(seed, device)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr)
+        self.opt = _adam(self.net.parameters(), settings.lr, device)
+        self.forward = torch.compile(self.net) if settings.compile else self.net
         with torch.no_grad(), autocast(device, amp):
             # Constant for the whole run: text direction, source embedding, content features.
             style = text_embedding(models, prompt, settings.templates)
@@ -116,6 +142,25 @@ class _Pair:
         self.losses: dict[str, float] = {}
         self.output: torch.Tensor | None = None
         self.error: ClipstyleError | None = None
+
+    def crops(self, step: int, out_size: int):
+        """Sampling grids of this step's crops, computed on the device."""
+        draw = CropDraw(self.crop_hom[step], self.crop_offset[step], self.crop_side)
+        return crop_grids(draw, *self.content.shape[-2:], out_size)
+
+
+def _compiled(models: Models) -> tuple[Callable, Callable]:
+    """torch.compile'd CLIP image tower and VGG trunk, compiled once per Models.
+
+    The first steps pay the compilation (see docs/performance.md); later calls
+    with the same shapes reuse it. Kept on the Models object so that it goes
+    away with it.
+    """
+    compiled = getattr(models, "_compiled", None)
+    if compiled is None:
+        compiled = (torch.compile(models.clip.encode_image), torch.compile(models.vgg))
+        models._compiled = compiled
+    return compiled
 
 
 def _read_losses(pair: _Pair) -> dict[str, float]:
@@ -167,7 +212,12 @@ def stylize_many(
     settings = settings or Settings()
     device = models.device
     amp = autocast_dtype(settings.precision, device)
+    channels_last = use_channels_last(settings.memory_format, device, amp)
+    models.vgg.use_channels_last(channels_last)
     clip, vgg = models.clip, models.vgg
+    encode_image, vgg_features = clip.encode_image, vgg
+    if settings.compile:
+        encode_image, vgg_features = _compiled(models)
     out_size = clip.image_size[0]
     reset_peak_memory(device)
     pairs = [_Pair(i, c, p, s, models, settings, amp) for i, (c, p, s) in enumerate(zip(contents, prompts, seeds))]
@@ -183,14 +233,12 @@ def stylize_many(
         for p in active:
             for group in p.opt.param_groups:
                 group["lr"] = lr
-            out = p.net(p.content)  # (1, 3, H, W), fp32
+            out = p.forward(p.content)  # (1, 3, H, W), fp32
             outs.append(out)
             leaf = out.detach().requires_grad_()
             leaves.append(leaf)
             p.leaf = leaf
-            h, w = out.shape[-2:]
-            p.grids = random_crop_grids(h, w, n, settings.crop_size, out_size, settings.distortion,
-                                        p.generator, device)
+            p.grids = p.crops(step, out_size)
             p.sums = {k: torch.zeros((), device=device) for k in ("patch", "dir")}
 
         # CLIP terms: global direction (one row per pair) and patch directions (n rows per pair).
@@ -209,7 +257,7 @@ def stylize_many(
                 tdir.append(p.text_dir.expand(rows, -1))
                 owners.append((p, kind, rows))
             with autocast(device, amp):
-                emb = clip.encode_image(torch.cat(images))  # (rows, D)
+                emb = encode_image(torch.cat(images))  # (rows, D)
             per_row = L.directional_loss(emb.float(), torch.cat(src), torch.cat(tdir))  # (rows,)
             is_crop_t = torch.cat(is_crop)
             # threshold rejection applies to patches only
@@ -232,7 +280,7 @@ def stylize_many(
         for group in by_shape.values():
             x = torch.cat([p.leaf for p in group])  # (B, 3, H, W)
             with autocast(device, amp):
-                feats = vgg(x)
+                feats = vgg_features(x)
             target = {k: torch.cat([p.content_feats[k] for p in group]) for k in feats}
             content = L.content_loss(feats, target)  # (B,)
             tv = L.total_variation(x)  # (B,)
@@ -267,8 +315,10 @@ def stylize_many(
                     p.error = exc
                     active.remove(p)
             if callback is not None and p.error is None:
-                callback(StepInfo(p.index, done, settings.steps, values, now - start, p.output))
-        last = now
+                callback(StepInfo(p.index, done, settings.steps, values, now - start, p.output, now - last))
+        # The next step starts after the callbacks: their time (progress bars,
+        # snapshots, a benchmark's own measurements) is not the step's.
+        last = time.perf_counter()
         if not active:
             break
 

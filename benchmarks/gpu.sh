@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# clipstyle's speed on one CUDA GPU, in about 5 minutes.
+#
+#   bash benchmarks/gpu.sh                      # on the GPU machine, from the repository root
+#   CLIPSTYLE_BENCH_DRY=1 bash benchmarks/gpu.sh  # a quick run of the same script on the CPU
+#
+# Random weights throughout (nothing is downloaded). Every bench call times
+# steps and the fp32 compute floor alternately in one process; the fp32 call
+# also times the reference-style step (plain fp32, a Python loop over crops)
+# in the same process. Each result is kept as JSON in $OUT (default: a new
+# temporary folder); a short table is printed last.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then
+    if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+
+if [[ "${CLIPSTYLE_BENCH_DRY:-0}" == 1 ]]; then
+    # Tiny settings on the CPU: checks the script end to end, measures nothing useful.
+    COMMON=(--device cpu --size 64 --crops 2 --crop-size 32 --repeats 1 --warmup 0)
+    BATCH=2
+    LOAD_SIZE=(--size 64 --crops 2 --crop-size 32)
+else
+    # Paper defaults: 512 px, 64 crops of 128 px.
+    COMMON=(--device cuda --repeats 10 --warmup 3)
+    BATCH=${CLIPSTYLE_BENCH_BATCH:-8}
+    LOAD_SIZE=(--size 64 --crops 2 --crop-size 32)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+echo "results in $OUT" >&2
+
+bench() {
+    local name=$1
+    shift
+    echo "== $name: clipstyle bench $* ${COMMON[*]}" >&2
+    "$PY" -m clipstyle bench "${COMMON[@]}" "$@" --json > "$OUT/$name.json"
+}
+
+bench fp32 --precision fp32 --baseline
+bench auto --precision auto
+bench auto-nchw --precision auto --memory-format contiguous
+bench fp32-nhwc --precision fp32 --memory-format channels_last
+bench batch --precision auto --batch "$BATCH"
+bench draft --preset draft --precision auto
+if [[ "${CLIPSTYLE_BENCH_COMPILE:-0}" == 1 ]]; then
+    bench compile --precision auto --compile
+fi
+
+# Loading from local files: random weights written once, then timed by bench.
+"$PY" - "$OUT" <<'EOF'
+import sys
+import torch
+import open_clip
+from torchvision.models import vgg19
+
+out = sys.argv[1]
+torch.save(open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).state_dict(), f"{out}/clip.pt")
+torch.save(vgg19().state_dict(), f"{out}/vgg19.pth")
+EOF
+DEVICE_ARGS=("${COMMON[@]:0:2}")
+echo "== load: bench --clip-weights --vgg-weights" >&2
+"$PY" -m clipstyle bench "${DEVICE_ARGS[@]}" "${LOAD_SIZE[@]}" --repeats 1 --warmup 0 \
+    --clip-weights "$OUT/clip.pt" --vgg-weights "$OUT/vgg19.pth" --json > "$OUT/load.json"
+rm -f "$OUT/clip.pt" "$OUT/vgg19.pth"
+
+"$PY" - "$OUT" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+rows = []
+for path in sorted(out.glob("*.json")):
+    r = json.loads(path.read_text())
+    per_image = r["seconds_per_step"] * r["steps"] / r["batch"]
+    peak = r["peak_memory_bytes"]
+    rows.append([
+        path.stem, r["precision"], r["memory_format"], str(r["batch"]), f"{r['size'][0]}/{r['crops']}",
+        f"{r['seconds_per_step']:.4f}", f"{r['floor_seconds']:.4f}", f"{r['ratio']:.2f}",
+        f"{per_image:.1f}", "-" if peak is None else f"{peak / 1e9:.2f}",
+        f"{r['images_per_minute']:.1f}",
+        "-" if r.get("baseline_seconds") is None else f"{r['baseline_seconds']:.4f} ({r['speedup']:.1f}x)",
+        "-" if r.get("load_seconds") is None else f"{r['load_seconds']:.2f}",
+    ])
+head = ["run", "prec", "layout", "batch", "size/crops", "s/step", "floor s", "ratio", "s/image",
+        "peak GB", "img/min", "baseline s/step", "load s"]
+first = json.loads(next(iter(sorted(out.glob("*.json")))).read_text())
+print(f"\n{first['processor']}, torch {first['torch_version']}; s/image = s/step x steps / batch "
+      f"(steps: {first['steps']}, draft: 100)")
+widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+for row in [head, *rows]:
+    print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+EOF

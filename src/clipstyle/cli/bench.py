@@ -1,0 +1,138 @@
+"""``clipstyle bench``: time optimisation steps against the compute floor."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from clipstyle.cli.common import UserError, debug_option, stop_on_sigterm
+from clipstyle.config import MEMORY_FORMATS, PRECISIONS, PRESETS, Settings
+
+D = Settings()
+
+
+def _gb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def _spread(runs: list[float]) -> str:
+    return f"{min(runs):.3f}-{max(runs):.3f}" if runs else ""
+
+
+def format_result(r) -> str:
+    """The human-readable table of a BenchResult."""
+    w, h = r.size
+    lines = [
+        ("device", f"{r.device} ({r.processor}, {r.threads} threads, torch {r.torch_version})"),
+        ("precision", f"{r.precision}, {r.memory_format}, compile {'on' if r.compile else 'off'}"),
+        ("settings", f"{w}x{h}, {r.crops} crops of {r.crop_size} px, crop batch {r.crop_batch or 'all'}, "
+                     f"batch {r.batch}"),
+        ("step", f"{r.seconds_per_step:.3f} s (median of {r.repeats}, {_spread(r.step_runs)}; "
+                 f"first step {r.first_step_seconds:.2f} s)"),
+        ("floor", f"{r.floor_seconds:.3f} s (median, {_spread(r.floor_runs)}): CLIP fwd+bwd "
+                  f"{r.batch * (r.crops + 1)} x 224 px {r.floor_clip_seconds:.3f} s + VGG-19 to relu5_2 fwd+bwd "
+                  f"{r.batch} x {w}x{h} {r.floor_vgg_seconds:.3f} s, fp32"),
+        ("ratio", f"{r.ratio:.3f} x floor (median step / median floor; paired per repeat: {r.paired_ratio:.3f})"),
+    ]
+    if r.baseline_seconds is not None:
+        lines.append(("baseline", f"{r.baseline_seconds:.3f} s per reference-style step (plain fp32, one crop "
+                                  f"at a time): ours is {r.speedup:.2f}x faster"))
+    kind = "device peak of the steps" if r.peak_memory_kind == "device" else "process peak RSS"
+    lines.append(("peak memory", f"{_gb(r.peak_memory_bytes)} ({kind})"))
+    lines.append(("images/min", f"{r.images_per_minute:.3g} at {r.steps} steps, batch {r.batch}"))
+    if r.batch1 is not None:
+        lines.append(("batch 1", f"{r.batch1['seconds_per_step']:.3f} s per step, "
+                                 f"{r.batch1['images_per_minute']:.3g} images/min"))
+    if r.load_seconds is not None:
+        lines.append(("load", f"{r.load_seconds:.2f} s (models from local files)"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
+              help="Settings preset, as for run; explicit options override it.")
+@click.option("--size", type=click.IntRange(8), default=None, help=f"Output side in pixels. [default: {D.size}]")
+@click.option("--crops", type=click.IntRange(0), default=None, help=f"Random crops per step. [default: {D.crops}]")
+@click.option("--crop-size", type=click.IntRange(8), default=None, help=f"Crop side in pixels. [default: {D.crop_size}]")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help=f"Steps per image, for images per minute (not all run). [default: {D.steps}]")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+              help="Timed steps, each followed by one timed floor pass.")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed steps first.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=D.precision, show_default=True,
+              help="Encoder precision, as for run (the floor is always fp32).")
+@click.option("--memory-format", type=click.Choice(MEMORY_FORMATS), default=D.memory_format, show_default=True,
+              help="Layout of the VGG-19 activations.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the networks (the first step compiles).")
+@click.option("--crop-batch", type=click.IntRange(0), default=D.crop_batch, show_default=True,
+              help="Encode crops in chunks of this many (0: all at once).")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
+              help="Optimise this many pairs together; above 1, batch 1 is timed too, for images per minute.")
+@click.option("--baseline", is_flag=True,
+              help="Also time the reference-style step (plain fp32, a Python loop over crops).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="CPU threads for PyTorch (0: PyTorch's default, one per physical core).")
+@click.option("--clip-model", default="ViT-B-32", show_default=True, help="open_clip architecture (random weights).")
+@click.option("--clip-weights", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Load CLIP from this local file instead (also times loading; needs --vgg-weights).")
+@click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Load VGG-19 from this local file instead (also times loading; needs --clip-weights).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@debug_option
+@stop_on_sigterm
+def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, memory_format, compile_, crop_batch,
+          batch, baseline, device, threads, clip_model, clip_weights, vgg_weights, as_json):
+    """Time optimisation steps on the real architectures and compare them with the compute floor.
+
+    The floor is one plain fp32 CLIP forward and backward pass over the crops
+    and the whole image plus one VGG-19 pass to relu5_2 at the output size;
+    steps and floor passes alternate in this process. Weights are random (no
+    download) unless --clip-weights and --vgg-weights are given.
+
+    \b
+      clipstyle bench --size 256 --crops 16 --device cpu
+      clipstyle bench --baseline --batch 4 --json
+    """
+    import torch
+
+    from clipstyle.bench import bench_models, run_bench
+    from clipstyle.device import resolve_device
+
+    if (clip_weights is None) != (vgg_weights is None):
+        raise click.UsageError("--clip-weights and --vgg-weights go together")
+    if threads:
+        torch.set_num_threads(threads)
+    values = {**PRESETS[preset]}
+    for name, value in (("steps", steps), ("size", size), ("crops", crops), ("crop_size", crop_size)):
+        if value is not None:
+            values[name] = value
+    try:
+        settings = Settings(**values, precision=precision, memory_format=memory_format, compile=compile_,
+                            crop_batch=crop_batch)
+    except Exception as exc:  # a ClipstyleError from a bad combination
+        raise UserError(exc) from None
+    dev = resolve_device(device)
+    load_seconds = None
+    say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    if clip_weights is not None:
+        from clipstyle.encoders import load_models
+
+        say("loading models from local files")
+        start = time.perf_counter()
+        models = load_models(clip_model=clip_model, clip_weights=clip_weights, vgg_weights=vgg_weights,
+                             device=dev)
+        load_seconds = time.perf_counter() - start
+    else:
+        say("building models with random weights")
+        models = bench_models(dev, clip_model)
+    result = run_bench(models, settings, batch=batch, warmup=warmup, repeats=repeats, baseline=baseline,
+                       load_seconds=load_seconds, progress=say)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(format_result(result))
