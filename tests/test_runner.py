@@ -116,14 +116,18 @@ def test_output_does_not_depend_on_order_or_batch(tmp_path, folder, loader):
 def test_batch_matches_single_pairs_in_the_library(models, tiny_settings):
     from clipstyle.stylize import stylize_many
 
+    # Two steps: the output then shows one Adam update. Adam's first update is
+    # close to lr * sign(gradient), so rounding-level gradient differences can
+    # flip single weights by lr; over more steps that drift compounds on these
+    # tiny random models. tests/test_loop.py pins the gradients themselves.
+    settings = tiny_settings.replace(steps=2, log_every=1)
     contents = [torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    together = stylize_many(contents, ["red", "blue"], [5, 6], models=models, settings=tiny_settings)
-    alone = [stylize_many([c], [p], [s], models=models, settings=tiny_settings)[0]
+    together = stylize_many(contents, ["red", "blue"], [5, 6], models=models, settings=settings)
+    alone = [stylize_many([c], [p], [s], models=models, settings=settings)[0]
              for c, p, s in zip(contents, ["red", "blue"], [5, 6])]
     for t, a in zip(together, alone):
-        # equal up to rounding, which Adam amplifies over steps
-        assert torch.allclose(t.tensor, a.tensor, atol=2e-2)
-        assert t.losses["total"] == pytest.approx(a.losses["total"], rel=1e-2)
+        assert torch.allclose(t.tensor, a.tensor, atol=1e-2)
+        assert t.losses["total"] == pytest.approx(a.losses["total"], rel=1e-3)
 
 
 def test_two_worker_processes_share_the_queue(tmp_path, folder, loader):
