@@ -106,6 +106,64 @@ def test_openai_tag_loads_from_the_cache_with_quick_gelu_and_no_mismatch_warning
     assert_weights_equal(clip.model, checkpoints.clip_state())
 
 
+def test_clip_built_without_initialisation_matches_open_clips_own_build(clip_from_state_dict, checkpoints):  # noqa: F811
+    import open_clip
+
+    # the model is built on the meta device and filled from the file: every tensor
+    # must be real, and the causal text mask (in no file) must be open_clip's own
+    clip, _ = clip_from_state_dict
+    assert not [name for name, t in [*clip.model.named_parameters(), *clip.model.named_buffers()] if t.is_meta]
+    reference = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    reference.load_state_dict({k: v.float() for k, v in checkpoints.clip_state().items()})
+    assert dict(clip.model.named_buffers()).keys() == dict(reference.named_buffers()).keys()
+    assert torch.equal(clip.model.attn_mask, reference.attn_mask)
+    tokens = clip.tokenizer(["a watercolour painting", "x"])
+    with torch.no_grad():
+        torch.testing.assert_close(clip.model.encode_text(tokens), reference.encode_text(tokens))
+
+
+def hub_cache(root, repo: str, filename: str, source) -> None:
+    """A Hugging Face hub cache holding one file of ``repo`` at its main revision."""
+    import shutil
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    shutil.copyfile(source, snapshot / filename)
+
+
+def test_openai_tag_in_a_warm_hub_cache_loads_without_asking_the_network(checkpoints, monkeypatch, tmp_path):  # noqa: F811
+    import open_clip
+    import open_clip.factory
+
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
+    hub_cache(tmp_path, repo, "open_clip_pytorch_model.bin", checkpoints.clip)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)  # any download attempt fails
+    monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf", offline)
+    clip = load_clip("ViT-B-32", "openai", cache_dir=str(tmp_path))
+    assert_weights_equal(clip.model, checkpoints.clip_state())
+    assert_quick_gelu(clip)
+
+
+def test_a_corrupt_file_in_the_hub_cache_is_named_in_one_line(monkeypatch, tmp_path):
+    import open_clip
+    import open_clip.factory
+
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(b"PK\x03\x04 half a download")
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
+    hub_cache(tmp_path / "hub", repo, "open_clip_pytorch_model.bin", broken)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    with pytest.raises(WeightsError) as err:
+        load_clip("ViT-B-32", "openai", cache_dir=str(tmp_path / "hub"))
+    message = str(err.value)
+    assert "open_clip_pytorch_model.bin" in message and "not a readable weights file" in message
+    assert "\n" not in message
+
+
 def test_clip_weights_of_another_architecture_are_refused_naming_the_file(tmp_path):
     # ViT-B-16's patch embedding and position table, and nothing else
     path = tmp_path / "vit-b-16.pt"
@@ -171,6 +229,24 @@ def test_vgg_features_are_torchvisions_relu4_2_and_relu5_2(checkpoints, which): 
     # the layer choice is visible: the convolution's output has negative values, the ReLU's has none
     assert (conv4_2 < 0).any() and (relu4_2 > 0).any()
     assert not torch.allclose(relu4_2, conv4_2)
+
+
+def test_vgg_weights_in_torch_hubs_cache_are_used_without_torchvisions_loader(checkpoints, monkeypatch, tmp_path):  # noqa: F811
+    import shutil
+
+    import torchvision.models._api
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copyfile(checkpoints.vgg, cache / "vgg19-dcbb9e9d.pth")
+    vgg = load_vgg()
+    written = checkpoints.vgg_state()
+    loaded = vgg.features.state_dict()
+    assert len(loaded) == 28  # the 14 convolutions up to relu5_2, weight and bias each
+    assert all(torch.equal(v, written[f"features.{k}"]) for k, v in loaded.items())
+    assert not any(t.is_meta for t in vgg.parameters())
 
 
 def test_vgg_weights_neither_cached_nor_reachable_explain_themselves(monkeypatch, tmp_path):

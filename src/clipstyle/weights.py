@@ -192,6 +192,19 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``, memory-mapped where the format allows.
+
+    Mapped, a tensor is read from the page cache only when used: VGG-19's
+    classifier (480 MB of the 548 MB file) is never read, and the rest is read
+    once, by the copy that load_into makes. Files from before torch 1.6 (not a
+    zip archive) cannot be mapped and are read whole.
+    """
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat name -> tensor mapping from any of the supported formats."""
     path = Path(path)
@@ -217,7 +230,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             with warnings.catch_warnings():  # the library never prints; torch warns about pickle protocols
                 warnings.simplefilter("ignore")
-                data = torch.load(path, map_location="cpu", weights_only=True)
+                data = _torch_load(path)
         except pickle.UnpicklingError as exc:
             # torch's weights-only unpickler names a refused class "GLOBAL module.name";
             # any other failure of it is plain corruption.
@@ -244,7 +257,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str,
               ignore: tuple[str, ...] = ()) -> None:
-    """Copy ``state`` into ``module``; any missing, extra or mis-shaped tensor is a WeightsError."""
+    """Copy ``state`` into ``module``; any missing, extra or mis-shaped tensor is a WeightsError.
+
+    The module's tensors are replaced by copies of the file's (in the module's
+    dtypes), so ``module`` may be built on the meta device: nothing is spent
+    initialising weights that are overwritten at once, and nothing stays
+    mapped to the file.
+    """
     expected = module.state_dict()
     state = {k: v for k, v in state.items() if k not in ignore}
     missing = [k for k in expected if k not in state]
@@ -261,5 +280,9 @@ def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str,
             parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)}"
                          f" instead of {tuple(expected[k].shape)})")
         raise WeightsError(f"not {what} weights: {'; '.join(parts)}", path)
-    converted = {k: state[k].to(expected[k].dtype) for k in expected}
-    module.load_state_dict(converted, strict=True)
+    converted = {}
+    for k, target in expected.items():
+        device = torch.device("cpu") if target.is_meta else target.device
+        converted[k] = state[k].to(device=device, dtype=target.dtype, memory_format=torch.contiguous_format,
+                                   copy=True)
+    module.load_state_dict(converted, strict=True, assign=True)
