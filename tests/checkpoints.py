@@ -106,6 +106,17 @@ def _write_vgg(root: Path) -> tuple[Path, Path]:
     return full, trunk
 
 
+def hub_cache(root, repo: str, filename: str, source) -> None:
+    """A Hugging Face hub cache holding one file of ``repo`` at its main revision."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    shutil.copyfile(source, snapshot / filename)
+
+
 _CACHE: dict[str, Checkpoints] = {}
 
 

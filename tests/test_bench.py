@@ -15,6 +15,7 @@ from clipstyle import bench as B
 from clipstyle.encoders import vit_fast_path_ok, vit_image_embedding
 from clipstyle.stylize import _Pair, stylize_many
 
+from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
 from conftest import tiny_clip, tiny_models, tiny_vgg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,3 +204,38 @@ def test_bench_command_refuses_half_a_pair_of_weight_files(tmp_path):
 def test_gpu_script_is_valid_bash():
     script = ROOT / "benchmarks" / "gpu.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def test_bench_cached_refuses_to_download_and_names_what_is_missing(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    from click.testing import CliRunner
+
+    from clipstyle.cli import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    result = CliRunner().invoke(cli, ["bench", "--cached", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "CLIP ViT-B-32/openai and VGG-19 not in the cache" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_cached_times_loading_from_warm_caches(checkpoints, monkeypatch, tmp_path):  # noqa: F811
+    import huggingface_hub.constants
+    import open_clip
+    from click.testing import CliRunner
+
+    from clipstyle.cli import cli
+
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
+    hub_cache(tmp_path / "hub", repo, "open_clip_pytorch_model.bin", checkpoints.clip)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(checkpoints.vgg, tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    args = ["bench", "--cached", "--size", "32", "--crops", "1", "--crop-size", "16", "--repeats", "1",
+            "--warmup", "0", "--device", "cpu", "--threads", "1", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["load_from"] == "caches" and data["load_seconds"] > 0 and data["import_seconds"] >= 0

@@ -16,7 +16,7 @@ import torch
 from clipstyle.encoders import IMAGENET_MEAN, IMAGENET_STD, load_clip, load_vgg
 from clipstyle.errors import WeightsError
 
-from checkpoints import checkpoints  # noqa: F401  (a fixture)
+from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
 
 
 def offline(*args, **kwargs):
@@ -120,19 +120,6 @@ def test_clip_built_without_initialisation_matches_open_clips_own_build(clip_fro
     tokens = clip.tokenizer(["a watercolour painting", "x"])
     with torch.no_grad():
         torch.testing.assert_close(clip.model.encode_text(tokens), reference.encode_text(tokens))
-
-
-def hub_cache(root, repo: str, filename: str, source) -> None:
-    """A Hugging Face hub cache holding one file of ``repo`` at its main revision."""
-    import shutil
-
-    folder = root / f"models--{repo.replace('/', '--')}"
-    revision = "0" * 40
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(revision)
-    snapshot = folder / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    shutil.copyfile(source, snapshot / filename)
 
 
 def test_openai_tag_in_a_warm_hub_cache_loads_without_asking_the_network(checkpoints, monkeypatch, tmp_path):  # noqa: F811

@@ -84,7 +84,9 @@ class BenchResult:
     baseline_runs: list[float] | None = None
     speedup: float | None = None  # baseline_seconds / seconds_per_step
     batch1: dict | None = None  # with batch > 1: seconds_per_step, images_per_minute at batch 1
-    load_seconds: float | None = None  # loading the models, when loaded from files
+    load_seconds: float | None = None  # loading the models, when loaded from files or caches
+    load_from: str | None = None  # "local files" or "caches"
+    import_seconds: float | None = None  # importing open_clip and torchvision, just before loading
     torch_version: str = torch.__version__
 
     def to_dict(self) -> dict:

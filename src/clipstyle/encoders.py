@@ -435,6 +435,19 @@ def _vgg_cache_file() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG_FILE)
 
 
+def cached_weights(clip_model: str = "ViT-B-32", clip_pretrained: str = "openai",
+                   cache_dir: str | None = None) -> tuple[str | None, str | None]:
+    """The cached files that load_models would read for a tag, without any network request.
+
+    (CLIP file or None, VGG-19 file or None); None means it would be downloaded.
+    """
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(clip_model, clip_pretrained) or {}
+    vgg = _vgg_cache_file()
+    return _cached_pretrained_file(cfg, cache_dir), vgg if os.path.isfile(vgg) else None
+
+
 def load_vgg(weights: str | Path | None = None, device: torch.device | str = "cpu",
              progress: bool = False, random_init: bool = False) -> VggEncoder:
     """VGG-19 (ImageNet) up to relu5_2 as a frozen VggEncoder.

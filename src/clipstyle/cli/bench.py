@@ -47,7 +47,8 @@ def format_result(r) -> str:
         lines.append(("batch 1", f"{r.batch1['seconds_per_step']:.3f} s per step, "
                                  f"{r.batch1['images_per_minute']:.3g} images/min"))
     if r.load_seconds is not None:
-        lines.append(("load", f"{r.load_seconds:.2f} s (models from local files)"))
+        lines.append(("load", f"{r.load_seconds:.2f} s (models from {r.load_from}; importing open_clip and "
+                              f"torchvision before it took {r.import_seconds:.2f} s)"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
 
@@ -82,11 +83,16 @@ def format_result(r) -> str:
               help="Load CLIP from this local file instead (also times loading; needs --vgg-weights).")
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="Load VGG-19 from this local file instead (also times loading; needs --clip-weights).")
+@click.option("--cached", is_flag=True,
+              help="Load the models from their caches (open_clip's or Hugging Face's, and torch hub's), as run "
+                   "does without --clip-weights, and time it. Never downloads: an empty cache is an error.")
+@click.option("--clip-pretrained", default="openai", show_default=True, help="open_clip tag for --cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @debug_option
 @stop_on_sigterm
 def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, memory_format, compile_, crop_batch,
-          batch, baseline, device, threads, clip_model, clip_weights, vgg_weights, as_json):
+          batch, baseline, device, threads, clip_model, clip_weights, vgg_weights, cached, clip_pretrained,
+          as_json):
     """Time optimisation steps on the real architectures and compare them with the compute floor.
 
     The floor is one plain fp32 CLIP forward and backward pass over the crops
@@ -105,6 +111,8 @@ def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, mem
 
     if (clip_weights is None) != (vgg_weights is None):
         raise click.UsageError("--clip-weights and --vgg-weights go together")
+    if cached and clip_weights is not None:
+        raise click.UsageError("--cached loads from the caches, --clip-weights from files: choose one")
     if threads:
         torch.set_num_threads(threads)
     values = {**PRESETS[preset]}
@@ -117,21 +125,37 @@ def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, mem
     except Exception as exc:  # a ClipstyleError from a bad combination
         raise UserError(exc) from None
     dev = resolve_device(device)
-    load_seconds = None
+    load_seconds = import_seconds = load_from = None
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
-    if clip_weights is not None:
-        from clipstyle.encoders import load_models
-
-        say("loading models from local files")
+    if clip_weights is not None or cached:
+        # imported first and timed apart: loading is what the models cost, imports are the libraries'
         start = time.perf_counter()
-        models = load_models(clip_model=clip_model, clip_weights=clip_weights, vgg_weights=vgg_weights,
-                             device=dev)
+        import open_clip  # noqa: F401
+        import torchvision  # noqa: F401
+
+        from clipstyle.encoders import cached_weights, load_models
+
+        import_seconds = time.perf_counter() - start
+        if cached:
+            clip_file, vgg_file = cached_weights(clip_model, clip_pretrained)
+            missing = [what for what, f in ((f"CLIP {clip_model}/{clip_pretrained}", clip_file),
+                                            ("VGG-19", vgg_file)) if f is None]
+            if missing:
+                raise UserError(f"{' and '.join(missing)} not in the cache; `clipstyle run` downloads them once,"
+                                " or use --clip-weights and --vgg-weights")
+            load_from, sources = "caches", {"clip_pretrained": clip_pretrained}
+        else:
+            load_from, sources = "local files", {"clip_weights": clip_weights, "vgg_weights": vgg_weights}
+        say(f"loading models from {load_from}")
+        start = time.perf_counter()
+        models = load_models(clip_model=clip_model, device=dev, **sources)
         load_seconds = time.perf_counter() - start
     else:
         say("building models with random weights")
         models = bench_models(dev, clip_model)
     result = run_bench(models, settings, batch=batch, warmup=warmup, repeats=repeats, baseline=baseline,
                        load_seconds=load_seconds, progress=say)
+    result.load_from, result.import_seconds = load_from, import_seconds
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
