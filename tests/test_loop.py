@@ -125,8 +125,10 @@ def test_lr_is_halved_at_the_middle_of_the_run(shared_models, fast, monkeypatch)
     monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
     lr = 1e-3
     stylize_many([content(0)], ["fire"], [1], models=shared_models,
-                 settings=fast.replace(steps=4, lr=lr, crops=1))
-    assert seen == [lr, lr, lr / 2, lr / 2]  # the paper: halved at step 100 of 200
+                 settings=fast.replace(steps=5, lr=lr, crops=1))
+    # the paper: halved at step 100 of 200; the last step's image is the output,
+    # so its update (never seen) is not made
+    assert seen == [lr, lr, lr / 2, lr / 2]
 
 
 def test_make_network_depends_only_on_the_seed():
@@ -174,6 +176,15 @@ def test_the_loss_gradient_reaches_every_weight_of_the_network(batched):
     after = batched["together"][0].network.state_dict()
     unchanged = [k for k in before if k.endswith("weight") and torch.equal(before[k], after[k])]
     assert unchanged == []
+
+
+def test_the_returned_network_is_the_one_that_made_the_returned_image(batched):
+    # the image is the last step's output; a saved style must reproduce it, so the
+    # network must not have taken an Adam step after making it
+    for result, (image, _, _) in zip(batched["together"], zip(*PAIRS)):
+        with torch.no_grad():
+            again = result.network(image)
+        torch.testing.assert_close(again, result.tensor, atol=1e-6, rtol=0)
 
 
 def test_stylize_keeps_the_aspect_ratio_and_refuses_an_empty_prompt(shared_models, fast, photo):

@@ -291,8 +291,13 @@ def stylize_many(
 
         # Through the U-Nets, then one Adam step per pair.
         torch.autograd.backward(outs, [leaf.grad for leaf in leaves])
+        final = step == settings.steps - 1
         for p in active:
-            p.opt.step()
+            # The output is this step's image, as in the reference code, whose last
+            # update is never seen; skipping it keeps .network the network that
+            # made .tensor (a saved style reproduces the run exactly).
+            if not final:
+                p.opt.step()
             p.opt.zero_grad(set_to_none=True)
             s = p.sums
             s["total"] = (settings.lambda_patch * s["patch"] + settings.lambda_dir * s["dir"]
