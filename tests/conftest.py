@@ -29,7 +29,16 @@ def tiny_vgg(seed: int = 0):
     from clipstyle.encoders import VggEncoder, vgg19_features
 
     torch.manual_seed(seed)
-    return VggEncoder(vgg19_features(width_divisor=16))
+    features = vgg19_features(width_divisor=16)
+    # He initialisation: with PyTorch's default one, activations shrink about
+    # 1.7-fold per convolution and relu5_2 is ~1e-5, so the content loss would
+    # test nothing; here they keep their scale, as in the real network.
+    with torch.no_grad():
+        for layer in features:
+            if isinstance(layer, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                layer.bias.normal_(0, 0.01)
+    return VggEncoder(features)
 
 
 def tiny_models(seed: int = 0):

@@ -74,8 +74,6 @@ def test_autocast_covers_clip_and_vgg_only(tiny_settings):
 
 def test_bf16_loss_curves_stay_close_to_fp32(tiny_settings):
     # Same pair, same seed, same crops: only the encoders' precision differs.
-    # bf16 keeps 8 bits of mantissa, so per-step losses agree to a few percent
-    # while the optimisation follows the same path.
     models = tiny_models()
     settings = tiny_settings.replace(steps=8, log_every=1, crops=4)
     curves = {}
@@ -84,10 +82,56 @@ def test_bf16_loss_curves_stay_close_to_fp32(tiny_settings):
         _run(models, settings, precision, callback=lambda info: steps.append(info.losses))
         curves[precision] = steps
     assert len(curves["fp32"]) == len(curves["bf16"]) == 8
+    terms = ("content", "tv", "patch", "dir")
+    # The first step scores the same image: bf16 keeps 8 bits of mantissa, so
+    # every term agrees to about a percent.
+    first32, first16 = curves["fp32"][0], curves["bf16"][0]
+    for name in ("total", *terms):
+        assert first16[name] == pytest.approx(first32[name], rel=0.02), name
+    # Adam scales each gradient entry to a full step, so rounding sends the two
+    # runs along slightly different paths: the total stays within 5 %, each
+    # term within 15 % (the content term drifts most: it is a small share here).
     for a, b in zip(curves["fp32"], curves["bf16"]):
         assert b["total"] == pytest.approx(a["total"], rel=0.05)
-        assert b["content"] == pytest.approx(a["content"], rel=0.05, abs=1e-4)
-        assert b["tv"] == pytest.approx(a["tv"], rel=0.05)
+        for name in terms:
+            assert b[name] == pytest.approx(a[name], rel=0.15), name
     # and the run actually optimises: the total loss falls in both
     for precision, steps in curves.items():
         assert steps[-1]["total"] < steps[0]["total"], precision
+
+
+@pytest.mark.parametrize("which", ["clip", "vgg"])
+def test_bf16_gradients_point_where_fp32_gradients_point(which):
+    # What the optimisation follows: the gradient reaching the U-Net's output.
+    from clipstyle import losses as L
+
+    models = tiny_models()
+    g = torch.Generator().manual_seed(0)
+    content = torch.rand(1, 3, 32, 32, generator=g)
+    output = (content + 0.05 * torch.randn(1, 3, 32, 32, generator=g)).clamp(0, 1)
+    with torch.no_grad():
+        target = models.vgg(content)
+        source = torch.nn.functional.normalize(models.clip.encode_image(content), dim=-1)
+        direction = torch.nn.functional.normalize(torch.randn(1, source.shape[-1], generator=g), dim=-1)
+
+    def gradient(precision):
+        x = output.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if which == "vgg":
+                feats = models.vgg(x)
+            else:
+                emb = models.clip.encode_image(x)
+        if which == "vgg":
+            loss = L.content_loss({k: v.float() for k, v in feats.items()}, target).sum()
+        else:
+            loss = L.directional_loss(emb.float(), source, direction).sum()
+        loss.backward()
+        return x.grad.flatten()
+
+    fp32, bf16 = gradient("fp32"), gradient("bf16")
+    # The content gradient is 2 (f - t): bf16's rounding of the features f is a
+    # larger share of f - t when the output is near the content, so it points
+    # less exactly than CLIP's (measured over seeds and distances: cosine
+    # 0.93-0.99 for VGG, 0.99-1.0 for CLIP; docs/performance.md).
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > (0.98 if which == "clip" else 0.9)
+    assert (bf16.norm() / fp32.norm()).item() == pytest.approx(1.0, rel=0.1)
