@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)  # tiny models: one thread is several times faster on a busy 2-core machine
+# Tiny models are many small ops: one thread avoids waiting for a second, busy
+# core at each of them (several times faster on a loaded 2-core machine).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts with one thread, whatever the one before set (bench --threads)."""
+    torch.set_num_threads(1)
+    yield
 
 
 def tiny_clip(seed: int = 0, image_size: int = 32):

@@ -21,16 +21,6 @@ from conftest import tiny_clip, tiny_models, tiny_vgg
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are many small ops: one thread avoids waiting for a second,
-    # busy core at each of them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shared_models():
     return tiny_models()

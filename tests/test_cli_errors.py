@@ -21,15 +21,6 @@ from clipstyle.cli import cli
 TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def loads(monkeypatch):
     """Tiny models behind the CLI's loader; the list records each load."""

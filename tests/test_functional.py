@@ -24,15 +24,6 @@ from clipstyle.stylize import stylize_many
 from conftest import tiny_vgg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds waiting, much more so on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class ColourClip(nn.Module):
     """A ClipEncoder-compatible stand-in with a 4-d embedding.
 

@@ -65,18 +65,7 @@ def loader(monkeypatch):
     monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", conftest.tiny_loader)
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny steps: thread hand-offs would cost more than the maths."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_mutated_images_end_in_valid_png_or_one_error_line(tmp_path, loader, one_thread):
+def test_mutated_images_end_in_valid_png_or_one_error_line(tmp_path, loader):
     seeds = _seed_images()
     rng = random.Random(20220101)
     folders = []

@@ -11,15 +11,6 @@ from clipstyle.stylize import LOSS_NAMES, make_network, stylize, stylize_many
 from conftest import tiny_models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds waiting, much more so on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def content(seed: int, height: int = 24, width: int = 32) -> torch.Tensor:
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
 

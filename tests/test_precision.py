@@ -13,16 +13,6 @@ from conftest import tiny_models
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are many small ops: one thread avoids waiting for a second,
-    # busy core at each of them (ten times faster on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_auto_is_fp32_on_the_cpu_and_explicit_choices_are_kept():
     assert autocast_dtype("auto", CPU) is None
     assert autocast_dtype("fp32", CPU) is None

@@ -8,15 +8,6 @@ import torch
 from clipstyle.unet import StyleNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds waiting, much more so on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)

@@ -39,3 +39,16 @@ class NonFiniteLossError(ClipstyleError):
 
 class OutputError(ClipstyleError):
     """An output that cannot be written."""
+
+
+def require_file(path: Path, what: str, error: type[ClipstyleError]) -> None:
+    """``path`` is a non-empty regular file, else ``error`` naming it ("<what> file not found", ...)."""
+    try:
+        if not path.exists():
+            raise error(f"{what} file not found", path)
+        if not path.is_file():
+            raise error(f"{what} path is not a file", path)
+        if path.stat().st_size == 0:
+            raise error(f"empty {what} file", path)
+    except OSError as exc:
+        raise error(f"cannot read: {exc.strerror or exc}", path) from None

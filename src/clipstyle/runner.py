@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipstyle import __version__
-from clipstyle.errors import ClipstyleError, ImageError, OutputError
+from clipstyle.errors import ClipstyleError, OutputError
 from clipstyle.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, slugify
 
 
@@ -248,6 +248,11 @@ class Summary:
     seconds: float = 0.0
     records: list[dict] = field(default_factory=list)
 
+    def add(self, record: dict) -> None:
+        """Keep a finished file's record and count it under its status (ok, skipped, failed)."""
+        self.records.append(record)
+        setattr(self, record["status"], getattr(self, record["status"]) + 1)
+
 
 def base_record(pair: Pair, settings, status: str, error: str | None = None) -> dict:
     return {
@@ -300,8 +305,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
     start = time.perf_counter()
 
     def finish(pair: Pair, record: dict) -> None:
-        summary.records.append(record)
-        setattr(summary, record["status"], getattr(summary, record["status"]) + 1)
+        summary.add(record)
         report.write(record)
         events.pair_finished(pair, record)
 

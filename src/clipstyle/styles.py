@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from clipstyle import __version__
-from clipstyle.errors import ClipstyleError
+from clipstyle.errors import ClipstyleError, require_file
 from clipstyle import unet as _unet
 from clipstyle.unet import StyleNet
 
@@ -164,15 +164,7 @@ def load_style(path: str | Path) -> Style:
     from safetensors import safe_open
 
     path = Path(path)
-    try:
-        if not path.exists():
-            raise StyleError("style file not found", path)
-        if not path.is_file():
-            raise StyleError("style path is not a file", path)
-        if path.stat().st_size == 0:
-            raise StyleError("empty style file", path)
-    except OSError as exc:
-        raise StyleError(f"cannot read: {exc.strerror or exc}", path) from None
+    require_file(path, "style", StyleError)
     _sniff(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -628,8 +620,7 @@ def apply_files(jobs: list[ApplyJob], styles: Sequence[Style], options: ApplyOpt
     start = time.perf_counter()
 
     def finish(job: ApplyJob, record: dict) -> None:
-        summary.records.append(record)
-        setattr(summary, record["status"], getattr(summary, record["status"]) + 1)
+        summary.add(record)
         report.write(record)
         events.finished(job, record)
 

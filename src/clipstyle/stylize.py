@@ -365,7 +365,6 @@ def stylize(
     Keyword ``overrides`` replace single settings, e.g. ``steps=100``.
     Raises NonFiniteLossError if the optimisation diverges.
     """
-    from clipstyle import images as io
     from clipstyle.device import resolve_device
     from clipstyle.encoders import load_models
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from clipstyle.errors import WeightsError
+from clipstyle.errors import WeightsError, require_file
 
 _STORAGE_DTYPES = {
     "HalfStorage": torch.float16,
@@ -208,15 +208,7 @@ def _torch_load(path: Path):
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat name -> tensor mapping from any of the supported formats."""
     path = Path(path)
-    try:
-        if not path.exists():
-            raise WeightsError("weights file not found", path)
-        if not path.is_file():
-            raise WeightsError("weights path is not a file", path)
-        if path.stat().st_size == 0:
-            raise WeightsError("empty weights file", path)
-    except OSError as exc:
-        raise WeightsError(f"cannot read: {exc.strerror or exc}", path) from None
+    require_file(path, "weights", WeightsError)
     if path.suffix == ".safetensors" or _is_safetensors(path):
         try:
             from safetensors.torch import load_file

@@ -64,8 +64,7 @@ def run_on_devices(pairs: list[Pair], devices: list[str], loader, settings, opti
     start = time.perf_counter()
 
     def finish(pair: Pair | None, record: dict) -> None:
-        summary.records.append(record)
-        setattr(summary, record["status"], getattr(summary, record["status"]) + 1)
+        summary.add(record)
         report.write(record)
         events.pair_finished(pair, record)
 

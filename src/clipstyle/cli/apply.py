@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, stop_on_sigterm
+from clipstyle.cli.common import UserError, debug_option, echo_outcome, echo_warning, stop_on_sigterm
 
 STYLE_SUFFIXES = (".style", ".safetensors")  # as clipstyle.styles.SUFFIXES, without importing torch
 
@@ -57,19 +57,11 @@ def _events(quiet: bool):
 
         def finished(self, job, record):
             self.close()
-            if record["status"] == "ok":
-                if not quiet:
-                    w, h = record["size"]
-                    click.echo(f"wrote {record['output']} ({w}x{h}, {record['seconds']:.1f} s)", err=True)
-            elif record["status"] == "skipped":
-                if not quiet:
-                    click.echo(f"skipped {record['output']}: exists (use --overwrite to replace it)", err=True)
-            else:
-                click.echo(f"clipstyle: error: {record['error']}", err=True)
+            w, h = record.get("size") or (0, 0)
+            echo_outcome(record, quiet, f"wrote {record['output']} ({w}x{h}, {record.get('seconds') or 0:.1f} s)")
 
         def note(self, job, message):
-            where = f"{job.input.path}: " if job is not None else ""
-            click.echo(f"clipstyle: warning: {where}{message}", err=True)
+            echo_warning(job.input.path if job is not None else None, message)
 
         def close(self):
             if self.bar is not None:

@@ -36,6 +36,24 @@ class UserError(click.ClickException):
         click.echo(f"clipstyle: error: {self.message}", err=True)
 
 
+def echo_outcome(record: dict, quiet: bool, wrote: str) -> None:
+    """The line for a finished file, on stderr: ``wrote`` or the skip (unless quiet), or the error."""
+    if record["status"] == "ok":
+        if not quiet:
+            click.echo(wrote, err=True)
+    elif record["status"] == "skipped":
+        if not quiet:
+            click.echo(f"skipped {record['output']}: exists (use --overwrite to replace it)", err=True)
+    else:
+        click.echo(f"clipstyle: error: {record['error']}", err=True)
+
+
+def echo_warning(path, message: str) -> None:
+    """``clipstyle: warning: <file>: <message>`` on stderr (the file when there is one)."""
+    where = f"{path}: " if path is not None else ""
+    click.echo(f"clipstyle: warning: {where}{message}", err=True)
+
+
 def debug_option(f):
     """``--debug`` on a command, as on the group: tracebacks instead of one-line errors."""
 

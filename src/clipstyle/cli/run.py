@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, load_models_from_options, model_options, stop_on_sigterm
+from clipstyle.cli.common import (UserError, debug_option, echo_outcome, echo_warning, load_models_from_options,
+                                  model_options, stop_on_sigterm)
 from clipstyle.config import PRECISIONS, PRESETS, Settings
 from clipstyle.images import DEFAULT_MAX_PIXELS
 
@@ -45,18 +46,10 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             if record["status"] == "ok" and self.bar is not None and self.bar.n >= steps:
                 self.bar.close()
                 self.bar = None
-            if record["status"] == "ok":
-                if not quiet:
-                    click.echo(f"wrote {record['output']} ({record['seconds_total']:.1f} s)", err=True)
-            elif record["status"] == "skipped":
-                if not quiet:
-                    click.echo(f"skipped {record['output']}: exists (use --overwrite to replace it)", err=True)
-            else:
-                click.echo(f"clipstyle: error: {record['error']}", err=True)
+            echo_outcome(record, quiet, f"wrote {record['output']} ({record.get('seconds_total') or 0:.1f} s)")
 
         def note(self, pair, message):
-            where = f"{pair.input.path}: " if pair is not None else ""
-            click.echo(f"clipstyle: warning: {where}{message}", err=True)
+            echo_warning(pair.input.path if pair is not None else None, message)
 
         def close(self):
             if self.bar is not None:
