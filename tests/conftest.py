@@ -90,3 +90,24 @@ def tiny_loader(*args, device="cpu", **kwargs):
     """A picklable stand-in for the CLI's model loader (worker processes import it)."""
     models = tiny_models()
     return models
+
+
+def invoke(*args, catch_exceptions: bool = False):
+    """``clipstyle ARGS...`` through click's CliRunner (arguments may be paths)."""
+    from click.testing import CliRunner
+
+    from clipstyle.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions)
+
+
+def counting_loader(monkeypatch, command: str = "run") -> list:
+    """Tiny models behind ``command``'s model loader; the returned list records each load."""
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append(args)
+        return tiny_models()
+
+    monkeypatch.setattr(f"clipstyle.cli.{command}.load_models_from_options", load)
+    return calls

@@ -8,16 +8,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from clipstyle.cli import cli
 from clipstyle.styles import save_style
 from clipstyle.unet import StyleNet
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from conftest import invoke
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 import conftest
+from conftest import counting_loader
 from clipstyle.cli import cli
 
 TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
@@ -24,14 +25,7 @@ TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--n
 @pytest.fixture
 def loads(monkeypatch):
     """Tiny models behind the CLI's loader; the list records each load."""
-    calls = []
-
-    def load(*args, **kwargs):
-        calls.append(args)
-        return conftest.tiny_models()
-
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", load)
-    return calls
+    return counting_loader(monkeypatch, "run")
 
 
 def invoke(*args):

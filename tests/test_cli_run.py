@@ -5,30 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from clipstyle.cli import cli
 
-from conftest import tiny_models
+from conftest import counting_loader, invoke
 
 TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
 
 
 @pytest.fixture
 def fake_loader(monkeypatch):
-    calls = []
-
-    def load(*args, **kwargs):
-        calls.append(args)
-        return tiny_models()
-
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", load)
-    return calls
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return counting_loader(monkeypatch, "run")
 
 
 def test_run_writes_png_with_aspect_ratio_metadata_and_report(tmp_path, photo, fake_loader):

@@ -8,11 +8,10 @@ import signal
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import conftest
-from clipstyle.cli import cli
+from conftest import invoke
 
 TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
 
@@ -26,10 +25,6 @@ def three(tmp_path, monkeypatch):
         Image.new("RGB", (24, 16), (80 * i, 50, 50)).save(p)
         paths.append(p)
     return paths
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def interrupt_second_call(monkeypatch, interrupt):

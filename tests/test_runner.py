@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import conftest
-from clipstyle.cli import cli
+from conftest import invoke
 from clipstyle.runner import collect_inputs, pair_seed, parse_shard, plan_pairs
 from clipstyle.errors import ClipstyleError
 
@@ -33,10 +32,6 @@ def folder(tmp_path):
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (d / "notes.txt").write_text("not an image")
     return d
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def records(path):

@@ -19,7 +19,7 @@ from clipstyle.cli import cli
 from clipstyle.prompts import NO_TEMPLATES
 from clipstyle.stylize import text_embedding
 
-from conftest import tiny_models
+from conftest import counting_loader, invoke
 
 
 def structured(h=24, w=32, seed=0):
@@ -196,18 +196,7 @@ def test_lpips_is_used_when_package_and_weights_exist_and_stays_silent(monkeypat
 
 @pytest.fixture
 def fake_loader(monkeypatch):
-    calls = []
-
-    def load(*args, **kwargs):
-        calls.append(args)
-        return tiny_models()
-
-    monkeypatch.setattr("clipstyle.cli.score.load_models_from_options", load)
-    return calls
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return counting_loader(monkeypatch, "score")
 
 
 def test_score_json_self_score_and_different_sizes(tmp_path, photo, fake_loader):
