@@ -36,6 +36,7 @@ from clipstyle import __version__
 from clipstyle.errors import ClipstyleError, require_file
 from clipstyle import unet as _unet
 from clipstyle.unet import StyleNet
+from clipstyle.weights import describe_mismatch
 
 FORMAT_KEY = "clipstyle.style"
 FORMAT_VERSION = "1"
@@ -216,19 +217,9 @@ def _check_shapes(shapes: dict, width: int, path: Path) -> None:
     (no memory), before any tensor is read."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in StyleNet(width).state_dict().items()}
-    missing = [k for k in expected if k not in shapes]
-    extra = [k for k in shapes if k not in expected]
-    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
-    if missing or extra or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {shapes[k]} instead of {expected[k]})")
-        raise StyleError(f"not StyleNet weights: {'; '.join(parts)}", path)
+    mismatch = describe_mismatch(expected, shapes)
+    if mismatch:
+        raise StyleError(f"not StyleNet weights: {mismatch}", path)
 
 
 # --- rendering ---------------------------------------------------------------------------------------------

@@ -247,6 +247,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return data
 
 
+def describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str | None:
+    """What differs between two name -> shape mappings, in one line; None if nothing does."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and found[k] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} of another shape (e.g. {k}: {found[k]} instead of {expected[k]})")
+    return "; ".join(parts) or None
+
+
 def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str,
               ignore: tuple[str, ...] = ()) -> None:
     """Copy ``state`` into ``module``; any missing, extra or mis-shaped tensor is a WeightsError.
@@ -258,20 +274,10 @@ def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str,
     """
     expected = module.state_dict()
     state = {k: v for k, v in state.items() if k not in ignore}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)}"
-                         f" instead of {tuple(expected[k].shape)})")
-        raise WeightsError(f"not {what} weights: {'; '.join(parts)}", path)
+    mismatch = describe_mismatch({k: tuple(v.shape) for k, v in expected.items()},
+                                 {k: tuple(v.shape) for k, v in state.items()})
+    if mismatch:
+        raise WeightsError(f"not {what} weights: {mismatch}", path)
     converted = {}
     for k, target in expected.items():
         device = torch.device("cpu") if target.is_meta else target.device
