@@ -1,4 +1,4 @@
-# clipstyle: make test (set up and run the tests), make demo (set up and
+# clipstyle: make test (set up and run the tests), make lint (ruff), make demo (set up and
 # stylize an example image with the real weights, fetched once).
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ DEMO_IMAGE ?= examples/images/astronaut.jpg
 DEMO_PROMPT ?= starry night by Vincent van Gogh
 DEMO_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint format demo bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff: lint rules and formatting, configured in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+format: install
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
 
 # On a machine without a GPU the demo uses the draft preset (100 steps, 256 px).
 demo: install

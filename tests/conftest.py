@@ -59,6 +59,13 @@ def tiny_models(seed: int = 0):
 
 @pytest.fixture
 def models():
+    """Tiny models of this test's own (for tests that change them)."""
+    return tiny_models()
+
+
+@pytest.fixture(scope="session")
+def shared_models():
+    """Tiny models shared by every test that only uses them (the loop never changes them)."""
     return tiny_models()
 
 

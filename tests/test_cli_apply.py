@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipstyle.styles import save_style
+from clipstyle.stylefile import save_style
 from clipstyle.unet import StyleNet
 
 from conftest import invoke

@@ -12,12 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 import conftest
-from conftest import counting_loader
-from clipstyle.cli import cli
+from conftest import counting_loader, invoke
 
 TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
 
@@ -26,10 +24,6 @@ TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--n
 def loads(monkeypatch):
     """Tiny models behind the CLI's loader; the list records each load."""
     return counting_loader(monkeypatch, "run")
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def error_lines(result):
@@ -243,7 +237,7 @@ def tiny_architectures(monkeypatch, tmp_path):
     returns valid CLIP and VGG weight files for them."""
     import open_clip
 
-    import clipstyle.encoders as enc
+    import clipstyle.loading as enc
 
     monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: conftest.tiny_clip().model)
     narrow = enc.vgg19_features
@@ -284,5 +278,16 @@ def test_weight_files_load_or_fail_with_one_line(tmp_path, img, tiny_architectur
         assert_one_error(result, path, reason)
     assert not marker.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-    debug = invoke("--debug", *run, "-o", tmp_path / "out", "--clip-weights", corrupt)
+    debug = invoke("--debug", *run, "-o", tmp_path / "out", "--clip-weights", corrupt, catch_exceptions=True)
     assert type(debug.exception).__name__ == "WeightsError" and debug.exit_code == 1
+
+
+@pytest.mark.parametrize("bad", [["--output-size", "bogus"], ["--strength", "2"], ["--device", "tpu"],
+                                 ["--shard", "3/2"], ["--lr", "-1"], ["--preset", "nope"]])
+def test_a_bad_option_creates_nothing(tmp_path, img, loads, bad, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = invoke("run", img, "-p", "x", "--report", "r/x.jsonl", "-o", "out/", *TINY, *bad)
+    assert result.exit_code != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no report folder, no output folder
+    assert loads == []

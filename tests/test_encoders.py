@@ -13,8 +13,9 @@ import warnings
 import pytest
 import torch
 
-from clipstyle.encoders import IMAGENET_MEAN, IMAGENET_STD, load_clip, load_vgg
+from clipstyle.encoders import IMAGENET_MEAN, IMAGENET_STD
 from clipstyle.errors import WeightsError
+from clipstyle.loading import load_clip, load_vgg
 
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
 

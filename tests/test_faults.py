@@ -28,7 +28,7 @@ def three(tmp_path, monkeypatch):
 
 
 def interrupt_second_call(monkeypatch, interrupt):
-    import clipstyle.stylize as S
+    import clipstyle.runner as S
 
     real = S.stylize_many
     calls = []
@@ -76,7 +76,7 @@ def test_non_finite_loss_fails_the_pair_and_writes_nothing(tmp_path, three, monk
 
 
 def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, three, monkeypatch):
-    import clipstyle.stylize as S
+    import clipstyle.runner as S
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -89,7 +89,7 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, three, monkeypat
 
 
 def test_crop_batch_gives_the_same_result(models, tiny_settings):
-    from clipstyle.stylize import stylize_many
+    from clipstyle.optimize import stylize_many
 
     content = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0))
     whole = stylize_many([content], ["red"], [1], models=models, settings=tiny_settings)[0]

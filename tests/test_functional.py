@@ -18,8 +18,8 @@ from torch import nn
 from clipstyle import losses as L
 from clipstyle.config import Settings
 from clipstyle.encoders import Models, VggEncoder
+from clipstyle.optimize import stylize_many
 from clipstyle.prompts import NO_TEMPLATES
-from clipstyle.stylize import stylize_many
 
 from conftest import tiny_vgg
 

@@ -11,12 +11,13 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
+from clipstyle.config import MAX_PIXELS as DEFAULT_MAX_PIXELS
 from clipstyle.errors import ImageError, OutputError
-from clipstyle.images import (DEFAULT_MAX_PIXELS, _to_rgb, fit_size, open_image, png_metadata, save_png, slugify,
-                              write_atomic)
+from clipstyle.images import _to_rgb, fit_size, open_image, png_metadata, save_png, slugify, write_atomic
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

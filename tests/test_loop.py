@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from clipstyle import stylize as S
-from clipstyle.stylize import LOSS_NAMES, make_network, stylize, stylize_many
-
-from conftest import tiny_models
+from clipstyle import optimize as S
+from clipstyle.optimize import LOSS_NAMES, _PairState, make_network, stylize, stylize_many
 
 
 def content(seed: int, height: int = 24, width: int = 32) -> torch.Tensor:
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def shared_models():
-    return tiny_models()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,7 @@ PAIRS = ([content(0), content(1, 32, 24)], ["fire", "ice"], [7, 8])  # two shape
 class RecordingAdam(torch.optim.Adam):
     """Adam that keeps the gradient of its first step, all parameters flattened."""
 
-    made: list["RecordingAdam"] = []
+    made: list[RecordingAdam] = []
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
@@ -185,3 +180,51 @@ def test_stylize_keeps_the_aspect_ratio_and_refuses_an_empty_prompt(shared_model
     assert result.image.size == (32, 24)  # 48x32 photo, longest side 32, multiples of 8
     with pytest.raises(ClipstyleError, match="empty"):
         stylize(photo, "  ", models=shared_models, settings=fast)
+
+
+def test_crops_drawn_up_front_are_the_crops_each_step_would_draw(shared_models, tiny_settings):
+    from clipstyle.augment import random_crop_grids
+
+    settings = tiny_settings.replace(steps=3, crops=5)
+    content = torch.rand(1, 3, 24, 32)
+    pair = _PairState(0, content, "fire", 9, shared_models, shared_models.vgg, settings, None)
+    generator = torch.Generator().manual_seed(9)
+    for step in range(3):
+        expected = random_crop_grids(24, 32, 5, settings.crop_size, 32, settings.distortion, generator)
+        got = pair.crops(step, 32)
+        torch.testing.assert_close(got.grid, expected.grid)
+        assert torch.equal(got.mask, expected.mask)
+
+
+def test_memory_format_does_not_change_the_result(shared_models, tiny_settings):
+    # One step: Adam's first updates are nearly sign steps, which turn rounding
+    # differences into visible ones within a few steps (on these tiny random
+    # models an input change of 1e-6 moves the output by 0.02 after 4 steps),
+    # so only the first step can be compared to rounding.
+    content = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for fmt in ("contiguous", "channels_last"):
+        (r,) = stylize_many([content], ["fire"], [4], models=shared_models,
+                            settings=tiny_settings.replace(memory_format=fmt, steps=1))
+        out[fmt] = r
+    torch.testing.assert_close(out["channels_last"].tensor, out["contiguous"].tensor, atol=1e-4, rtol=0)
+    for name, value in out["contiguous"].losses.items():
+        assert out["channels_last"].losses[name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+
+
+def test_step_seconds_leave_out_the_callbacks_time(shared_models, tiny_settings):
+    pause = 0.05
+    infos = []
+
+    def slow_callback(info):
+        infos.append(info)
+        time.sleep(pause)  # a progress bar or a snapshot that takes its time
+
+    stylize_many([torch.rand(1, 3, 32, 32)], ["fire"], [1], models=shared_models, settings=tiny_settings,
+                 callback=slow_callback)
+    assert [i.step for i in infos] == list(range(1, tiny_settings.steps + 1))
+    assert all(i.step_seconds > 0 for i in infos)
+    # seconds since the start include the callbacks of every step before the last;
+    # the steps' own times must leave them out
+    callbacks = pause * (len(infos) - 1)
+    assert sum(i.step_seconds for i in infos) <= infos[-1].seconds - callbacks + 1e-3

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipstyle.device import autocast_dtype, use_channels_last
-from clipstyle.stylize import stylize_many
+from clipstyle.optimize import stylize_many
 
 from conftest import tiny_models
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clipstyle.errors import ClipstyleError
+from clipstyle.inputs import collect_inputs
+from clipstyle.pairs import pair_seed, parse_shard, plan_pairs
+
 import conftest
 from conftest import invoke
-from clipstyle.runner import collect_inputs, pair_seed, parse_shard, plan_pairs
-from clipstyle.errors import ClipstyleError
 
 TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
 
@@ -109,7 +111,7 @@ def test_output_does_not_depend_on_order_or_batch(tmp_path, folder, loader):
 
 
 def test_batch_matches_single_pairs_in_the_library(models, tiny_settings):
-    from clipstyle.stylize import stylize_many
+    from clipstyle.optimize import stylize_many
 
     # Two steps: the output then shows one Adam update. Adam's first update is
     # close to lr * sign(gradient), so rounding-level gradient differences can
@@ -163,7 +165,7 @@ def test_undecodable_and_very_long_file_names_do_not_stop_the_run(tmp_path, load
 
 
 def test_a_crash_in_one_pair_is_that_pairs_failure(tmp_path, folder, loader, monkeypatch):
-    import clipstyle.stylize as S
+    import clipstyle.runner as S
 
     real = S.stylize_many
     calls = []

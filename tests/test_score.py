@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from PIL import Image
 
 from clipstyle import metrics
-from clipstyle.cli import cli
+from clipstyle.optimize import text_embedding
 from clipstyle.prompts import NO_TEMPLATES
-from clipstyle.stylize import text_embedding
 
 from conftest import counting_loader, invoke
 
@@ -232,8 +230,8 @@ def test_templates_choose_the_text_embedding(tmp_path, photo, fake_loader):
 def test_bad_files_are_reported_one_line_each_and_the_rest_scored(tmp_path, photo, fake_loader):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    result = CliRunner().invoke(cli, ["score", str(broken), str(photo), str(tmp_path / "gone.png"), "-p", "x",
-                                      "--content", str(photo), "--patch-crops", "2"])
+    result = invoke("score", broken, photo, tmp_path / "gone.png", "-p", "x", "--content", photo,
+                    "--patch-crops", "2")
     assert result.exit_code == 1
     lines = result.output.splitlines()
     # one line per bad file, naming it (the reasons are clipstyle.images' to word)
@@ -258,6 +256,6 @@ def test_score_reads_run_reports(tmp_path, photo, fake_loader):
 
 
 def test_usage_errors_need_no_models(photo, fake_loader):
-    result = CliRunner().invoke(cli, ["score", str(photo)])
+    result = invoke("score", photo)
     assert result.exit_code == 2 and "--prompt and --content" in result.output
     assert fake_loader == []

@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from clipstyle import sheet as sheets
-from clipstyle.cli import cli
 from clipstyle.errors import ClipstyleError
+from clipstyle.report import read_report
+
+from conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE, YELLOW = (220, 20, 20), (20, 200, 20), (20, 20, 220), (230, 230, 20)
@@ -109,19 +110,16 @@ def test_report_keeps_the_finished_record_and_resolves_paths_beside_it(tmp_path,
     report = folder / "runs.jsonl"
     report.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     monkeypatch.chdir(tmp_path)  # paths in the report are relative to another folder
-    records = sheets.read_report(report)
+    records = read_report(report)
     assert [(r["prompt"], r["status"]) for r in records] == [("fire", "ok"), ("ink", "failed")]
     assert records[0]["output"] == str(folder / "a-fire.png")
     report.write_text('{"input": "a.png"}\n')
     with pytest.raises(ClipstyleError, match="record 1 has no prompt, output, status"):
-        sheets.read_report(report)
+        read_report(report)
     report.write_text("{oops\n")
     with pytest.raises(ClipstyleError, match="line 1 is not JSON"):
-        sheets.read_report(report)
+        read_report(report)
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, list(args))
 
 
 def test_sheet_command_from_a_report_and_scores(tmp_path):

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipstyle.errors import OutputError
-from clipstyle.styles import (FORMAT_KEY, StyleError, _windows, load_style, mix_weights, render, save_style,
-                              style_metadata, tile_starts)
+from clipstyle.rendering import _windows, mix_weights, render, tile_starts
+from clipstyle.stylefile import FORMAT_KEY, StyleError, load_style, save_style, style_metadata
 from clipstyle.unet import StyleNet
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from clipstyle.unet import StyleNet
 
@@ -55,9 +56,18 @@ def test_output_depends_on_the_input_and_gradients_reach_every_parameter(net):
     assert missing == []
 
 
-def test_input_is_not_normalised_output_in_rgb():
+def test_three_channels_in_and_out_and_the_papers_widths():
     net = StyleNet()
     assert net.stem.in_channels == 3 and net.to_rgb.out_channels == 3
     # widths 16-32-64 and a 128-channel bottleneck at base width 16
     assert [b.skip.out_channels for b in net.down_blocks] == [16, 32, 64]
     assert net.bottleneck.skip.out_channels == 128
+
+
+def test_unet_instance_norm_is_torchs_instance_norm():
+    from clipstyle.unet import InstanceNorm
+
+    x = torch.randn(2, 16, 12, 20)
+    torch.testing.assert_close(InstanceNorm(16)(x), nn.InstanceNorm2d(16)(x), atol=1e-5, rtol=1e-5)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(InstanceNorm(16)(nhwc), nn.InstanceNorm2d(16)(x), atol=1e-5, rtol=1e-5)

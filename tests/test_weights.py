@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
-
 from clipstyle.errors import WeightsError
 from clipstyle.unet import StyleNet
 from clipstyle.weights import is_torchscript_archive, load_into, read_state_dict
+
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
 
 
 class Payload:

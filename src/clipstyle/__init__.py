@@ -1,31 +1,67 @@
 """clipstyle: restyle a photo from a sentence (CLIPstyler, Kwon & Ye, CVPR 2022).
 
-The public API is imported lazily so that ``clipstyle --help`` never imports
-torch. ``from clipstyle import stylize`` works as usual.
+    from clipstyle import stylize, load_models, Settings
+
+The public names below are imported on first use, so that ``import clipstyle``
+and ``clipstyle --help`` never import torch; ``dir(clipstyle)`` and IDEs see
+them all.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-_LAZY = {
-    "stylize": "clipstyle.stylize",
-    "stylize_many": "clipstyle.stylize",
-    "StylizeResult": "clipstyle.stylize",
-    "StepInfo": "clipstyle.stylize",
+# public name -> the module that defines it
+_PUBLIC = {
+    # optimising a network per image and prompt
+    "stylize": "clipstyle.optimize",
+    "stylize_many": "clipstyle.optimize",
+    "StylizeResult": "clipstyle.optimize",
+    "StepInfo": "clipstyle.optimize",
     "Settings": "clipstyle.config",
-    "load_models": "clipstyle.encoders",
+    "PRESETS": "clipstyle.config",
+    "settings_for": "clipstyle.config",
+    # the frozen encoders
+    "load_models": "clipstyle.loading",
     "Models": "clipstyle.encoders",
+    # saved styles: the trained network as a file, and rendering with it
     "StyleNet": "clipstyle.unet",
+    "Style": "clipstyle.stylefile",
+    "load_style": "clipstyle.stylefile",
+    "save_style": "clipstyle.stylefile",
+    "render": "clipstyle.rendering",
+    # images in and out
+    "open_image": "clipstyle.images",
+    "save_png": "clipstyle.images",
+    "to_tensor": "clipstyle.images",
+    "to_pil": "clipstyle.images",
     "ClipstyleError": "clipstyle.errors",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *_PUBLIC]
+
+if TYPE_CHECKING:  # what type checkers and IDEs resolve; at run time __getattr__ does it
+    from clipstyle.config import PRESETS, Settings, settings_for  # noqa: F401
+    from clipstyle.encoders import Models  # noqa: F401
+    from clipstyle.errors import ClipstyleError  # noqa: F401
+    from clipstyle.images import open_image, save_png, to_pil, to_tensor  # noqa: F401
+    from clipstyle.loading import load_models  # noqa: F401
+    from clipstyle.optimize import StepInfo, StylizeResult, stylize, stylize_many  # noqa: F401
+    from clipstyle.rendering import render  # noqa: F401
+    from clipstyle.stylefile import Style, load_style, save_style  # noqa: F401
+    from clipstyle.unet import StyleNet  # noqa: F401
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'clipstyle' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -30,7 +30,7 @@ class CropGrids:
     def __len__(self) -> int:
         return self.grid.shape[0]
 
-    def slice(self, start: int, stop: int) -> "CropGrids":
+    def slice(self, start: int, stop: int) -> CropGrids:
         return CropGrids(self.grid[start:stop], self.mask[start:stop])
 
 
@@ -60,7 +60,7 @@ class CropDraw:
     offset: torch.Tensor
     crop: int
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CropDraw":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CropDraw:
         return CropDraw(self.hom.to(device, non_blocking=non_blocking),
                         self.offset.to(device, non_blocking=non_blocking), self.crop)
 

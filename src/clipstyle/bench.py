@@ -1,6 +1,6 @@
 """Timing optimisation steps against the compute floor, on the real architectures.
 
-The compute floor of one step (docs/method.md) is one CLIP forward and backward
+The compute floor of one step (docs/performance.md) is one CLIP forward and backward
 pass over the crops plus the whole image (crops + 1 images at 224x224) and one
 VGG-19 forward and backward pass up to relu5_2 at the output size, in fp32,
 with frozen weights (only input gradients), run the plain way: open_clip's own
@@ -21,18 +21,27 @@ import copy
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from clipstyle import losses as L
-from clipstyle.config import Settings
-from clipstyle.device import (autocast_dtype, peak_memory_bytes, precision_name, reset_peak_memory, synchronize,
-                              use_channels_last)
+from clipstyle.config import CLIP_MODEL, Settings
+from clipstyle.device import (
+    autocast_dtype,
+    peak_memory_bytes,
+    precision_name,
+    reset_peak_memory,
+    synchronize,
+    use_channels_last,
+)
 from clipstyle.encoders import Models
+from clipstyle.loading import load_models
+from clipstyle.optimize import make_network, stylize_many, text_embedding
 from clipstyle.prompts import NO_TEMPLATES
+from clipstyle.unet import InstanceNorm
 
 PROMPT = "an oil painting with thick brush strokes"
 
@@ -107,7 +116,7 @@ def processor_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def bench_models(device: torch.device, clip_model: str = "ViT-B-32") -> Models:
+def bench_models(device: torch.device, clip_model: str = CLIP_MODEL) -> Models:
     """The real architectures with random weights (nothing downloaded).
 
     OpenAI's ViT-B/32 weights run with QuickGELU, so without weights the
@@ -115,7 +124,6 @@ def bench_models(device: torch.device, clip_model: str = "ViT-B-32") -> Models:
     """
     import open_clip
 
-    from clipstyle.encoders import load_models
 
     name = clip_model
     if not name.endswith("-quickgelu") and f"{name}-quickgelu" in open_clip.list_models():
@@ -176,8 +184,6 @@ def _reference_network(seed: int, device: torch.device):
     """A StyleNet as a plain implementation has it: nn.InstanceNorm2d, contiguous."""
     from torch import nn
 
-    from clipstyle.stylize import make_network
-    from clipstyle.unet import InstanceNorm
 
     net = make_network(seed, device)
     for module in net.modules():
@@ -213,8 +219,6 @@ class ReferenceStep:
             transforms.RandomPerspective(fill=0, p=1, distortion_scale=settings.distortion),
             transforms.Resize(side, antialias=True),
         ])
-        from clipstyle.stylize import text_embedding
-
         with torch.no_grad():
             style = text_embedding(models, PROMPT, settings.templates)
             source = text_embedding(models, settings.source, settings.templates)
@@ -251,7 +255,6 @@ def _time_steps(models: Models, settings: Settings, batch: int, warmup: int, rep
     steps). Returns the step timings, the first step's seconds, and the peak
     device memory of the steps alone (CUDA; None elsewhere).
     """
-    from clipstyle.stylize import stylize_many
 
     device = models.device
     steps = warmup + repeats

@@ -1,14 +1,27 @@
-"""Settings of one stylization: a single source of truth for every default.
+"""Every default, written once: the settings of one stylization and the tool's limits.
 
 Defaults equal the CLIPstyler paper's (Kwon & Ye, CVPR 2022, section 4 and
-appendix A). The CLI builds its options and their defaults from this class.
+appendix A). The CLI's options read their defaults from here.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from clipstyle.errors import ClipstyleError
 from clipstyle.prompts import IMAGENET_TEMPLATES
+
+# The models: OpenAI's CLIP ViT-B/32 (the paper's) through open_clip.
+CLIP_MODEL = "ViT-B-32"
+CLIP_PRETRAINED = "openai"
+# Input images with more pixels than this are refused (decompression bombs).
+MAX_PIXELS = 100_000_000
+# Overlap of neighbouring tiles when a saved style renders a large image in tiles.
+TILE_OVERLAP = 64
+# Saved styles: file name endings read as style files.
+STYLE_SUFFIXES = (".style", ".safetensors")
+# Crops of the patch CLIP score (CLIPstyler appendix B.3: 64 crops of 64 to 224 px).
+PATCH_SCORE_CROPS = 64
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
@@ -61,8 +74,6 @@ class Settings:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        from clipstyle.errors import ClipstyleError
-
         checks = [
             (self.steps >= 1, "steps must be at least 1"),
             (self.size >= 8, "size must be at least 8"),
@@ -91,7 +102,7 @@ class Settings:
             data["templates"] = list(self.templates)
         return data
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes) -> Settings:
         return replace(self, **changes)
 
 
@@ -105,3 +116,10 @@ PRESETS: dict[str, dict] = {
 
 def field_names() -> list[str]:
     return [f.name for f in fields(Settings)]
+
+
+def settings_for(preset: str = "paper", **values) -> Settings:
+    """The settings of ``preset``, with every value that is not None in ``values`` over it."""
+    if preset not in PRESETS:
+        raise ClipstyleError(f"unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
+    return Settings(**{**PRESETS[preset], **{k: v for k, v in values.items() if v is not None}})

@@ -36,6 +36,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())

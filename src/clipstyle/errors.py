@@ -52,3 +52,21 @@ def require_file(path: Path, what: str, error: type[ClipstyleError]) -> None:
             raise error(f"empty {what} file", path)
     except OSError as exc:
         raise error(f"cannot read: {exc.strerror or exc}", path) from None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (torch's OutOfMemoryError, or a RuntimeError saying so)."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "out of memory" in str(exc).lower())
+
+
+def format_error(exc: BaseException) -> str:
+    """One line for any error: ``<file>: <reason>`` for our own errors and for OS errors."""
+    if isinstance(exc, ClipstyleError):
+        return str(exc)
+    if is_out_of_memory(exc):
+        return "out of memory"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)"

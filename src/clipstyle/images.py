@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipstyle.config import MAX_PIXELS
 from clipstyle.errors import ImageError, OutputError
 
 IMAGE_EXTENSIONS = frozenset({
@@ -35,7 +36,6 @@ IMAGE_EXTENSIONS = frozenset({
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".ico", ".dib", ".pcx", ".sgi",
     ".heic", ".heif", ".avif",
 })
-DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels; --max-pixels changes it
 MAX_ASPECT = 20.0  # images thinner than 1:20 are refused
 
 # Pillow identifies files by content, not name, so these are excluded by format:
@@ -46,7 +46,7 @@ _REFUSED_FORMATS = frozenset({"EPS", "WMF", "BUFR", "GRIB", "HDF5", "MPEG"})
 
 @dataclass
 class LoadedImage:
-    image: "object"  # PIL.Image.Image in mode RGB
+    image: object  # PIL.Image.Image in mode RGB
     notes: list[str] = field(default_factory=list)
 
 
@@ -57,7 +57,7 @@ def _allowed_formats() -> list[str]:
     return [f for f in Image.OPEN if f not in _REFUSED_FORMATS]
 
 
-def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Read ``path`` as an 8-bit RGB PIL image, or raise ImageError with one reason."""
     from PIL import Image, UnidentifiedImageError
 
@@ -221,6 +221,20 @@ def to_tensor(image, size: tuple[int, int] | None = None):
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float().div(255)
 
 
+def prepare_content(image, size: int):
+    """A path, PIL image or tensor -> (1, 3, h, w) in [0, 1], longest side ``size``, sides multiples of 8."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(image, torch.Tensor):
+        t = image if image.dim() == 4 else image.unsqueeze(0)
+        w, h = fit_size(t.shape[-1], t.shape[-2], size)
+        return F.interpolate(t.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    if not hasattr(image, "size"):
+        image = open_image(image).image
+    return to_tensor(image.convert("RGB"), fit_size(*image.size, size))
+
+
 def to_pil(tensor):
     """(1, 3, H, W) or (3, H, W) tensor in [0, 1] -> PIL RGB image (rounded, deterministic)."""
     from PIL import Image
@@ -264,7 +278,7 @@ def slugify(text: str, max_bytes: int = 60) -> str:
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-def png_metadata(values: dict) -> "object":
+def png_metadata(values: dict) -> object:
     """PNG text chunks: strings as they are, everything else as JSON."""
     from PIL.PngImagePlugin import PngInfo
 

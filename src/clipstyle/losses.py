@@ -41,11 +41,6 @@ def reject_below(losses: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(losses < threshold, torch.zeros_like(losses), losses)
 
 
-def patch_loss(patch_losses: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Mean over all N patches of the rejected per-patch losses: (..., N) -> (...)."""
-    return reject_below(patch_losses, threshold).mean(dim=-1)
-
-
 def content_loss(features: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over layers of the mean squared feature error, one value per image: (B,)."""
     total = 0

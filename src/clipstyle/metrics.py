@@ -27,16 +27,18 @@ import contextlib
 import io
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from clipstyle import losses as L
+from clipstyle.config import PATCH_SCORE_CROPS, Settings
+from clipstyle.optimize import text_embedding
 
 # CLIPstyler appendix B.3: 64 random crops of 64 to 224 px from the 512 px output.
-PATCH_CROPS = 64
+PATCH_CROPS = PATCH_SCORE_CROPS
 PATCH_MIN, PATCH_MAX = 64, 224
 PATCH_IMAGE_SIZE = 512
 # Crops encoded per CLIP batch: bounds the memory, does not change the score.
@@ -243,7 +245,7 @@ class ImageScores:
 
 
 def score_image(models, image: torch.Tensor, content: torch.Tensor, prompt: str, *,
-                templates: tuple[str, ...], source: str = "a Photo", patch_crops: int = PATCH_CROPS,
+                templates: tuple[str, ...], source: str = Settings.source, patch_crops: int = PATCH_CROPS,
                 patch_seed: int = 0, patch_image_size: int = PATCH_IMAGE_SIZE,
                 lpips_fn: Callable | None = None, lpips_note: str | None = None) -> ImageScores:
     """All metrics of ``image`` (1, 3, H, W) in [0, 1] for ``prompt``, against ``content``.
@@ -253,8 +255,6 @@ def score_image(models, image: torch.Tensor, content: torch.Tensor, prompt: str,
     ``NO_TEMPLATES`` to encode the prompt as it is). ``lpips_fn`` comes from
     :func:`load_lpips`; without it ``lpips`` is None and ``lpips_note`` says why.
     """
-    from clipstyle.stylize import text_embedding
-
     if tuple(image.shape[-2:]) != tuple(content.shape[-2:]):
         raise ValueError(f"image {tuple(image.shape[-2:])} and content {tuple(content.shape[-2:])} differ in size")
     device = models.device

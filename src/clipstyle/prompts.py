@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clipstyle.errors import ClipstyleError
+
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     'a bad photo of a {}.',
     'a sculpture of a {}.',
@@ -99,8 +101,6 @@ def load_templates(path: str | Path) -> tuple[str, ...]:
 
     Blank lines and lines starting with ``#`` are ignored.
     """
-    from clipstyle.errors import ClipstyleError
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -113,3 +113,24 @@ def load_templates(path: str | Path) -> tuple[str, ...]:
     if bad:
         raise ClipstyleError(f"template must contain {{}} exactly once: {bad[0]!r}", path)
     return templates
+
+
+def choose_templates(no_templates: bool = False, templates_file: str | Path | None = None) -> tuple[str, ...]:
+    """The templates a command uses: none (the prompt as it is), a file's, or CLIP's 79 ImageNet ones."""
+    if no_templates and templates_file is not None:
+        raise ClipstyleError("give a templates file or no templates, not both", templates_file)
+    if no_templates:
+        return NO_TEMPLATES
+    if templates_file is not None:
+        return load_templates(templates_file)
+    return IMAGENET_TEMPLATES
+
+
+def templates_label(templates: tuple[str, ...], templates_file: str | Path | None = None) -> str:
+    """A short name of a template set for reports: imagenet-79, none, or the file's name and count."""
+    if templates == IMAGENET_TEMPLATES:
+        return "imagenet-79"
+    if templates == NO_TEMPLATES:
+        return "none"
+    name = Path(templates_file).name if templates_file is not None else "custom"
+    return f"{name} ({len(templates)})"

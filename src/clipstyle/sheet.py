@@ -18,14 +18,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from clipstyle.config import MAX_PIXELS
 from clipstyle.errors import ClipstyleError, ImageError
+from clipstyle.report import resolve_path
 
 # (metric key, short label) in the order tiles show them.
 SCORE_LABELS = (
@@ -59,65 +60,6 @@ class Cell:
 # --- inputs ------------------------------------------------------------------
 
 
-def _resolve(path: str, base: Path) -> str:
-    """A path from a report: as written (relative to where the command ran), or,
-    if that does not exist, relative to the folder of the file that names it."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return str(p)
-    beside = base / p
-    return str(beside) if beside.exists() else str(p)
-
-
-def read_json_lines(path: str | Path) -> list[dict]:
-    """Objects of a JSON-lines file (or of one JSON array). Raises ClipstyleError naming the line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ClipstyleError("file not found", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClipstyleError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", path) from None
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ClipstyleError(f"not valid JSON ({exc.msg}, line {exc.lineno})", path) from None
-    else:
-        items = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ClipstyleError(f"line {number} is not JSON ({exc.msg})", path) from None
-    bad = [i for i, item in enumerate(items, 1) if not isinstance(item, dict)]
-    if bad:
-        raise ClipstyleError(f"record {bad[0]} is not a JSON object", path)
-    return items
-
-
-def read_report(path: str | Path) -> list[dict]:
-    """Records of a ``clipstyle run --report`` file, with ``input`` and ``output``
-    resolved (see :func:`_resolve`) and one record per (input, prompt): the last
-    ok or skipped one (its output exists), else the last failed one."""
-    path = Path(path)
-    chosen: dict[tuple[str, str], dict] = {}
-    for number, record in enumerate(read_json_lines(path), 1):
-        missing = [k for k in ("input", "prompt", "output", "status") if k not in record]
-        if missing:
-            raise ClipstyleError(f"record {number} has no {', '.join(missing)} field (not a run report?)", path)
-        record = dict(record, input=_resolve(str(record["input"]), path.parent),
-                      output=_resolve(str(record["output"]), path.parent))
-        key = (os.path.abspath(record["input"]), record["prompt"])
-        previous = chosen.get(key)
-        good = record["status"] in ("ok", "skipped")
-        if previous is None or good or previous["status"] not in ("ok", "skipped"):
-            chosen[key] = record
-    return list(chosen.values())
-
-
 def cells_from_report(records: list[dict]) -> list[Cell]:
     cells = []
     for r in records:
@@ -136,7 +78,7 @@ def cells_from_scores(records: list[dict], base: Path = Path(".")) -> list[Cell]
         if missing:
             raise ClipstyleError(f"score record {number} has no {', '.join(missing)} field")
         scores = {k: r.get(k) for k, _ in SCORE_LABELS if k in r}
-        cells.append(Cell(_resolve(str(r["content"]), base), r["prompt"], _resolve(str(r["image"]), base),
+        cells.append(Cell(resolve_path(str(r["content"]), base), r["prompt"], resolve_path(str(r["image"]), base),
                           scores=scores))
     return cells
 
@@ -234,7 +176,7 @@ class Sheet:
 
 
 def build(cells: list[Cell], tile: int = 256, title: str = "clipstyle contact sheet",
-          html_dir: str | Path = ".", max_pixels: int = 100_000_000) -> Sheet:
+          html_dir: str | Path = ".", max_pixels: int = MAX_PIXELS) -> Sheet:
     """Draw the sheet and write its HTML page (links relative to ``html_dir``).
 
     Unreadable images become grey tiles and are listed in ``errors``.

@@ -14,24 +14,28 @@ import signal
 import time
 from dataclasses import dataclass
 
-from clipstyle.runner import Pair, Report, RunEvents, RunOptions, Summary, base_record, run_pairs
+from clipstyle.batch import Events, Summary, is_done
+from clipstyle.errors import format_error
+from clipstyle.pairs import RunJob
+from clipstyle.report import Report
+from clipstyle.runner import RunOptions, base_record, run_pairs
 
 
 @dataclass
-class _Forward(RunEvents):
+class _Forward(Events):
     """Events of a worker, forwarded to the parent."""
 
     results: object  # multiprocessing queue
     worker: int
 
-    def pair_started(self, pairs, done, total) -> None:
-        self.results.put(("started", self.worker, [p.output for p in pairs]))
+    def started(self, jobs, done, total) -> None:
+        self.results.put(("started", self.worker, [j.output for j in jobs]))
 
-    def pair_finished(self, pair, record) -> None:
+    def finished(self, job, record) -> None:
         self.results.put(("record", self.worker, record))
 
-    def note(self, pair, message) -> None:
-        self.results.put(("note", self.worker, (None if pair is None else str(pair.input.path), message)))
+    def note(self, job, message) -> None:
+        self.results.put(("note", self.worker, (None if job is None else str(job.input.path), message)))
 
 
 def _worker(index: int, device: str, loader, settings, options: RunOptions, tasks, results) -> None:
@@ -39,8 +43,6 @@ def _worker(index: int, device: str, loader, settings, options: RunOptions, task
     try:
         models = loader(device=device)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
-        from clipstyle.cli.common import format_error
-
         results.put(("fatal", index, f"{device}: {format_error(exc)}"))
         return
     events = _Forward(results, index)
@@ -52,25 +54,25 @@ def _worker(index: int, device: str, loader, settings, options: RunOptions, task
     results.put(("done", index, None))
 
 
-def run_on_devices(pairs: list[Pair], devices: list[str], loader, settings, options: RunOptions,
-                   report: Report, events: RunEvents | None = None) -> Summary:
+def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, options: RunOptions,
+                   report: Report, events: Events | None = None) -> Summary:
     """Like runner.run_pairs, spread over ``devices`` (e.g. ["cuda:0", "cuda:1"]).
 
     ``loader(device=...)`` loads the models in a worker; it must be picklable
     (a module-level function or a functools.partial of one).
     """
-    events = events or RunEvents()
+    events = events or Events()
     summary = Summary()
     start = time.perf_counter()
 
-    def finish(pair: Pair | None, record: dict) -> None:
+    def finish(pair: RunJob | None, record: dict) -> None:
         summary.add(record)
         report.write(record)
-        events.pair_finished(pair, record)
+        events.finished(pair, record)
 
     todo = []
     for pair in pairs:
-        if pair.output.exists() and not options.overwrite:
+        if is_done(pair.output, options.overwrite):
             finish(pair, base_record(pair, settings, "skipped", f"{pair.output} exists"))
         else:
             todo.append(pair)
@@ -103,8 +105,8 @@ def run_on_devices(pairs: list[Pair], devices: list[str], loader, settings, opti
                 if kind == "record":
                     finish(by_output.pop(payload["output"], None), payload)
                 elif kind == "started":
-                    events.pair_started([by_output[str(o)] for o in payload if str(o) in by_output],
-                                        len(summary.records), len(pairs))
+                    events.started([by_output[str(o)] for o in payload if str(o) in by_output],
+                                   len(summary.records), len(pairs))
                 elif kind == "note":
                     path, message = payload
                     events.note(None, f"{path}: {message}" if path else message)

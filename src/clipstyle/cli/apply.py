@@ -7,9 +7,14 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, echo_outcome, echo_warning, stop_on_sigterm
-
-STYLE_SUFFIXES = (".style", ".safetensors")  # as clipstyle.styles.SUFFIXES, without importing torch
+from clipstyle.cli.common import (
+    UserError,
+    debug_option,
+    echo_outcome,
+    echo_warning,
+    stop_on_sigterm,
+)
+from clipstyle.config import MAX_PIXELS, STYLE_SUFFIXES, TILE_OVERLAP
 
 
 def split_arguments(args: tuple[str, ...], style_options: tuple[Path, ...]) -> tuple[list[str], list[str]]:
@@ -39,13 +44,14 @@ def mix_from_options(n_styles: int, mix: tuple[float, ...]) -> list[float] | Non
 
 
 def _events(quiet: bool):
-    from clipstyle.styles import ApplyEvents
+    from clipstyle.batch import Events
 
-    class Events(ApplyEvents):
+    class Progress(Events):
         def __init__(self):
             self.bar = None
 
-        def tile(self, job, done, total):
+        def progress(self, job, info):
+            done, total = info.done, info.total
             if quiet or total <= 1:
                 return
             if self.bar is None:
@@ -68,7 +74,7 @@ def _events(quiet: bool):
                 self.bar.close()
                 self.bar = None
 
-    return Events()
+    return Progress()
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -92,7 +98,7 @@ def _events(quiet: bool):
 @click.option("--tile", type=click.IntRange(0), default=None, metavar="PX",
               help="Render in overlapping tiles of PX pixels (0: never tile). [default: whole image up to "
                    "4 megapixels, tiles of 1024 above]")
-@click.option("--overlap", type=click.IntRange(0), default=64, show_default=True, metavar="PX",
+@click.option("--overlap", type=click.IntRange(0), default=TILE_OVERLAP, show_default=True, metavar="PX",
               help="Overlap of neighbouring tiles, blended with smooth ramps.")
 @click.option("--tile-stats", type=click.Choice(["image", "tile"]), default="image", show_default=True,
               help="Tiles normalise with the whole image's statistics (no seams; about 8x the compute) or "
@@ -102,7 +108,7 @@ def _events(quiet: bool):
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image to this file.")
-@click.option("--max-pixels", type=click.IntRange(1), default=100_000_000, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
               help="Refuse input images with more pixels than this (decompression bombs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; errors and warnings only.")
 @debug_option
@@ -128,9 +134,12 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     """
     import time
 
+    from clipstyle.applier import ApplyOptions, apply_files, plan_outputs
     from clipstyle.device import resolve_device
-    from clipstyle.runner import Report, check_outputs, collect_inputs
-    from clipstyle.styles import ApplyOptions, apply_files, load_style, plan_outputs, plan_tiles
+    from clipstyle.inputs import check_outputs, collect_inputs
+    from clipstyle.rendering import plan_tiles
+    from clipstyle.report import Report
+    from clipstyle.stylefile import load_style
 
     style_paths, images = split_arguments(args, style_options)
     if not style_paths:
@@ -143,6 +152,8 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
             plan_tiles(1 << 20, 1 << 20, tile, overlap)  # checks tile and overlap against each other
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--tile'/'--overlap'") from None
+    options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
+                           overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats)
     dev = resolve_device(device)
     styles = [load_style(p) for p in style_paths]  # a bad style stops here, before any image
     inputs = collect_inputs(images, recursive=recursive, from_file=from_file, stdin=sys.stdin)
@@ -150,8 +161,6 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
         raise UserError("no input images found")
     jobs = plan_outputs(inputs, styles, output)
     check_outputs(jobs)
-    options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
-                           overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats)
     report_file = Report(report)
     events = _events(quiet)
     start = time.perf_counter()

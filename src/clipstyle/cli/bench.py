@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from clipstyle.cli.common import UserError, debug_option, stop_on_sigterm
-from clipstyle.config import MEMORY_FORMATS, PRECISIONS, PRESETS, Settings
+from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED, MEMORY_FORMATS, PRECISIONS, PRESETS, Settings, settings_for
 
 D = Settings()
 
@@ -58,7 +58,8 @@ def format_result(r) -> str:
               help="Settings preset, as for run; explicit options override it.")
 @click.option("--size", type=click.IntRange(8), default=None, help=f"Output side in pixels. [default: {D.size}]")
 @click.option("--crops", type=click.IntRange(0), default=None, help=f"Random crops per step. [default: {D.crops}]")
-@click.option("--crop-size", type=click.IntRange(8), default=None, help=f"Crop side in pixels. [default: {D.crop_size}]")
+@click.option("--crop-size", type=click.IntRange(8), default=None,
+              help=f"Crop side in pixels. [default: {D.crop_size}]")
 @click.option("--steps", type=click.IntRange(1), default=None,
               help=f"Steps per image, for images per minute (not all run). [default: {D.steps}]")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
@@ -78,7 +79,7 @@ def format_result(r) -> str:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="CPU threads for PyTorch (0: PyTorch's default, one per physical core).")
-@click.option("--clip-model", default="ViT-B-32", show_default=True, help="open_clip architecture (random weights).")
+@click.option("--clip-model", default=CLIP_MODEL, show_default=True, help="open_clip architecture (random weights).")
 @click.option("--clip-weights", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="Load CLIP from this local file instead (also times loading; needs --vgg-weights).")
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
@@ -86,7 +87,7 @@ def format_result(r) -> str:
 @click.option("--cached", is_flag=True,
               help="Load the models from their caches (open_clip's or Hugging Face's, and torch hub's), as run "
                    "does without --clip-weights, and time it. Never downloads: an empty cache is an error.")
-@click.option("--clip-pretrained", default="openai", show_default=True, help="open_clip tag for --cached.")
+@click.option("--clip-pretrained", default=CLIP_PRETRAINED, show_default=True, help="open_clip tag for --cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @debug_option
 @stop_on_sigterm
@@ -115,15 +116,8 @@ def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, mem
         raise click.UsageError("--cached loads from the caches, --clip-weights from files: choose one")
     if threads:
         torch.set_num_threads(threads)
-    values = {**PRESETS[preset]}
-    for name, value in (("steps", steps), ("size", size), ("crops", crops), ("crop_size", crop_size)):
-        if value is not None:
-            values[name] = value
-    try:
-        settings = Settings(**values, precision=precision, memory_format=memory_format, compile=compile_,
-                            crop_batch=crop_batch)
-    except Exception as exc:  # a ClipstyleError from a bad combination
-        raise UserError(exc) from None
+    settings = settings_for(preset, steps=steps, size=size, crops=crops, crop_size=crop_size, precision=precision,
+                            memory_format=memory_format, compile=compile_, crop_batch=crop_batch)
     dev = resolve_device(device)
     load_seconds = import_seconds = load_from = None
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
@@ -133,7 +127,7 @@ def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, mem
         import open_clip  # noqa: F401
         import torchvision  # noqa: F401
 
-        from clipstyle.encoders import cached_weights, load_models
+        from clipstyle.loading import cached_weights, load_models
 
         import_seconds = time.perf_counter() - start
         if cached:

@@ -1,4 +1,7 @@
-"""Pieces shared by the commands: error lines, model options, device handling."""
+"""Pieces shared by the commands: error lines, model options, device handling.
+
+Commands import torch and the library's heavy modules inside their functions, not at the
+top of their modules, so that ``clipstyle --help`` answers at once."""
 
 from __future__ import annotations
 
@@ -8,20 +11,17 @@ from pathlib import Path
 
 import click
 
+from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED
+from clipstyle.errors import ClipstyleError
 
-def format_error(exc: BaseException) -> str:
-    """One line for any error: ``<file>: <reason>`` for our own errors."""
-    from clipstyle.errors import ClipstyleError
 
-    if isinstance(exc, ClipstyleError):
-        return str(exc)
-    name = type(exc).__name__
-    if name == "OutOfMemoryError":
+def error_line(exc: BaseException) -> str:
+    """The one line for an error, with the command-line flags that help where there are some."""
+    from clipstyle.errors import format_error, is_out_of_memory
+
+    if is_out_of_memory(exc) and not isinstance(exc, ClipstyleError):
         return "out of memory; lower --size or --crops, or use --crop-batch"
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"internal error: {name}: {first} (run with --debug for the traceback)"
+    return format_error(exc)
 
 
 class UserError(click.ClickException):
@@ -30,7 +30,7 @@ class UserError(click.ClickException):
     exit_code = 1
 
     def __init__(self, exc: BaseException | str):
-        super().__init__(exc if isinstance(exc, str) else format_error(exc))
+        super().__init__(exc if isinstance(exc, str) else error_line(exc))
 
     def show(self, file=None) -> None:
         click.echo(f"clipstyle: error: {self.message}", err=True)
@@ -72,9 +72,9 @@ def debug_option(f):
 def model_options(f):
     """CLIP/VGG model and weight options, and the device; the same on every command."""
     options = [
-        click.option("--clip-model", default="ViT-B-32", show_default=True,
+        click.option("--clip-model", default=CLIP_MODEL, show_default=True,
                      help="open_clip architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...)."),
-        click.option("--clip-pretrained", default="openai", show_default=True,
+        click.option("--clip-pretrained", default=CLIP_PRETRAINED, show_default=True,
                      help="open_clip pretrained tag, downloaded once into open_clip's cache."),
         click.option("--clip-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="Local CLIP weights: an open_clip state dict, safetensors, or OpenAI's original .pt "
@@ -92,7 +92,7 @@ def model_options(f):
 def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device="auto",
                              progress=True):
     from clipstyle.device import resolve_device
-    from clipstyle.encoders import load_models
+    from clipstyle.loading import load_models
 
     dev = resolve_device(device)
     return load_models(clip_model=clip_model, clip_pretrained=clip_pretrained, clip_weights=clip_weights,

@@ -9,22 +9,28 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import (UserError, debug_option, echo_outcome, echo_warning, load_models_from_options,
-                                  model_options, stop_on_sigterm)
-from clipstyle.config import PRECISIONS, PRESETS, Settings
-from clipstyle.images import DEFAULT_MAX_PIXELS
+from clipstyle.cli.common import (
+    UserError,
+    debug_option,
+    echo_outcome,
+    echo_warning,
+    load_models_from_options,
+    model_options,
+    stop_on_sigterm,
+)
+from clipstyle.config import MAX_PIXELS, PRECISIONS, PRESETS, Settings
 
-D = Settings()  # every default below is read from Settings: written once
+D = Settings()  # every default below is read from config (Settings and its constants): written once
 
 
 def _progress(quiet: bool, steps: int, per_step: bool = True):
-    from clipstyle.runner import RunEvents
+    from clipstyle.batch import Events
 
-    class Events(RunEvents):
+    class Progress(Events):
         def __init__(self):
             self.bar = None
 
-        def pair_started(self, pairs, done, total):
+        def started(self, pairs, done, total):
             self.close()
             if quiet or not per_step:
                 return
@@ -35,14 +41,14 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             self.bar = tqdm(total=steps, desc=f"[{done + 1}/{total}] {names}", unit="step", leave=False,
                             file=sys.stderr, dynamic_ncols=True)
 
-        def step(self, pair, info):
+        def progress(self, pair, info):
             if self.bar is None or info.pair != 0:
                 return
             self.bar.update(1)
             if info.losses:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()}, refresh=False)
 
-        def pair_finished(self, pair, record):
+        def finished(self, pair, record):
             if record["status"] == "ok" and self.bar is not None and self.bar.n >= steps:
                 self.bar.close()
                 self.bar = None
@@ -56,7 +62,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                 self.bar.close()
                 self.bar = None
 
-    return Events()
+    return Progress()
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -76,7 +82,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--size", type=click.IntRange(16), default=None,
               help=f"Longest side in pixels (aspect ratio kept, rounded to a multiple of 8). [default: {D.size}]")
 @click.option("--crops", type=click.IntRange(0), default=None, help=f"Random crops per step. [default: {D.crops}]")
-@click.option("--crop-size", type=click.IntRange(8), default=None, help=f"Crop side in pixels. [default: {D.crop_size}]")
+@click.option("--crop-size", type=click.IntRange(8), default=None,
+              help=f"Crop side in pixels. [default: {D.crop_size}]")
 @click.option("--threshold", type=float, default=D.threshold, show_default=True,
               help="Patch loss threshold: patches below it are dropped.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D.lr, show_default=True,
@@ -123,7 +130,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image x prompt to this file.")
-@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
               help="Refuse input images with more pixels than this (decompression bombs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors and warnings only.")
 @debug_option
@@ -142,8 +149,12 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     reported and the run goes on. Exit code 0 when every pair is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
-    from clipstyle import prompts as prompt_templates
-    from clipstyle.runner import Report, RunOptions, check_outputs, collect_inputs, parse_shard, plan_pairs, run_pairs
+    from clipstyle.config import settings_for
+    from clipstyle.inputs import check_outputs, collect_inputs
+    from clipstyle.pairs import parse_shard, plan_pairs
+    from clipstyle.prompts import choose_templates
+    from clipstyle.report import Report
+    from clipstyle.runner import RunOptions, run_pairs
 
     if not prompts:
         raise click.UsageError("at least one --prompt is needed")
@@ -157,48 +168,36 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
             p.encode("utf-8")
         except UnicodeEncodeError:
             raise UserError("the prompt is not valid UTF-8 (check the terminal's encoding)") from None
-    values = {**PRESETS[preset]}
-    for name, value in (("steps", steps), ("size", size), ("crops", crops), ("crop_size", crop_size)):
-        if value is not None:
-            values[name] = value
-    templates = D.templates
-    if no_templates:
-        templates = prompt_templates.NO_TEMPLATES
-    elif templates_file is not None:
-        templates = prompt_templates.load_templates(templates_file)
-    settings = Settings(**values, threshold=threshold, lr=lr, lambda_patch=lambda_patch, lambda_dir=lambda_dir,
-                        lambda_content=lambda_content, lambda_tv=lambda_tv, source=source, templates=templates,
-                        precision=precision, crop_batch=crop_batch)
+    # every option is checked before anything is read, loaded or written
+    settings = settings_for(preset, steps=steps, size=size, crops=crops, crop_size=crop_size, threshold=threshold,
+                            lr=lr, lambda_patch=lambda_patch, lambda_dir=lambda_dir, lambda_content=lambda_content,
+                            lambda_tv=lambda_tv, source=source,
+                            templates=choose_templates(no_templates, templates_file),
+                            precision=precision, crop_batch=crop_batch)
+    options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
+                         max_pixels=max_pixels, base_seed=seed, output_size=output_size, strength=strength)
     shard_kn = parse_shard(shard) if shard else None
+    device_names = _device_list(devices) if devices else None
+    device = device if device_names else str(_device_list(device)[0])
     inputs = collect_inputs(list(images), recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:
         raise UserError("no input images found")
-    pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn)
+    pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn, save_style)
     check_outputs(pairs)
     report_file = Report(report)
     events = _progress(quiet, settings.steps, per_step=not devices)
     start = time.perf_counter()
-    if output_size is not None and output_size != "full" and not (output_size.isdigit() and int(output_size) >= 8):
-        raise click.BadParameter("must be 'full' or a number of pixels (8 or more)", param_hint="--output-size")
-    options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
-                         max_pixels=max_pixels, base_seed=seed, save_style=save_style, output_size=output_size,
-                         strength=strength)
     try:
-        if devices:
-            from clipstyle.device import resolve_device
+        if device_names:
             from clipstyle.workers import run_on_devices
 
-            names = [d.strip() for d in devices.split(",") if d.strip()]
-            for name in names:
-                resolve_device(name)  # an absent device fails here, before any work
             loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
                                        vgg_weights, progress=False)
-            summary = run_on_devices(pairs, names, loader, settings, options, report_file, events)
+            summary = run_on_devices(pairs, device_names, loader, settings, options, report_file, events)
         else:
-            todo = [p for p in pairs if overwrite or not p.output.exists()]
-            models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights,
-                                              device=device) if todo else None
-            summary = run_pairs(pairs, models, settings, options, report_file, events)
+            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                       vgg_weights, device=device)
+            summary = run_pairs(pairs, loader, settings, options, report_file, events)
     finally:
         events.close()
         report_file.close()
@@ -207,3 +206,13 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
         click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {elapsed:.1f} s", err=True)
     if summary.failed:
         sys.exit(1)
+
+
+def _device_list(devices: str) -> list[str]:
+    """--devices LIST -> device names, each checked (an absent device fails here, before any work)."""
+    from clipstyle.device import resolve_device
+
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    for name in names:
+        resolve_device(name)
+    return names

@@ -8,25 +8,21 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, load_models_from_options, model_options, stop_on_sigterm
-from clipstyle.config import Settings
+from clipstyle.cli.common import (
+    UserError,
+    debug_option,
+    load_models_from_options,
+    model_options,
+    stop_on_sigterm,
+)
+from clipstyle.config import MAX_PIXELS, PATCH_SCORE_CROPS, Settings
 
 D = Settings()
 
 
-def _templates_label(templates, templates_file) -> str:
-    from clipstyle.prompts import IMAGENET_TEMPLATES, NO_TEMPLATES
-
-    if templates == IMAGENET_TEMPLATES:
-        return "imagenet-79"
-    if templates == NO_TEMPLATES:
-        return "none"
-    return f"{Path(templates_file).name} ({len(templates)})"
-
-
 def _jobs(images, prompt, content, reports) -> list[tuple[str, str, str]]:
     """(image, content, prompt) triples from the arguments and from run reports."""
-    from clipstyle.sheet import read_report
+    from clipstyle.report import read_report
 
     jobs = [(str(image), str(content), prompt) for image in images]
     for report in reports:
@@ -52,13 +48,13 @@ def _jobs(images, prompt, content, reports) -> list[tuple[str, str, str]]:
               help="File of prompt templates, one per line with {}.")
 @click.option("--source", default=D.source, show_default=True,
               help="Neutral text the direction starts from (directional similarity).")
-@click.option("--patch-crops", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--patch-crops", type=click.IntRange(1), default=PATCH_SCORE_CROPS, show_default=True,
               help="Random crops for the patch CLIP score (paper: 64).")
 @click.option("--patch-seed", type=int, default=0, show_default=True,
               help="Seed of the patch crops: the same seed gives the same crops.")
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when the lpips package is installed.")
 @model_options
-@click.option("--max-pixels", type=click.IntRange(1), default=100_000_000, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels than this.")
 @debug_option
 @stop_on_sigterm
@@ -77,7 +73,7 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
     and its weights are installed, lpips. A file that fails is reported and
     the others go on; exit code 1 if any failed.
     """
-    from clipstyle import prompts as prompt_templates
+    from clipstyle.prompts import choose_templates, templates_label
 
     if images and (prompt is None or content is None):
         raise click.UsageError("scoring IMAGES needs --prompt and --content")
@@ -85,11 +81,7 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
         raise click.UsageError("give IMAGES with --prompt and --content, or --report FILE")
     if prompt is not None and not prompt.strip():
         raise UserError("the prompt is empty")
-    templates = D.templates
-    if no_templates:
-        templates = prompt_templates.NO_TEMPLATES
-    elif templates_file is not None:
-        templates = prompt_templates.load_templates(templates_file)
+    templates = choose_templates(no_templates, templates_file)
     jobs = _jobs(images, prompt, content, reports)
     if not jobs:
         raise UserError("nothing to score: the reports list no finished outputs")
@@ -97,11 +89,11 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
     from clipstyle import metrics
     from clipstyle.errors import ClipstyleError
     from clipstyle.images import open_image, to_tensor
-    from clipstyle.stylize import check_prompt
+    from clipstyle.optimize import check_prompt
 
     models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device=device)
     lpips_fn, lpips_note = (None, "lpips not computed: --no-lpips") if no_lpips else metrics.load_lpips(models.device)
-    common = {"templates": _templates_label(templates, templates_file), "source": source,
+    common = {"templates": templates_label(templates, templates_file), "source": source,
               "patch_crops": patch_crops, "patch_seed": patch_seed, "models": dict(models.info)}
     if not as_json:
         m = models.info

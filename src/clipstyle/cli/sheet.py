@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from clipstyle.cli.common import UserError, debug_option, stop_on_sigterm
+from clipstyle.config import MAX_PIXELS
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -29,7 +30,7 @@ from clipstyle.cli.common import UserError, debug_option, stop_on_sigterm
               help="Longest side of each tile in pixels.")
 @click.option("--title", default="clipstyle contact sheet", show_default=True, help="Title of the HTML page.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing sheet.")
-@click.option("--max-pixels", type=click.IntRange(1), default=100_000_000, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels than this.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only.")
 @debug_option
@@ -48,6 +49,7 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
     """
     from clipstyle import sheet as sheets
     from clipstyle.images import save_png, write_atomic
+    from clipstyle.report import read_json_lines, read_report
 
     if images and not prompts:
         raise click.UsageError("IMAGES need at least one --prompt")
@@ -59,15 +61,16 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
             raise UserError(f"{path}: exists (use --overwrite to replace it)")
     cells: list[sheets.Cell] = []
     if images:
-        from clipstyle.runner import collect_inputs, plan_pairs
+        from clipstyle.inputs import collect_inputs
+        from clipstyle.pairs import plan_pairs
 
         pairs = plan_pairs(collect_inputs(list(images)), list(dict.fromkeys(prompts)), outputs, base_seed=0)
         cells += [sheets.Cell(str(p.input.path), p.prompt, str(p.output)) for p in pairs]
     for report in reports:
-        cells += sheets.cells_from_report(sheets.read_report(report))
+        cells += sheets.cells_from_report(read_report(report))
     scored: list[sheets.Cell] = []
     for path in score_files:
-        scored += sheets.cells_from_scores(sheets.read_json_lines(path), path.parent)
+        scored += sheets.cells_from_scores(read_json_lines(path), path.parent)
     cells = sheets.merge(cells, scored)
     sheets.mark_missing(cells)
     result = sheets.build(cells, tile=tile, title=title, html_dir=html_path.parent,

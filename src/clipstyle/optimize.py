@@ -1,4 +1,4 @@
-"""The optimisation loop: train a fresh StyleNet per (image, prompt) pair.
+"""The optimisation loop (paper, Sec. 3): train a fresh StyleNet per (image, prompt) pair.
 
     L = lambda_patch * L_patch + lambda_dir * L_dir + lambda_c * L_content + lambda_tv * L_tv
 
@@ -14,10 +14,12 @@ carries the leaf's gradient through the U-Net.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +27,21 @@ import torch.nn.functional as F
 from clipstyle import losses as L
 from clipstyle.augment import CropDraw, crop_grids, draw_crops, sample_crops
 from clipstyle.config import Settings
-from clipstyle.device import (autocast, autocast_dtype, peak_memory_bytes, precision_name, reset_peak_memory,
-                              synchronize, use_channels_last)
+from clipstyle.device import (
+    autocast,
+    autocast_dtype,
+    peak_memory_bytes,
+    precision_name,
+    reset_peak_memory,
+    resolve_device,
+    same_device,
+    synchronize,
+    use_channels_last,
+)
 from clipstyle.encoders import Models
 from clipstyle.errors import ClipstyleError, NonFiniteLossError
+from clipstyle.images import prepare_content, to_pil
+from clipstyle.loading import default_models
 from clipstyle.unet import StyleNet
 
 LOSS_NAMES = ("total", "patch", "dir", "content", "tv")
@@ -107,10 +120,10 @@ def _adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
-class _Pair:
-    """State of one (image, prompt) pair during optimisation."""
+class _PairState:
+    """The optimisation state of one (image, prompt) pair: its network, optimiser, crops and constants."""
 
-    def __init__(self, index, content, prompt, seed, models, settings, amp):
+    def __init__(self, index, content, prompt, seed, models, vgg, settings, amp):
         device = models.device
         self.index, self.prompt, self.seed = index, prompt, seed
         self.content = content.to(device)  # (1, 3, H, W)
@@ -136,7 +149,7 @@ class _Pair:
             source = text_embedding(models, settings.source, settings.templates)
             self.text_dir = L.text_direction(style, source)  # (D,)
             self.source_emb = F.normalize(models.clip.encode_image(self.content).float(), dim=-1)[0]  # (D,)
-            self.content_feats = {k: v.float() for k, v in models.vgg(self.content).items()}
+            self.content_feats = {k: v.float() for k, v in vgg(self.content).items()}
         self.step_times: list[float] = []
         self.sums: dict[str, torch.Tensor] = {}
         self.losses: dict[str, float] = {}
@@ -149,21 +162,37 @@ class _Pair:
         return crop_grids(draw, *self.content.shape[-2:], out_size)
 
 
-def _compiled(models: Models) -> tuple[Callable, Callable]:
-    """torch.compile'd CLIP image tower and VGG trunk, compiled once per Models.
+# Per-Models variants that a run needs but must not impose on the shared Models
+# object (another caller may use it with other settings): VGG-19 stored
+# channels-last, and torch.compile'd encoders. Kept as long as the Models' encoders live.
+_CHANNELS_LAST_VGG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _vgg_for(models: Models, channels_last: bool):
+    """models.vgg, or a channels-last copy of it (made once per Models)."""
+    if channels_last == models.vgg.channels_last:
+        return models.vgg
+    variants = _CHANNELS_LAST_VGG.setdefault(models.vgg, {})
+    if channels_last not in variants:
+        variants[channels_last] = copy.deepcopy(models.vgg).use_channels_last(channels_last)
+    return variants[channels_last]
+
+
+def _compiled(models: Models, vgg) -> tuple[Callable, Callable]:
+    """torch.compile'd CLIP image tower and VGG trunk, compiled once per encoder.
 
     The first steps pay the compilation (see docs/performance.md); later calls
-    with the same shapes reuse it. Kept on the Models object so that it goes
-    away with it.
+    with the same shapes reuse it.
     """
-    compiled = getattr(models, "_compiled", None)
-    if compiled is None:
-        compiled = (torch.compile(models.clip.encode_image), torch.compile(models.vgg))
-        models._compiled = compiled
-    return compiled
+    key = models.clip
+    compiled = _COMPILED.setdefault(key, {})
+    if vgg not in compiled:
+        compiled[vgg] = (torch.compile(models.clip.encode_image), torch.compile(vgg))
+    return compiled[vgg]
 
 
-def _read_losses(pair: _Pair) -> dict[str, float]:
+def _read_losses(pair: _PairState) -> dict[str, float]:
     values = {k: float(v) for k, v in pair.sums.items()}
     bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
     if bad:
@@ -172,7 +201,7 @@ def _read_losses(pair: _Pair) -> dict[str, float]:
     return values
 
 
-def _clip_rows(pairs: list[_Pair], n_crops: int, chunk: int):
+def _clip_rows(pairs: list[_PairState], n_crops: int, chunk: int):
     """Row specs (pair, kind, start, stop) in chunks of at most ``chunk`` rows (0: one chunk).
 
     Row kinds: "g" is the pair's whole output (global loss), "c" its crops [start, stop).
@@ -212,15 +241,15 @@ def stylize_many(
     settings = settings or Settings()
     device = models.device
     amp = autocast_dtype(settings.precision, device)
-    channels_last = use_channels_last(settings.memory_format, device, amp)
-    models.vgg.use_channels_last(channels_last)
-    clip, vgg = models.clip, models.vgg
+    vgg = _vgg_for(models, use_channels_last(settings.memory_format, device, amp))
+    clip = models.clip
     encode_image, vgg_features = clip.encode_image, vgg
     if settings.compile:
-        encode_image, vgg_features = _compiled(models)
+        encode_image, vgg_features = _compiled(models, vgg)
     out_size = clip.image_size[0]
     reset_peak_memory(device)
-    pairs = [_Pair(i, c, p, s, models, settings, amp) for i, (c, p, s) in enumerate(zip(contents, prompts, seeds))]
+    pairs = [_PairState(i, c, p, s, models, vgg, settings, amp)
+             for i, (c, p, s) in enumerate(zip(contents, prompts, seeds))]
     active = list(pairs)
     n = settings.crops
     start = time.perf_counter()
@@ -274,7 +303,7 @@ def stylize_many(
                 i += rows
 
         # Content (VGG-19) and total variation, batched over pairs of the same size.
-        by_shape: dict[tuple, list[_Pair]] = {}
+        by_shape: dict[tuple, list[_PairState]] = {}
         for p in active:
             by_shape.setdefault(tuple(p.leaf.shape), []).append(p)
         for group in by_shape.values():
@@ -330,8 +359,6 @@ def stylize_many(
     total = time.perf_counter() - start
     peak = peak_memory_bytes(device)
     results = []
-    from clipstyle.images import to_pil
-
     for p in pairs:
         h, w = p.content.shape[-2:]
         r = StylizeResult(prompt=p.prompt, seed=p.seed, steps=settings.steps, size=(w, h),
@@ -353,40 +380,27 @@ def stylize(
     models: Models | None = None,
     settings: Settings | None = None,
     seed: int = 0,
-    device: str | torch.device = "auto",
+    device: str | torch.device | None = None,
     callback: Callable[[StepInfo], None] | None = None,
-    **overrides,
 ) -> StylizeResult:
     """Restyle ``image`` (a path, a PIL image, or a (1, 3, H, W) tensor in [0, 1]) after ``prompt``.
 
     The image is resized to ``settings.size`` on its longest side (aspect ratio
     kept, sides rounded to multiples of 8). ``models`` defaults to CLIP
-    ViT-B/32 (OpenAI weights) and VGG-19 (ImageNet), downloaded once.
-    Keyword ``overrides`` replace single settings, e.g. ``steps=100``.
-    Raises NonFiniteLossError if the optimisation diverges.
+    ViT-B/32 (OpenAI weights) and VGG-19 (ImageNet) on ``device`` (default:
+    auto), loaded once per device and kept for later calls; a ``device`` that
+    differs from the given ``models``' is an error. Raises NonFiniteLossError
+    if the optimisation diverges.
     """
-    from clipstyle.device import resolve_device
-    from clipstyle.encoders import load_models
-
-    settings = (settings or Settings()).replace(**overrides) if overrides else (settings or Settings())
+    settings = settings or Settings()
     if models is None:
-        models = load_models(device=resolve_device(str(device)))
+        models = default_models(resolve_device("auto" if device is None else str(device)))
+    elif device is not None and not same_device(resolve_device(str(device)), models.device):
+        raise ClipstyleError(f"device {device} differs from the models' device {models.device}; "
+                             "move the models or leave device out")
     check_prompt(models, prompt)
     content = prepare_content(image, settings.size)
     result = stylize_many([content], [prompt], [seed], models=models, settings=settings, callback=callback)[0]
     if result.error is not None:
         raise result.error
     return result
-
-
-def prepare_content(image, size: int) -> torch.Tensor:
-    """A path, PIL image or tensor -> (1, 3, h, w) in [0, 1], longest side ``size``, sides multiples of 8."""
-    from clipstyle import images as io
-
-    if isinstance(image, torch.Tensor):
-        t = image if image.dim() == 4 else image.unsqueeze(0)
-        w, h = io.fit_size(t.shape[-1], t.shape[-2], size)
-        return F.interpolate(t.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    if not hasattr(image, "size"):
-        image = io.open_image(image).image
-    return io.to_tensor(image.convert("RGB"), io.fit_size(*image.size, size))

@@ -1,0 +1,130 @@
+"""Inputs and where their outputs go: expanding files, folders and globs; output paths and checks.
+
+Shared by ``run`` and ``apply``. Output names mirror the inputs: ``<stem>-<label>.png``
+in the output folder, under the input's subfolder for folder inputs.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipstyle.errors import ClipstyleError, OutputError
+from clipstyle.images import IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path  # as given or found
+    rel: str  # identity: the path relative to the folder it was found in (posix), or the file name
+
+
+def _glob_chars(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def collect_inputs(items: list[str], recursive: bool = False, from_file: str | None = None,
+                   stdin=None) -> list[InputFile]:
+    """Expand files, folders and globs into image files, in a stable order.
+
+    Folders contribute only files with image extensions (sorted; with
+    ``recursive`` their subfolders too). Files named directly are taken as they
+    are, so a broken one is reported rather than silently skipped.
+    A path that does not exist is still returned, and fails when read.
+    """
+    listed = list(items)
+    if from_file is not None:
+        if from_file == "-":
+            text = (stdin.read() if stdin is not None else "")
+        else:
+            try:
+                text = Path(from_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ClipstyleError(f"cannot read the list of inputs: {getattr(exc, 'strerror', None) or exc}",
+                                     from_file) from None
+        listed += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    found: list[InputFile] = []
+    seen: set[str] = set()
+
+    def add(path: Path, rel: str) -> None:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            found.append(InputFile(path, rel))
+
+    for item in listed:
+        p = Path(item)
+        if p.is_dir():
+            walker = p.rglob("*") if recursive else p.glob("*")
+            files = sorted((f for f in walker if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts)),
+                           key=lambda f: f.relative_to(p).as_posix())
+            for f in files:
+                add(f, f.relative_to(p).as_posix())
+        elif _glob_chars(item) and not p.exists():
+            matches = sorted(glob.glob(item, recursive=recursive))
+            if not matches:
+                raise ClipstyleError("no file matches this pattern", item)
+            for m in matches:
+                mp = Path(m)
+                if mp.is_file():
+                    add(mp, mp.name)
+        else:
+            add(p, p.name)
+    return found
+
+
+def output_file(output: Path | None, single: bool, one: str) -> Path | None:
+    """``output`` when it names one PNG file (one input, one output), else None (a folder).
+
+    A .png path for several outputs, or a single output to a name with another
+    suffix, is refused; ``one`` says what one output is made of ("one image").
+    """
+    as_file = output is not None and output.suffix.lower() == ".png" and not output.is_dir()
+    if as_file and not single:
+        raise ClipstyleError(f"an output file needs exactly {one}; give a folder instead", output)
+    if output is not None and output.suffix and not as_file and not output.is_dir() and single:
+        raise ClipstyleError("output files are PNG: use a name ending in .png, or a folder", output)
+    return output if as_file else None
+
+
+def short_stem(stem: str, max_bytes: int = 100) -> str:
+    """The input's stem, cut to ``max_bytes`` (plus a short hash of the whole) so
+    that stem, label and suffix stay under the 255-byte file-name limit."""
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) <= max_bytes:
+        return stem
+    cut = raw[:max_bytes].decode("utf-8", "ignore")
+    return f"{cut}-{hashlib.sha256(raw).hexdigest()[:8]}"
+
+
+def mirrored_output(folder: Path, inp: InputFile, label: str) -> Path:
+    """``<folder>/<input's subfolder>/<stem>-<label>.png``."""
+    rel = Path(inp.rel)
+    return folder / rel.parent / f"{short_stem(rel.stem)}-{label}.png"
+
+
+def check_outputs(jobs) -> None:
+    """Refuse, before any compute, outputs that would overwrite an input or cannot be written.
+
+    ``jobs``: anything with ``.input`` (an InputFile) and ``.output`` (a Path).
+    Creates the output folders.
+    """
+    inputs = {os.path.abspath(j.input.path) for j in jobs}
+    checked: set[Path] = set()
+    for j in jobs:
+        if os.path.abspath(j.output) in inputs:
+            raise OutputError("the output would overwrite an input image", j.output)
+        parent = j.output.parent
+        if parent in checked:
+            continue
+        checked.add(parent)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder: {exc.strerror}", parent) from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError("output folder is not writable", parent)

@@ -1,0 +1,89 @@
+"""``run``'s plan: image x prompt pairs, each with its output path, seed and shard.
+
+Imports no torch, so commands that only plan (``sheet``) start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipstyle.errors import ClipstyleError
+from clipstyle.images import slugify
+from clipstyle.inputs import InputFile, mirrored_output, output_file
+
+
+@dataclass
+class RunJob:
+    """One image x prompt pair to optimise: where its output (and style file) go, and its seed."""
+
+    input: InputFile
+    prompt: str
+    output: Path
+    seed: int
+    style: Path | None = None  # where --save-style puts the trained network, if asked
+
+
+def pair_seed(base_seed: int, rel: str, prompt: str) -> int:
+    """A pair's seed from the base seed and the pair's identity, so a result does
+    not depend on order, sharding or batching."""
+    digest = hashlib.sha256(f"{base_seed}\0{rel}\0{prompt}".encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ClipstyleError(f"shard must look like K/N, e.g. 1/4 (got {text!r})") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise ClipstyleError(f"shard K/N needs 1 <= K <= N (got {text!r})")
+    return k, n
+
+
+def in_shard(pair: RunJob, shard: tuple[int, int]) -> bool:
+    """Stable assignment of a pair to one of N shards, the same on every machine."""
+    k, n = shard
+    digest = hashlib.sha256(f"{pair.input.rel}\0{pair.prompt}".encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "little") % n == k - 1
+
+
+def style_path(output: Path, save_style: Path | None, single: bool) -> Path | None:
+    """Where ``--save-style`` puts a pair's network: the path itself for one pair
+    when it ends in .style, else ``<output stem>.style`` in that folder."""
+    if save_style is None:
+        return None
+    if single and save_style.suffix == ".style":
+        return save_style
+    return save_style / f"{output.stem}.style"
+
+
+def plan_pairs(inputs: list[InputFile], prompts: list[str], output: Path | None, base_seed: int,
+               shard: tuple[int, int] | None = None, save_style: Path | None = None) -> list[RunJob]:
+    """One RunJob per (image, prompt), with its output path and seed.
+
+    ``output`` is a file when there is one image and one prompt and it ends in
+    .png; otherwise a folder (default: the current folder). Output names are
+    ``<stem>-<prompt-slug>.png``, under the input's subfolder for folder inputs.
+    """
+    single = len(inputs) == 1 and len(prompts) == 1
+    as_file = output_file(output, single, "one image and one prompt")
+    folder = Path(".") if output is None else output
+    slugs: dict[str, str] = {}
+    used: dict[str, str] = {}
+    for prompt in prompts:
+        slug = slugify(prompt)
+        if slug in used and used[slug] != prompt:  # two prompts, one slug: keep both outputs apart
+            slug = f"{slug}-{hashlib.sha256(prompt.encode('utf-8')).hexdigest()[:8]}"
+        used[slug] = prompt
+        slugs[prompt] = slug
+    jobs = []
+    for inp in inputs:
+        for prompt in prompts:
+            out = as_file or mirrored_output(folder, inp, slugs[prompt])
+            job = RunJob(inp, prompt, out, pair_seed(base_seed, inp.rel, prompt),
+                         style_path(out, save_style, single))
+            if shard is None or in_shard(job, shard):
+                jobs.append(job)
+    return jobs
