@@ -228,6 +228,8 @@ class RunOptions:
     save_style: Path | None = None  # a .style file (one pair) or a folder
     output_size: str | None = None  # None: the training size; "full": the input's; or a longest side
     strength: float = 1.0
+    # issue 12: --mask/--where/--preserve-color (a clipstyle.masks.Region), None for none
+    region: object | None = None
 
 
 def style_path(pair: Pair, save_style: Path | None, single: bool) -> Path | None:
@@ -274,6 +276,7 @@ def output_metadata(pair: Pair, settings, models_info: dict, options: RunOptions
             "seed": pair.seed, "base_seed": options.base_seed, "contrast": options.contrast,
             "strength": options.strength, "output_size": options.output_size,
             "settings": settings.to_dict(), "models": models_info,
+            **({"region": options.region.record()} if options.region is not None else {}),
         },
     }
 
@@ -298,6 +301,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
     import torch
 
     from clipstyle import images as io
+    from clipstyle.masks import Regions
     from clipstyle.stylize import check_prompt, prepare_content, stylize_many
 
     events = events or RunEvents()
@@ -324,6 +328,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
     cache: dict[str, torch.Tensor | ClipstyleError] = {}
 
     originals: dict[str, object] = {}
+    regions = Regions(options.region, models.clip if models is not None else None, keep=max(1, options.batch) + 1)
 
     def load(pair: Pair):
         key = str(pair.input.path)
@@ -334,6 +339,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                     events.note(pair, note)
                 cache.clear()  # keep one decoded image at a time
                 cache[key] = prepare_content(loaded.image, settings.size)
+                regions.prepare(key, loaded.image)
                 if options.output_size:
                     originals[key] = loaded.image
             except ClipstyleError as exc:
@@ -378,7 +384,8 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
 
         try:
             results = stylize_many([c for _, c in batch], [p.prompt for p, _ in batch],
-                                   [p.seed for p, _ in batch], models=models, settings=settings, callback=on_step)
+                                   [p.seed for p, _ in batch], models=models, settings=settings, callback=on_step,
+                                   masks=[regions.training_mask(str(p.input.path), c) for p, c in batch])
         except Exception as exc:  # noqa: BLE001 - one pair's failure must not stop the others
             _free_memory(models)
             if _is_oom(exc):
@@ -402,13 +409,13 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                           seconds_total=round(result.seconds_total, 4),
                           seconds_per_step=round(result.seconds_per_step, 5),
                           losses=result.losses or None, peak_memory_bytes=result.peak_memory_bytes)
+            if options.region is not None:
+                record["region"] = options.region.record()
             if result.error is not None:
                 record.update(status="failed", error=f"{pair.input.path}: {result.error.reason}")
             else:
                 try:
-                    image = final_image(pair, result, content)
-                    if options.contrast:
-                        image = io.enhance_contrast(image)
+                    image = regions.finish(str(pair.input.path), final_image(pair, result, content), options.contrast)
                     io.save_png(image, pair.output, output_metadata(pair, settings, models.info, options),
                                 overwrite=options.overwrite)
                     record["output_size"] = list(image.shape[-1:-3:-1])
@@ -419,6 +426,8 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                         meta = style_metadata(prompt=pair.prompt, settings=settings, seed=pair.seed,
                                               input_path=pair.input.path, trained_size=result.size,
                                               models_info=models.info)
+                        if options.region is not None:
+                            meta["region"] = options.region.record()
                         save_style(style, result.network, meta, overwrite=options.overwrite)
                         record["style"] = str(style)
                 except ClipstyleError as exc:

@@ -539,6 +539,9 @@ class ApplyOptions:
     max_pixels: int = 100_000_000  # inputs over this are refused (decompression bombs)
     whole_pixels: int = WHOLE_IMAGE_PIXELS  # whole-image pass up to this, tiles above
     tile_stats: str = "image"  # see render()
+    # issue 12: --mask/--where/--preserve-color (a clipstyle.masks.Region), and the CLIP encoder --where uses
+    region: object | None = None
+    region_clip: object | None = None
 
 
 class ApplyEvents:
@@ -576,7 +579,7 @@ def _record(job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, statu
     return {"input": str(job.input.path), "styles": [str(s.path) for s in styles], "output": str(job.output),
             "status": status, "error": error, "seconds": None, "size": None,
             "strength": options.strength, "mix": mix_weights(len(styles), options.mix) if styles else None,
-            "tiles": None}
+            "tiles": None, **({"region": options.region.record()} if options.region is not None else {})}
 
 
 def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, size) -> dict:
@@ -587,6 +590,7 @@ def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptio
             "styles": [{"file": s.path.name, "prompt": s.metadata.get("prompt")} for s in styles],
             "mix": mix_weights(len(styles), options.mix), "strength": options.strength, "size": list(size),
             "tile": options.tile, "overlap": options.overlap, "tile_stats": options.tile_stats,
+            **({"region": options.region.record()} if options.region is not None else {}),
         },
     }
     prompts = [s.metadata.get("prompt") for s in styles]
@@ -602,6 +606,7 @@ def apply_files(jobs: list[ApplyJob], styles: Sequence[Style], options: ApplyOpt
     ``report``: a clipstyle.runner.Report. Returns a clipstyle.runner.Summary.
     """
     from clipstyle import images as io
+    from clipstyle import masks
     from clipstyle.runner import Summary
 
     events = events or ApplyEvents()
@@ -628,6 +633,7 @@ def apply_files(jobs: list[ApplyJob], styles: Sequence[Style], options: ApplyOpt
                 events.note(job, note)
             size = target_size(*loaded.image.size, options.size)
             x = io.to_tensor(loaded.image, size)
+            mask = masks.photo_mask(options.region, loaded.image, options.region_clip)
             del loaded
             plan = plan_tiles(size[1], size[0], options.tile, options.overlap, options.whole_pixels)
             record["tiles"] = count_tiles(size[1], size[0], plan)
@@ -635,6 +641,7 @@ def apply_files(jobs: list[ApplyJob], styles: Sequence[Style], options: ApplyOpt
                        mix=options.mix, max_pixels=options.whole_pixels, tile_stats=options.tile_stats,
                        device=device,
                        callback=lambda d, t, job=job: events.tile(job, d, t))
+            y = masks.finish(y, x, options.region, mask)
             io.save_png(y, job.output, _output_metadata(job, styles, options, size), overwrite=options.overwrite)
             record.update(size=list(size))
         except ClipstyleError as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from clipstyle.cli.common import UserError, debug_option, echo_outcome, echo_warning, stop_on_sigterm
+from clipstyle.cli.mask import region_options
 
 STYLE_SUFFIXES = (".style", ".safetensors")  # as clipstyle.styles.SUFFIXES, without importing torch
 
@@ -99,6 +100,7 @@ def _events(quiet: bool):
                    "each with its own (one pass; soft seams possible).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+@region_options(with_clip=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image to this file.")
@@ -108,7 +110,7 @@ def _events(quiet: bool):
 @debug_option
 @stop_on_sigterm
 def apply(args, style_options, output, recursive, from_file, size, strength, mix, tile, overlap, tile_stats,
-          device, overwrite, report, max_pixels, quiet):
+          device, overwrite, report, max_pixels, quiet, region, region_clip):
     """Restyle IMAGES (files, folders or globs) with saved styles, one forward pass each.
 
     Styles are the leading arguments ending in .style or .safetensors (or
@@ -144,6 +146,7 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--tile'/'--overlap'") from None
     dev = resolve_device(device)
+    clip = region_clip(dev)  # CLIP for --where only
     styles = [load_style(p) for p in style_paths]  # a bad style stops here, before any image
     inputs = collect_inputs(images, recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:
@@ -151,7 +154,8 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     jobs = plan_outputs(inputs, styles, output)
     check_outputs(jobs)
     options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
-                           overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats)
+                           overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats, region=region,
+                           region_clip=clip)
     report_file = Report(report)
     events = _events(quiet)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from clipstyle.cli.mask import region_options
 from clipstyle.cli.common import (UserError, debug_option, echo_outcome, echo_warning, load_models_from_options,
                                   model_options, stop_on_sigterm)
 from clipstyle.config import PRECISIONS, PRESETS, Settings
@@ -120,6 +121,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                    "or with longest side N; training stays at --size. [default: the training size]")
 @click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="How much of the style to apply: a blend of content (0) and styled image (1).")
+@region_options()
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image x prompt to this file.")
@@ -131,7 +133,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 def run(images, prompts, output, recursive, from_file, preset, steps, size, crops, crop_size, threshold, lr,
         lambda_patch, lambda_dir, lambda_content, lambda_tv, source, templates_file, no_templates, precision,
         crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, shard,
-        save_every, contrast, save_style, output_size, strength, overwrite, report, max_pixels, quiet):
+        save_every, contrast, save_style, output_size, strength, overwrite, report, max_pixels, quiet, region):
     """Restyle IMAGES (files, folders or globs) after each --prompt.
 
     \b
@@ -182,7 +184,7 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
         raise click.BadParameter("must be 'full' or a number of pixels (8 or more)", param_hint="--output-size")
     options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
                          max_pixels=max_pixels, base_seed=seed, save_style=save_style, output_size=output_size,
-                         strength=strength)
+                         strength=strength, region=region)
     try:
         if devices:
             from clipstyle.device import resolve_device
