@@ -111,6 +111,11 @@ def window_starts(length: int, side: int, stride: float) -> list[int]:
     return [round(i * (length - side) / (n - 1)) for i in range(n)]
 
 
+def window_side(height: int, width: int, settings: WhereSettings) -> int:
+    """Side of the square windows: ``settings.windows`` of them span the short side."""
+    return max(1, round(min(height, width) / (1 + (settings.windows - 1) * settings.stride)))
+
+
 def _tent(side: int) -> torch.Tensor:
     """Blend weights of a window: highest at the centre, small but non-zero at the border. (side,)"""
     t = (torch.arange(side, dtype=torch.float32) + 0.5) / side
@@ -126,8 +131,7 @@ def relevance(clip, image: torch.Tensor, text: torch.Tensor, settings: WhereSett
     """
     settings = settings or WhereSettings()
     h, w = image.shape[-2:]
-    short = min(h, w)
-    side = max(1, round(short / (1 + (settings.windows - 1) * settings.stride)))
+    side = window_side(h, w, settings)
     boxes = [(y, x) for y in window_starts(h, side, settings.stride) for x in window_starts(w, side, settings.stride)]
     acc = image.new_zeros(1, 1, h, w)
     norm = image.new_zeros(1, 1, h, w)
@@ -153,10 +157,13 @@ def where_mask(clip, photo: torch.Tensor, phrase: str, settings: WhereSettings |
 
     The relevance map is made with the photo's longest side at
     ``settings.work_size`` (never enlarged), thresholded, then upsampled to the
-    photo's size by a guided filter with the photo's luma as guide. Deterministic
-    on the CPU.
+    photo's size by a guided filter with the photo's luma as guide, and
+    thresholded again at 0.5: a hard mask whose edges follow the photo's
+    (``--feather`` softens them where it is used). Only pixels within the
+    filter's radius of the coarse map's edges can change, so texture far from
+    any edge cannot leak into the mask. Deterministic on the CPU.
     """
-    from clipstyle.masks import grey, guided_upsample
+    from clipstyle.masks import _box, grey, guided_upsample
 
     settings = settings or WhereSettings()
     if text is None:
@@ -169,8 +176,14 @@ def where_mask(clip, photo: torch.Tensor, phrase: str, settings: WhereSettings |
     small = F.interpolate(photo, size=(wh, ww), mode="bilinear", align_corners=False, antialias=True) \
         if (wh, ww) != (h, w) else photo
     prob = relevance(clip, small.to(device), text, settings).float().cpu()
-    hard = (prob > settings.threshold).float()
-    return guided_upsample(hard, grey(small), grey(photo), settings.guide_radius, settings.guide_eps)
+    hard = (prob > settings.threshold).float()  # (1, 1, wh, ww)
+    cell = window_side(wh, ww, settings) / clip.model.visual.grid_size[0]  # one patch's side in work pixels
+    r = max(1, round(settings.guide_radius * cell))
+    soft = guided_upsample(hard, grey(small), grey(photo), r, settings.guide_eps)
+    near = _box(hard, r)
+    near = ((near > 0) & (near < 1)).float()  # within r of an edge of the thresholded map
+    near = F.interpolate(near, size=(h, w), mode="nearest").bool()
+    return torch.where(near, (soft > 0.5).float(), F.interpolate(hard, size=(h, w), mode="nearest"))
 
 
 __all__ = ["WhereError", "dense_embeddings", "phrase_embeddings", "relevance", "where_mask", "window_starts"]
