@@ -339,3 +339,19 @@ def test_apply_with_a_mask_and_preserved_colour(scene, monkeypatch):
     assert np.abs(ya[inside][..., 0] - yp[inside][..., 0]).mean() > 5  # Y: the style's
     meta = json.loads(result.text["clipstyle"])["region"]
     assert meta["preserve_color"] is True and meta["mask"] == "half.png"
+
+
+def test_the_library_recipe_in_the_docs(scene, models, tiny_settings):
+    """docs/regions.md, "Library": the same steps as the CLI, from Python."""
+    from clipstyle.stylize import prepare_content, stylize_many
+
+    region = Region(mask=scene / "half.png", feather=0, preserve_color=True)
+    photo = io.open_image(scene / "photo.png").image
+    full = M.photo_mask(region, photo, models.clip)
+    content = prepare_content(photo, 32)
+    train = M.at_size(full, *content.shape[-2:], region.feather)
+    result = stylize_many([content], ["fire"], [0], models=models, settings=tiny_settings, masks=[train])[0]
+    image = M.finish(result.tensor, content, region, full)
+    w = image.shape[-1]
+    assert torch.equal(image[..., w // 2 + 1:], content[..., w // 2 + 1:])
+    assert not torch.equal(image[..., : w // 2 - 1], content[..., : w // 2 - 1])

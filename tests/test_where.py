@@ -9,6 +9,7 @@ sign, or with the last block left as CLIP has it, must not.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_window_starts_cover_the_image():
     for length, side in [(100, 40), (512, 192), (40, 40), (30, 40)]:
         starts = W.window_starts(length, side, 0.5)
         assert starts[0] == 0 and min(starts[-1] + side, length) >= min(length, side) and starts[-1] + side >= length
-        assert all(b - a <= 0.5 * side + 1 for a, b in zip(starts, starts[1:]))
+        assert all(b - a <= 0.5 * side + 1 for a, b in itertools.pairwise(starts))
 
 
 def test_a_model_without_patch_tokens_is_refused():
