@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipstyle import __version__
+from clipstyle import __version__, masks
 from clipstyle import images as io
 from clipstyle.batch import Events, Summary, Work, run_jobs
 from clipstyle.config import MAX_PIXELS, TILE_OVERLAP
@@ -47,7 +47,9 @@ class ApplyOptions:
     overwrite: bool = False
     max_pixels: int = MAX_PIXELS  # inputs over this are refused (decompression bombs)
     whole_pixels: int = WHOLE_IMAGE_PIXELS  # whole-image pass up to this, tiles above
-    tile_stats: str = "image"  # see render.render()
+    tile_stats: str = "image"  # see rendering.render()
+    region: object | None = None  # --mask/--where/--preserve-color: a masks.Region, None for none
+    region_clip: object | None = None  # the CLIP encoder --where uses
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptio
             "styles": [{"file": s.path.name, "prompt": s.metadata.get("prompt")} for s in styles],
             "mix": mix_weights(len(styles), options.mix), "strength": options.strength, "size": list(size),
             "tile": options.tile, "overlap": options.overlap, "tile_stats": options.tile_stats,
+            **({"region": options.region.record()} if options.region is not None else {}),
         },
     }
     prompts = [s.metadata.get("prompt") for s in styles]
@@ -97,7 +100,7 @@ class _RenderFiles(Work):
         return {"input": str(job.input.path), "styles": [str(s.path) for s in styles], "output": str(job.output),
                 "status": status, "error": error, "seconds": None, "size": None,
                 "strength": options.strength, "mix": mix_weights(len(styles), options.mix) if styles else None,
-                "tiles": None}
+                "tiles": None, **({"region": options.region.record()} if options.region is not None else {})}
 
     def out_of_memory(self, batch: list[tuple]) -> str:
         return "out of memory; use smaller tiles (--tile 512) or a smaller --size"
@@ -122,12 +125,14 @@ class _RenderFiles(Work):
                 events.note(job, note)
             size = target_size(*loaded.image.size, options.size)
             x = io.to_tensor(loaded.image, size)
+            mask = masks.photo_mask(options.region, loaded.image, options.region_clip)
             del loaded
             plan = plan_tiles(size[1], size[0], options.tile, options.overlap, options.whole_pixels)
             record["tiles"] = count_tiles(size[1], size[0], plan)
             y = render(self.networks, x, tile=options.tile, overlap=options.overlap, strength=options.strength,
                        mix=options.mix, max_pixels=options.whole_pixels, tile_stats=options.tile_stats,
                        device=self.device, callback=lambda d, t: events.progress(job, TileProgress(d, t)))
+            y = masks.finish(y, x, options.region, mask)
             io.save_png(y, job.output, _output_metadata(job, self.styles, options, size), overwrite=self.overwrite)
             record.update(size=list(size))
         except ClipstyleError as exc:

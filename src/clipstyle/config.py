@@ -123,3 +123,48 @@ def settings_for(preset: str = "paper", **values) -> Settings:
     if preset not in PRESETS:
         raise ClipstyleError(f"unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
     return Settings(**{**PRESETS[preset], **{k: v for k, v in values.items() if v is not None}})
+
+
+# --- regions (--mask, --where, --preserve-color; clipstyle.masks and clipstyle.where) ---------------------
+
+# Width in output pixels of the soft edge that --feather gives a mask (a tent
+# filter centred on the edge: pixels farther than this from it are untouched).
+FEATHER = 4.0
+
+
+@dataclass(frozen=True)
+class WhereSettings:
+    """How ``--where`` turns a phrase into a mask with the run's own CLIP (docs/regions.md)."""
+
+    # The last block's attention as ClearCLIP changes it (q-q attention, no
+    # residual, no MLP); "maskclip" (value embeddings) and "vanilla" (the
+    # unchanged last block) are kept for measuring.
+    method: str = "clearclip"
+    # Each patch scores the phrase against these; the mask is where the phrase wins.
+    background: tuple[str, ...] = ("background", "a photo", "a thing", "texture", "a surface", "stuff")
+    # Sentences the phrase and the background phrases are put in, averaged (few: the text tower costs).
+    templates: tuple[str, ...] = ("a photo of {}.", "a photo of the {}.", "a cropped photo of {}.", "{}")
+    # CLIP's own logit scale: cosine similarities x 100 before the softmax over phrases.
+    temperature: float = 100.0
+    # Overlapping square windows: this many along the short side, each moved by
+    # this fraction of its side; every window is one CLIP pass at the model's input size.
+    windows: int = 3
+    stride: float = 0.5
+    # The map is assembled and guided-filtered with the longest side this long,
+    # then its filter coefficients are upsampled to the photo's size.
+    work_size: int = 512
+    # Probability of the phrase above which a pixel is in the region.
+    threshold: float = 0.5
+    # Guided filter (He et al. 2010) that moves the mask's edges onto the
+    # photo's: radius in patches of the windows (one patch is about 27 px of a
+    # 512 x 384 photo with ViT-B/32: the coarse map's uncertainty), and eps
+    # (edge sharpness; the guide is grey in [0, 1]). Only pixels that close to
+    # the coarse edge can change.
+    guide_radius: float = 1.0
+    guide_eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.method not in ("clearclip", "maskclip", "vanilla"):
+            raise ClipstyleError(f"unknown --where method {self.method!r}")
+        if self.windows < 1 or not 0 < self.stride <= 1 or self.work_size < 16 or self.guide_radius < 0:
+            raise ClipstyleError("where settings out of range")

@@ -42,6 +42,7 @@ from clipstyle.encoders import Models
 from clipstyle.errors import ClipstyleError, NonFiniteLossError
 from clipstyle.images import prepare_content, to_pil
 from clipstyle.loading import default_models
+from clipstyle.masks import composite, crop_sampler
 from clipstyle.unet import StyleNet
 
 LOSS_NAMES = ("total", "patch", "dir", "content", "tv")
@@ -123,7 +124,7 @@ def _adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
 class _PairState:
     """The optimisation state of one (image, prompt) pair: its network, optimiser, crops and constants."""
 
-    def __init__(self, index, content, prompt, seed, models, vgg, settings, amp):
+    def __init__(self, index, content, prompt, seed, models, vgg, settings, amp, mask=None):
         device = models.device
         self.index, self.prompt, self.seed = index, prompt, seed
         self.content = content.to(device)  # (1, 3, H, W)
@@ -132,7 +133,11 @@ class _PairState:
         # and moved to the device in one copy: a copy from host memory in the
         # loop would make the host wait for the device at every step.
         h, w = self.content.shape[-2:]
-        draws = [draw_crops(h, w, settings.crops, settings.crop_size, settings.distortion, self.generator)
+        # With a mask (1, 1, H, W), crops are drawn where it is and CLIP sees the
+        # output composited over the photo outside it (clipstyle.masks).
+        self.mask = None if mask is None else mask.to(device)
+        draw = draw_crops if mask is None else crop_sampler(mask, settings.crop_size)
+        draws = [draw(h, w, settings.crops, settings.crop_size, settings.distortion, self.generator)
                  for _ in range(settings.steps)]
         self.crop_hom = torch.stack([d.hom for d in draws]).to(device)  # (steps, n, 3, 3)
         self.crop_offset = torch.stack([d.offset for d in draws]).to(device)  # (steps, n, 2)
@@ -231,10 +236,13 @@ def stylize_many(
     models: Models,
     settings: Settings | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    masks: list[torch.Tensor | None] | None = None,
 ) -> list[StylizeResult]:
     """Optimise one fresh StyleNet per (content, prompt, seed) triple, all in one batch.
 
     contents: (1, 3, H, W) tensors in [0, 1] at the training size (multiples of 8).
+    masks: per pair None or a (1, 1, H, W) region in [0, 1] (clipstyle.masks):
+    the patch crops are drawn in it and CLIP sees the output only there.
     Returns one StylizeResult per pair, in order; a pair whose losses became
     non-finite has ``error`` set and no image, and the others go on.
     """
@@ -248,8 +256,9 @@ def stylize_many(
         encode_image, vgg_features = _compiled(models, vgg)
     out_size = clip.image_size[0]
     reset_peak_memory(device)
-    pairs = [_PairState(i, c, p, s, models, vgg, settings, amp)
-             for i, (c, p, s) in enumerate(zip(contents, prompts, seeds))]
+    masks = masks or [None] * len(contents)
+    pairs = [_PairState(i, c, p, s, models, vgg, settings, amp, m)
+             for i, (c, p, s, m) in enumerate(zip(contents, prompts, seeds, masks))]
     active = list(pairs)
     n = settings.crops
     start = time.perf_counter()
@@ -267,6 +276,7 @@ def stylize_many(
             leaf = out.detach().requires_grad_()
             leaves.append(leaf)
             p.leaf = leaf
+            p.seen = leaf if p.mask is None else composite(leaf, p.content, p.mask)  # what CLIP sees
             p.grids = p.crops(step, out_size)
             p.sums = {k: torch.zeros((), device=device) for k in ("patch", "dir")}
 
@@ -276,10 +286,10 @@ def stylize_many(
             for p, kind, a, b in chunk:
                 rows = b - a
                 if kind == "g":
-                    images.append(clip.resize(p.leaf))
+                    images.append(clip.resize(p.seen))
                     weight.append(torch.full((1,), settings.lambda_dir, device=device))
                 else:
-                    images.append(sample_crops(p.leaf, p.grids.slice(a, b)))
+                    images.append(sample_crops(p.seen, p.grids.slice(a, b)))
                     weight.append(torch.full((rows,), settings.lambda_patch / n, device=device))
                 is_crop.append(torch.full((rows,), kind == "c", device=device))
                 src.append(p.source_emb.expand(rows, -1))

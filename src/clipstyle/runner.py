@@ -17,6 +17,7 @@ from clipstyle import images as io
 from clipstyle.batch import Events, Summary, Work, run_jobs
 from clipstyle.config import MAX_PIXELS
 from clipstyle.errors import ClipstyleError
+from clipstyle.masks import Regions
 from clipstyle.optimize import check_prompt, stylize_many
 from clipstyle.pairs import RunJob
 from clipstyle.rendering import render, target_size
@@ -35,6 +36,7 @@ class RunOptions:
     base_seed: int = 0
     output_size: str | None = None  # None: the training size; "full": the input's; or a longest side
     strength: float = 1.0  # blend of content (0) and styled image (1)
+    region: object | None = None  # --mask/--where/--preserve-color: a masks.Region, None for none
 
     def __post_init__(self) -> None:
         size = self.output_size
@@ -75,6 +77,7 @@ def output_metadata(job: RunJob, settings, models_info: dict, options: RunOption
             "seed": job.seed, "base_seed": options.base_seed, "contrast": options.contrast,
             "strength": options.strength, "output_size": options.output_size,
             "settings": settings.to_dict(), "models": models_info,
+            **({"region": options.region.record()} if options.region is not None else {}),
         },
     }
 
@@ -97,10 +100,13 @@ class _StylizePairs(Work):
         self.batch_size, self.overwrite = options.batch, options.overwrite
         self._prompts: dict[str, str | None] = {}  # prompt -> its error, None when usable
         self._last: tuple[str, _Content | ClipstyleError] | None = None  # one decoded image at a time
+        self._regions: Regions | None = None
 
     def start(self) -> None:
         if callable(self._models):
             self._models = self._models()
+        if self._regions is None:  # masks of the photos a batch holds (--where uses the run's CLIP)
+            self._regions = Regions(self.options.region, self._models.clip, keep=self.batch_size + 1)
 
     @property
     def models(self):
@@ -140,6 +146,10 @@ class _StylizePairs(Work):
         for note in loaded.notes:
             events.note(job, note)
         tensor = io.prepare_content(loaded.image, self.settings.size)
+        try:
+            self._regions.prepare(str(job.input.path), loaded.image)
+        except ClipstyleError as exc:
+            return exc
         return _Content(tensor, loaded.image if self.options.output_size else None)
 
     def out_of_memory(self, batch: list[tuple]) -> str:
@@ -158,7 +168,8 @@ class _StylizePairs(Work):
         jobs = [job for job, _ in batch]
         results = stylize_many([c.tensor for _, c in batch], [j.prompt for j in jobs], [j.seed for j in jobs],
                                models=self.models, settings=self.settings,
-                               callback=lambda info: self._on_step(jobs[info.pair], info, events))
+                               callback=lambda info: self._on_step(jobs[info.pair], info, events),
+                               masks=[self._regions.training_mask(str(j.input.path), c.tensor) for j, c in batch])
         return [self._save(job, content, result) for (job, content), result in zip(batch, results)]
 
     def _on_step(self, job: RunJob, info, events: Events) -> None:
@@ -175,13 +186,14 @@ class _StylizePairs(Work):
                       seconds_total=round(result.seconds_total, 4),
                       seconds_per_step=round(result.seconds_per_step, 5),
                       losses=result.losses or None, peak_memory_bytes=result.peak_memory_bytes)
+        if self.options.region is not None:
+            record["region"] = self.options.region.record()
         if result.error is not None:
             record.update(status="failed", error=f"{job.input.path}: {result.error.reason}")
             return record
         try:
-            image = self._final_image(content, result)
-            if self.options.contrast:
-                image = io.enhance_contrast(image)
+            image = self._regions.finish(str(job.input.path), self._final_image(content, result),
+                                         self.options.contrast)
             io.save_png(image, job.output, output_metadata(job, self.settings, self.models.info, self.options),
                         overwrite=self.overwrite)
             record["output_size"] = list(image.shape[-1:-3:-1])
@@ -189,6 +201,8 @@ class _StylizePairs(Work):
                 meta = style_metadata(prompt=job.prompt, settings=self.settings, seed=job.seed,
                                       input_path=job.input.path, trained_size=result.size,
                                       models_info=self.models.info)
+                if self.options.region is not None:
+                    meta["region"] = self.options.region.record()
                 save_style(job.style, result.network, meta, overwrite=self.overwrite)
                 record["style"] = str(job.style)
         except ClipstyleError as exc:

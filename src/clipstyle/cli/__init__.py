@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("clipstyle.cli.bench", "bench", "Time optimisation steps and compare with the compute floor."),
     "score": ("clipstyle.cli.score", "score", "Score stylized images: CLIP, patch CLIP, content metrics."),
     "sheet": ("clipstyle.cli.sheet", "sheet", "A contact sheet of images x prompts, with scores."),
+    "mask": ("clipstyle.cli.mask", "mask", "Write the mask --where makes, to check, edit and reuse."),
 }
 
 

@@ -14,6 +14,7 @@ from clipstyle.cli.common import (
     echo_warning,
     stop_on_sigterm,
 )
+from clipstyle.cli.mask import region_options
 from clipstyle.config import MAX_PIXELS, STYLE_SUFFIXES, TILE_OVERLAP
 
 
@@ -105,6 +106,7 @@ def _events(quiet: bool):
                    "each with its own (one pass; soft seams possible).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+@region_options(with_clip=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image to this file.")
@@ -114,7 +116,7 @@ def _events(quiet: bool):
 @debug_option
 @stop_on_sigterm
 def apply(args, style_options, output, recursive, from_file, size, strength, mix, tile, overlap, tile_stats,
-          device, overwrite, report, max_pixels, quiet):
+          device, overwrite, report, max_pixels, quiet, region, region_clip):
     """Restyle IMAGES (files, folders or globs) with saved styles, one forward pass each.
 
     Styles are the leading arguments ending in .style or .safetensors (or
@@ -152,9 +154,11 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
             plan_tiles(1 << 20, 1 << 20, tile, overlap)  # checks tile and overlap against each other
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--tile'/'--overlap'") from None
-    options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
-                           overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats)
     dev = resolve_device(device)
+    clip = region_clip(dev)  # CLIP for --where only
+    options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
+                           overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats, region=region,
+                           region_clip=clip)
     styles = [load_style(p) for p in style_paths]  # a bad style stops here, before any image
     inputs = collect_inputs(images, recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:

@@ -18,6 +18,7 @@ from clipstyle.cli.common import (
     model_options,
     stop_on_sigterm,
 )
+from clipstyle.cli.mask import region_options
 from clipstyle.config import MAX_PIXELS, PRECISIONS, PRESETS, Settings
 
 D = Settings()  # every default below is read from config (Settings and its constants): written once
@@ -127,6 +128,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                    "or with longest side N; training stays at --size. [default: the training size]")
 @click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="How much of the style to apply: a blend of content (0) and styled image (1).")
+@region_options()
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image x prompt to this file.")
@@ -138,7 +140,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 def run(images, prompts, output, recursive, from_file, preset, steps, size, crops, crop_size, threshold, lr,
         lambda_patch, lambda_dir, lambda_content, lambda_tv, source, templates_file, no_templates, precision,
         crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, shard,
-        save_every, contrast, save_style, output_size, strength, overwrite, report, max_pixels, quiet):
+        save_every, contrast, save_style, output_size, strength, overwrite, report, max_pixels, quiet, region):
     """Restyle IMAGES (files, folders or globs) after each --prompt.
 
     \b
@@ -175,7 +177,8 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
                             templates=choose_templates(no_templates, templates_file),
                             precision=precision, crop_batch=crop_batch)
     options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
-                         max_pixels=max_pixels, base_seed=seed, output_size=output_size, strength=strength)
+                         max_pixels=max_pixels, base_seed=seed, output_size=output_size, strength=strength,
+                         region=region)
     shard_kn = parse_shard(shard) if shard else None
     device_names = _device_list(devices) if devices else None
     device = device if device_names else str(_device_list(device)[0])
