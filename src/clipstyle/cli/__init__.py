@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("clipstyle.cli.bench", "bench", "Time optimisation steps and compare with the compute floor."),
     "score": ("clipstyle.cli.score", "score", "Score stylized images: CLIP, patch CLIP, content metrics."),
     "sheet": ("clipstyle.cli.sheet", "sheet", "A contact sheet of images x prompts, with scores."),
+    "serve": ("clipstyle.cli.serve", "serve", "A local web app: make, watch, keep and queue stylizations."),
 }
 
 
