@@ -421,9 +421,9 @@ class JobQueue:
                     job.seconds = round(time.perf_counter() - started, 3)
                 self._stop.discard(job.id)
                 self._running = None
+                if status in ("done", "stopped"):
+                    self._save_record(job)  # before anyone sees it finished (and may delete it)
                 self._changed()
-            if status in ("done", "stopped"):
-                self._save_record(job)
 
     def _stylize(self, job: Job) -> str:
         from clipstyle.images import open_image, to_pil
