@@ -145,7 +145,9 @@ class Job:
     settings: dict = field(default_factory=dict)  # Settings.to_dict() (stylize) - fills the form again
     preset: str = "paper"
     base_seed: int = 0
-    seed: int = 0  # derived as `clipstyle run` derives it: same photo name, prompt and seed, same image
+    # derived as `clipstyle run` derives it (same photo name, prompt and seed: same image); 63 bits,
+    # so JSON readers that use doubles (browsers) get it as text in ``public()``
+    seed: int = 0
     style_of: str | None = None  # apply: the job whose style is used
     strength: float = 1.0  # apply: blend with the photo
     status: str = "queued"  # queued, running, done, stopped, failed, cancelled, interrupted
@@ -160,11 +162,12 @@ class Job:
     size: list | None = None  # [width, height] of the result
     png: str | None = None  # file names in results/
     style: str | None = None
-    metadata: dict | None = None  # the PNG's text metadata
+    metadata: dict | None = None  # the PNG's text chunks, as written (JSON values stay text: 64-bit seeds)
     preview: int = 0  # bumps each time a new preview image is ready
 
     def public(self) -> dict:
         data = asdict(self)
+        data["seed"] = str(self.seed)
         data["eta"] = None
         if self.status == "running" and self.step > 0 and self.steps:
             data["eta"] = round(self.seconds / self.step * (self.steps - self.step), 1)
@@ -483,7 +486,7 @@ class JobQueue:
         path = self.results / f"{job.id}.png"
         save_png(tensor, path, meta)
         job.png, job.size = path.name, [int(tensor.shape[-1]), int(tensor.shape[-2])]
-        job.metadata = {k: v if isinstance(v, str) else json.loads(json.dumps(v)) for k, v in meta.items()}
+        job.metadata = _png_text(path)
 
     def _apply(self, job: Job) -> str:
         from clipstyle.runner import InputFile, Report
@@ -508,11 +511,8 @@ class JobQueue:
         if record["status"] != "ok":
             job.error = record["error"].replace(str(self.uploads / f"{job.upload}.bin"), job.input_name)
             return "failed"
-        from PIL import Image
-
-        with Image.open(out) as img:
-            job.size = list(img.size)
-            job.metadata = {k: (json.loads(v) if k == "clipstyle" else v) for k, v in img.text.items()}
+        job.metadata = _png_text(out)
+        job.size = record["size"]
         job.png = out.name
         job.step = 1
         return "done"
@@ -541,6 +541,13 @@ class JobQueue:
             if job.id == path.stem and job.png and (self.results / job.png).is_file():
                 job.preview = 0
                 self.jobs[job.id] = job
+
+
+def _png_text(path: Path) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return dict(img.text)
 
 
 def _jpeg(image) -> bytes:

@@ -173,8 +173,7 @@ function showQueue(state, byId) {
 }
 
 function card(job) {
-  const meta = job.metadata || {};
-  const facts = [`seed ${job.seed}`, job.size ? `${job.size[0]}×${job.size[1]}` : "",
+  const facts = [job.kind === "stylize" ? `seed ${job.base_seed}` : "", job.size ? `${job.size[0]}×${job.size[1]}` : "",
                  job.kind === "apply" ? `style applied (strength ${job.strength})` : `${job.settings.steps} steps`,
                  job.status === "stopped" ? `stopped at step ${job.step}` : ""].filter(Boolean).join(" · ");
   const links = el("p", {},
@@ -190,7 +189,9 @@ function card(job) {
     el("p", { className: "prompt", textContent: job.prompt }),
     el("p", { className: "muted", textContent: `${job.input_name} · ${facts}` }),
     links, buttons,
-    el("details", {}, el("summary", { textContent: "metadata" }), el("pre", { textContent: JSON.stringify(meta, null, 1) })));
+    // the PNG's text chunks as they are (parsing them would round 64-bit seeds)
+    el("details", {}, el("summary", { textContent: "metadata" }),
+       el("pre", { textContent: Object.entries(job.metadata || {}).map(([k, v]) => `${k}: ${v}`).join("\n") })));
 }
 
 function render(state) {
