@@ -98,7 +98,10 @@ def test_a_job_streams_progress_then_lands_in_the_gallery_with_its_files(server,
     meta = json.loads(img.text["clipstyle"])
     assert img.text["prompt"] == "fire" and meta["settings"]["steps"] == 12 and meta["base_seed"] == 5
     assert str(meta["seed"]) == job["seed"] and meta["input"] == "photo.jpg"
-    assert job["metadata"] == img.text  # the page shows the PNG's own text
+    assert "metadata" not in job  # the state sent at every step stays small
+    status, full = get_json(f"{server}/api/jobs/{job_id}")
+    assert status == 200 and full["metadata"] == img.text  # the page shows the PNG's own text
+    assert full["settings"] == Settings(**{**{k: v for k, v in TINY.items() if k != "preset"}, "steps": 12}).to_dict()
     # the style file is a clipstyle style with the run's prompt and seed
     status, headers, body = request("GET", f"{server}/files/results/{job['style']}")
     assert status == 200 and 'filename="photo-fire.style"' in headers["Content-Disposition"]
@@ -120,7 +123,7 @@ def test_the_seed_is_derived_as_the_cli_derives_it(tmp_path, server, queue, phot
                     "--crops", 2, "--crop-size", 16, "--seed", 3, "-q")
     assert result.exit_code == 0, result.output
     assert Image.open(out).tobytes() == Image.open(queue.results / job["png"]).tobytes()
-    assert Image.open(out).text == job["metadata"]
+    assert Image.open(out).text == get_json(f"{server}/api/jobs/{job_id}")[1]["metadata"]
 
 
 def test_one_worker_runs_jobs_first_in_first_out_and_shows_positions(server, queue):

@@ -149,6 +149,9 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
         wait.until(lambda d: d.execute_script(
             "return [...document.querySelectorAll('#cards img')].every(i => i.complete && i.naturalWidth > 0)"))
         assert find(By.ID, "message").text == ""
+        find(By.CSS_SELECTOR, "#cards .card:last-child details summary").click()  # the stopped run's metadata
+        wait.until(lambda d: "stopped_at_step" in find(By.CSS_SELECTOR, "#cards .card:last-child pre").text)
+        browser.execute_script("document.getElementById('gallery').scrollIntoView()")
         shoot(browser, tmp_path, "4-gallery")
     kinds = sorted((j.kind, j.status) for j in queue.jobs.values())
     assert kinds == [("apply", "done"), ("stylize", "done"), ("stylize", "stopped")]

@@ -9,7 +9,8 @@ Routes (the page uses all of them; so can a script):
 
     GET  /                         the page
     GET  /api/config               the form: fields and defaults from Settings, presets
-    GET  /api/state                queue and jobs (JSON); /api/events streams it
+    GET  /api/state                queue and jobs, in short (JSON); /api/events streams it
+    GET  /api/jobs/<id>            one job in full: settings, PNG metadata, notes
     POST /api/uploads              the photo's bytes as the body, its name in X-Filename
     POST /api/jobs                 {"upload", "prompts": [...], "form": {...}} or {"upload", "apply": job id}
     POST /api/jobs/<id>/stop       cancel a queued job, or stop a running one keeping its last image
@@ -157,6 +158,12 @@ def make_app(queue: JobQueue, *, help_texts: dict | None = None, max_upload: int
             return _error(str(exc))
         return JSONResponse({"jobs": [j.id for j in jobs]})
 
+    async def job(request: Request) -> Response:
+        try:
+            return JSONResponse(queue.job(request.path_params["job"]))
+        except KeyError:
+            return _error("no such job", 404)
+
     async def stop(request: Request) -> Response:
         try:
             job = queue.stop(request.path_params["job"])
@@ -201,6 +208,7 @@ def make_app(queue: JobQueue, *, help_texts: dict | None = None, max_upload: int
         Route("/api/uploads", upload, methods=["POST"]),
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs/{job}/stop", stop, methods=["POST"]),
+        Route("/api/jobs/{job}", job, methods=["GET"]),
         Route("/api/jobs/{job}", delete, methods=["DELETE"]),
         Route("/api/jobs/{job}/preview", preview),
         Route("/files/{folder}/{name}", files),

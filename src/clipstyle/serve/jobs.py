@@ -165,12 +165,17 @@ class Job:
     metadata: dict | None = None  # the PNG's text chunks, as written (JSON values stay text: 64-bit seeds)
     preview: int = 0  # bumps each time a new preview image is ready
 
-    def public(self) -> dict:
+    def public(self, full: bool = True) -> dict:
+        """The job as JSON. ``full=False``: without settings, metadata and notes, for the state that
+        is sent at every step (the page fetches a job in full when it needs those)."""
         data = asdict(self)
         data["seed"] = str(self.seed)
         data["eta"] = None
         if self.status == "running" and self.step > 0 and self.steps:
             data["eta"] = round(self.seconds / self.step * (self.steps - self.step), 1)
+        if not full:
+            for key in ("settings", "metadata", "notes"):
+                del data[key]
         return data
 
 
@@ -357,8 +362,13 @@ class JobQueue:
                 "version": self.version,
                 "running": self._running,
                 "queue": queue,  # job ids in the order they will run; position = index + 1
-                "jobs": [j.public() for j in sorted(self.jobs.values(), key=lambda j: j.created)],
+                "jobs": [j.public(full=False) for j in sorted(self.jobs.values(), key=lambda j: j.created)],
             }
+
+    def job(self, job_id: str) -> dict:
+        """One job in full (KeyError if unknown)."""
+        with self._lock:
+            return self._get(job_id).public()
 
     def preview(self, job_id: str) -> tuple[bytes, str] | None:
         """The latest image of a job: the live preview (JPEG) while it runs, then its PNG."""
@@ -446,15 +456,18 @@ class JobQueue:
         def on_step(info) -> None:
             last["output"] = info.output
             now = time.perf_counter()
+            stop = job.id in self._stop or self._closing
+            image = None
+            if not stop and (now - last["preview_at"] >= self.preview_seconds or info.step == info.steps):
+                image = _jpeg(to_pil(info.output))  # outside the lock: the page's requests go on meanwhile
+                last["preview_at"] = now
             with self._wake:
                 job.step, job.seconds = info.step, round(info.seconds, 3)
                 if info.losses:
                     job.losses.append([info.step, round(info.losses["total"], 6)])
-                stop = job.id in self._stop or self._closing
-                if not stop and (now - last["preview_at"] >= self.preview_seconds or info.step == info.steps):
-                    self._previews[job.id] = _jpeg(to_pil(info.output))
+                if image is not None:
+                    self._previews[job.id] = image
                     job.preview += 1
-                    last["preview_at"] = now
                 self._changed()
             if stop:
                 raise _Stopped()

@@ -67,7 +67,9 @@ function formValues() {
   return form;
 }
 
-function useSettings(job) {
+async function useSettings(id) {
+  let job;
+  try { job = await api("GET", `/api/jobs/${id}`); } catch (e) { return say(e.message); }
   applyPreset(job.preset in config.presets ? job.preset : "paper");
   for (const f of config.fields) if (f.name in job.settings) $("f-" + f.name).value = job.settings[f.name];
   $("seed").value = job.base_seed;
@@ -174,13 +176,13 @@ function showQueue(state, byId) {
 
 function card(job) {
   const facts = [job.kind === "stylize" ? `seed ${job.base_seed}` : "", job.size ? `${job.size[0]}×${job.size[1]}` : "",
-                 job.kind === "apply" ? `style applied (strength ${job.strength})` : `${job.settings.steps} steps`,
+                 job.kind === "apply" ? `style applied (strength ${job.strength})` : `${job.steps} steps`,
                  job.status === "stopped" ? `stopped at step ${job.step}` : ""].filter(Boolean).join(" · ");
   const links = el("p", {},
     el("a", { href: `/files/results/${job.png}`, download: "", className: "download-png", textContent: "PNG" }));
   if (job.style) links.append(el("a", { href: `/files/results/${job.style}`, download: "", textContent: "style file" }));
   const buttons = el("p", {});
-  if (job.kind === "stylize") buttons.append(el("button", { className: "plain use", textContent: "Use these settings", onclick: () => useSettings(job) }));
+  if (job.kind === "stylize") buttons.append(el("button", { className: "plain use", textContent: "Use these settings", onclick: () => useSettings(job.id) }));
   if (job.style) buttons.append(el("button", { className: "plain apply", textContent: "Apply to the photo above",
     onclick: () => upload ? act("POST", "/api/jobs", { apply: job.id, upload: upload.id }) : say("choose a photo first") }));
   buttons.append(el("button", { className: "plain", textContent: "Delete", onclick: () => act("DELETE", `/api/jobs/${job.id}`) }));
@@ -189,9 +191,16 @@ function card(job) {
     el("p", { className: "prompt", textContent: job.prompt }),
     el("p", { className: "muted", textContent: `${job.input_name} · ${facts}` }),
     links, buttons,
+    el("details", { ontoggle: (e) => showMetadata(e.target, job.id) }, el("summary", { textContent: "metadata" }), el("pre")));
+}
+
+async function showMetadata(details, id) {
+  if (!details.open) return;
+  try {
+    const job = await api("GET", `/api/jobs/${id}`);
     // the PNG's text chunks as they are (parsing them would round 64-bit seeds)
-    el("details", {}, el("summary", { textContent: "metadata" }),
-       el("pre", { textContent: Object.entries(job.metadata || {}).map(([k, v]) => `${k}: ${v}`).join("\n") })));
+    details.querySelector("pre").textContent = Object.entries(job.metadata || {}).map(([k, v]) => `${k}: ${v}`).join("\n");
+  } catch (e) { say(e.message); }
 }
 
 function render(state) {
