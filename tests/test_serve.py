@@ -319,11 +319,16 @@ def test_cli_serve_loads_models_once_and_stops_cleanly_on_sigterm(tmp_path, monk
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
+    # A SIGTERM that comes after the command has returned must not end the test run.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     thread = threading.Thread(target=drive, daemon=True)
     thread.start()
     folder = tmp_path / "served"
-    result = invoke("serve", "--folder", folder, "--port", 0, catch_exceptions=True)
-    thread.join(10)
+    try:
+        result = invoke("serve", "--folder", folder, "--port", 0, catch_exceptions=True)
+        thread.join(10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert result.exit_code == 130, result.output
     assert len(calls) == 1 and outcome["first"]["status"] == "done"
     helps = {f["name"]: f["help"] for f in outcome["config"]["fields"]}
