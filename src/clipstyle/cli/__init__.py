@@ -20,6 +20,7 @@ COMMANDS = {
     "score": ("clipstyle.cli.score", "score", "Score stylized images: CLIP, patch CLIP, content metrics."),
     "sheet": ("clipstyle.cli.sheet", "sheet", "A contact sheet of images x prompts, with scores."),
     "mask": ("clipstyle.cli.mask", "mask", "Write the mask --where makes, to check, edit and reuse."),
+    "serve": ("clipstyle.cli.serve", "serve", "A local web app: make, watch, keep and queue stylizations."),
 }
 
 

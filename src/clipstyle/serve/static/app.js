@@ -1,0 +1,247 @@
+// clipstyle serve: the page. Form fields come from /api/config (clipstyle's Settings),
+// progress from /api/events (server-sent events), images by URL from the server itself.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const HEADERS = { "X-Clipstyle": "1" };
+let config = null;
+let upload = null;          // the current photo: {id, name, width, height}
+let shownPreview = "";      // the live image's current URL
+let galleryKey = "";        // what the gallery shows, to redraw only on change
+const reported = new Set(); // failed jobs whose error was shown
+
+function say(text) { $("message").textContent = text || ""; }
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "dataset") Object.assign(node.dataset, v);
+    else if (k in node) node[k] = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+async function api(method, url, body, headers = {}) {
+  const response = await fetch(url, { method, body, headers: { ...HEADERS, ...headers } });
+  let data = {};
+  try { data = await response.json(); } catch (e) { /* not JSON */ }
+  if (!response.ok) throw new Error(data.error || `${response.status} ${response.statusText}`);
+  return data;
+}
+
+// --- the form ------------------------------------------------------------------------------------
+
+function buildForm() {
+  for (const name of Object.keys(config.presets)) $("preset").append(el("option", { value: name, textContent: name }));
+  for (const f of config.fields) {
+    let input;
+    if (f.choices) {
+      input = el("select");
+      for (const c of f.choices) input.append(el("option", { value: c, textContent: c }));
+    } else if (f.type === "str") {
+      input = el("input", { type: "text" });
+    } else {
+      input = el("input", { type: "number", step: f.type === "int" ? "1" : "any" });
+    }
+    input.id = "f-" + f.name;
+    input.name = f.name;
+    if (f.help) input.title = f.help;
+    $("fields").append(el("label", { htmlFor: input.id, title: f.help || "" }, f.name.replaceAll("_", " "), input));
+  }
+  $("seed").value = config.seed;
+  applyPreset("paper");
+  $("preset").addEventListener("change", () => applyPreset($("preset").value));
+}
+
+function applyPreset(name) {
+  $("preset").value = name;
+  const values = config.presets[name] || {};
+  for (const f of config.fields) $("f-" + f.name).value = f.name in values ? values[f.name] : f.default;
+}
+
+function formValues() {
+  const form = { preset: $("preset").value, seed: $("seed").value };
+  for (const f of config.fields) form[f.name] = $("f-" + f.name).value;
+  return form;
+}
+
+async function useSettings(id) {
+  let job;
+  try { job = await api("GET", `/api/jobs/${id}`); } catch (e) { return say(e.message); }
+  applyPreset(job.preset in config.presets ? job.preset : "paper");
+  for (const f of config.fields) if (f.name in job.settings) $("f-" + f.name).value = job.settings[f.name];
+  $("seed").value = job.base_seed;
+  $("prompts").value = job.prompt;
+  showUpload({ id: job.upload, name: job.input_name });
+  say("");
+  window.scrollTo({ top: 0, behavior: "smooth" });
+}
+
+// --- the photo -----------------------------------------------------------------------------------
+
+function showUpload(info) {
+  upload = info;
+  $("photo-view").src = `/files/uploads/${info.id}.jpg`;
+  $("photo-view").hidden = false;
+  $("photo-name").textContent = info.width ? `${info.name} (${info.width}×${info.height})` : info.name;
+}
+
+async function sendPhoto(file) {
+  say("");
+  $("photo-name").textContent = `uploading ${file.name}…`;
+  try {
+    const info = await api("POST", "/api/uploads", file,
+                           { "X-Filename": encodeURIComponent(file.name), "Content-Type": "application/octet-stream" });
+    showUpload(info);
+    if (info.notes && info.notes.length) say(`${info.name}: ${info.notes.join("; ")}`);
+  } catch (e) {
+    upload = null;
+    $("photo-view").hidden = true;
+    $("photo-name").textContent = "Drop a photo here, or click to choose one";
+    say(e.message);
+  }
+}
+
+// --- actions -------------------------------------------------------------------------------------
+
+async function start() {
+  say("");
+  if (!upload) return say("choose a photo first");
+  const prompts = $("prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
+  if (!prompts.length) return say("type a prompt");
+  try {
+    await api("POST", "/api/jobs", JSON.stringify({ upload: upload.id, prompts, form: formValues() }),
+              { "Content-Type": "application/json" });
+  } catch (e) { say(e.message); }
+}
+
+async function act(method, url, body) {
+  try {
+    await api(method, url, body ? JSON.stringify(body) : undefined, { "Content-Type": "application/json" });
+  } catch (e) { say(e.message); }
+}
+
+// --- showing the state ---------------------------------------------------------------------------
+
+function seconds(s) {
+  if (s === null || s === undefined) return "–";
+  s = Math.round(s);
+  return s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
+}
+
+function drawCurve(losses) {
+  const svg = $("curve");
+  svg.replaceChildren();
+  if (losses.length < 2) { $("curve-text").textContent = losses.length ? `loss ${losses[0][1].toPrecision(4)}` : ""; return; }
+  const xs = losses.map((l) => l[0]), ys = losses.map((l) => l[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const points = losses.map(([x, y]) =>
+    `${((x - x0) / (x1 - x0 || 1) * 296 + 2).toFixed(1)},${(88 - (y - y0) / (y1 - y0 || 1) * 86).toFixed(1)}`);
+  svg.append(document.createElementNS("http://www.w3.org/2000/svg", "polyline"));
+  svg.firstChild.setAttribute("points", points.join(" "));
+  $("curve-text").textContent = `total loss ${ys[ys.length - 1].toPrecision(4)} at step ${x1} (from ${ys[0].toPrecision(4)})`;
+}
+
+function showCurrent(job) {
+  $("current").hidden = !job;
+  $("idle").hidden = !!job;
+  if (!job) return;
+  const verb = job.kind === "apply" ? "applying the style of" : "";
+  $("current-title").textContent = `${verb} “${job.prompt}” on ${job.input_name} — ${job.status}`;
+  const url = job.status === "running" ? `/api/jobs/${job.id}/preview?v=${job.preview}`
+            : job.png ? `/files/results/${job.png}` : "";
+  if (url && url !== shownPreview && (job.preview > 0 || job.png)) { $("live").src = url; shownPreview = url; }
+  $("live").hidden = !url;
+  $("progress").max = job.steps || 1;
+  $("progress").value = job.step;
+  const parts = [`step ${job.step} / ${job.steps}`, `${seconds(job.seconds)} elapsed`];
+  if (job.status === "running") parts.push(`about ${seconds(job.eta)} left`);
+  if (job.status === "stopped") parts.push(`stopped at step ${job.step}`);
+  $("progress-text").textContent = parts.join(" · ");
+  drawCurve(job.losses);
+  $("stop").disabled = job.status !== "running";
+  $("stop").dataset.job = job.id;
+}
+
+function showQueue(state, byId) {
+  const items = state.queue.map((id, i) => {
+    const job = byId[id];
+    return el("li", {}, `#${i + 1} “${job.prompt}” on ${job.input_name} `,
+              el("button", { className: "plain", textContent: "Cancel", onclick: () => act("POST", `/api/jobs/${id}/stop`) }));
+  });
+  $("queue").replaceChildren(...(items.length ? items : [el("li", { className: "muted", textContent: "empty" })]));
+}
+
+function card(job) {
+  const facts = [job.kind === "stylize" ? `seed ${job.base_seed}` : "", job.size ? `${job.size[0]}×${job.size[1]}` : "",
+                 job.kind === "apply" ? `style applied (strength ${job.strength})` : `${job.steps} steps`,
+                 job.status === "stopped" ? `stopped at step ${job.step}` : ""].filter(Boolean).join(" · ");
+  const links = el("p", {},
+    el("a", { href: `/files/results/${job.png}`, download: "", className: "download-png", textContent: "PNG" }));
+  if (job.style) links.append(el("a", { href: `/files/results/${job.style}`, download: "", textContent: "style file" }));
+  const buttons = el("p", {});
+  if (job.kind === "stylize") buttons.append(el("button", { className: "plain use", textContent: "Use these settings", onclick: () => useSettings(job.id) }));
+  if (job.style) buttons.append(el("button", { className: "plain apply", textContent: "Apply to the photo above",
+    onclick: () => upload ? act("POST", "/api/jobs", { apply: job.id, upload: upload.id }) : say("choose a photo first") }));
+  buttons.append(el("button", { className: "plain", textContent: "Delete", onclick: () => act("DELETE", `/api/jobs/${job.id}`) }));
+  return el("div", { className: "card", dataset: { job: job.id } },
+    el("img", { src: `/files/results/${job.png}`, alt: job.prompt, loading: "lazy" }),
+    el("p", { className: "prompt", textContent: job.prompt }),
+    el("p", { className: "muted", textContent: `${job.input_name} · ${facts}` }),
+    links, buttons,
+    el("details", { ontoggle: (e) => showMetadata(e.target, job.id) }, el("summary", { textContent: "metadata" }), el("pre")));
+}
+
+async function showMetadata(details, id) {
+  if (!details.open) return;
+  try {
+    const job = await api("GET", `/api/jobs/${id}`);
+    // the PNG's text chunks as they are (parsing them would round 64-bit seeds)
+    details.querySelector("pre").textContent = Object.entries(job.metadata || {}).map(([k, v]) => `${k}: ${v}`).join("\n");
+  } catch (e) { say(e.message); }
+}
+
+function render(state) {
+  const byId = Object.fromEntries(state.jobs.map((j) => [j.id, j]));
+  const ran = state.jobs.filter((j) => j.status !== "queued" && j.status !== "cancelled" && (j.png || j.status === "running" || j.status === "failed"));
+  const current = state.running ? byId[state.running] : ran.filter((j) => j.finished !== null).sort((a, b) => b.finished - a.finished)[0];
+  showCurrent(current || null);
+  showQueue(state, byId);
+  for (const j of state.jobs) {
+    if (j.status === "failed" && !reported.has(j.id)) { reported.add(j.id); say(`“${j.prompt}”: ${j.error}`); }
+  }
+  const kept = state.jobs.filter((j) => (j.status === "done" || j.status === "stopped") && j.png).reverse();
+  const key = kept.map((j) => j.id).join();
+  if (key !== galleryKey) { galleryKey = key; $("cards").replaceChildren(...kept.map(card)); }
+}
+
+function listen() {
+  const source = new EventSource("/api/events");
+  source.onopen = () => { $("connection").textContent = "connected"; };
+  source.onerror = () => { $("connection").textContent = "server not reachable, retrying…"; };
+  source.onmessage = (e) => render(JSON.parse(e.data));
+}
+
+// --- start ---------------------------------------------------------------------------------------
+
+async function main() {
+  try {
+    config = await api("GET", "/api/config");
+  } catch (e) { return say(`cannot read the settings: ${e.message}`); }
+  buildForm();
+  $("photo").addEventListener("change", () => { if ($("photo").files[0]) sendPhoto($("photo").files[0]); });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault(); drop.classList.remove("over");
+    if (e.dataTransfer.files[0]) sendPhoto(e.dataTransfer.files[0]);
+  });
+  $("start").addEventListener("click", start);
+  $("stop").addEventListener("click", () => act("POST", `/api/jobs/${$("stop").dataset.job}/stop`));
+  listen();
+}
+
+main();

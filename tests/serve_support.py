@@ -1,0 +1,83 @@
+"""Running `clipstyle serve`'s app for tests: a real server on a free 127.0.0.1 port, in a thread,
+that stops when the test ends; and small HTTP helpers over urllib."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+HEADERS = {"X-Clipstyle": "1"}
+
+
+@contextlib.contextmanager
+def running(queue, **options):
+    """Serve ``queue`` on 127.0.0.1 at a free port; yields the base URL; stops the server and the queue after."""
+    import uvicorn
+
+    from clipstyle.serve.app import make_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = None
+    app = make_app(queue, closing=lambda: server is not None and server.should_exit, **options)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    queue.start()
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        queue.close(60)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body bytes); errors are answers too."""
+    req = urllib.request.Request(url, data=body, method=method, headers={**HEADERS, **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def get_json(url: str):
+    status, _, body = request("GET", url)
+    return status, json.loads(body)
+
+
+def post_json(url: str, data, method: str = "POST"):
+    status, _, body = request(method, url, json.dumps(data).encode(), {"Content-Type": "application/json"})
+    return status, json.loads(body)
+
+
+def upload(base: str, data: bytes, name: str = "photo.jpg"):
+    status, _, body = request("POST", f"{base}/api/uploads", data, {"X-Filename": urllib.request.quote(name),
+                                                                    "Content-Type": "application/octet-stream"})
+    return status, json.loads(body)
+
+
+def wait_for(base: str, job_id: str, statuses=("done", "stopped", "failed", "cancelled"), timeout: float = 60):
+    """The job's record once its status is one of ``statuses``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, state = get_json(f"{base}/api/state")
+        job = next(j for j in state["jobs"] if j["id"] == job_id)
+        if job["status"] in statuses:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job['status']}"
+        time.sleep(0.02)

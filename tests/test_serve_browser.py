@@ -1,0 +1,160 @@
+"""`clipstyle serve` driven by a real, headless Chromium as a person would: upload, type, start,
+watch the preview change, stop, download; a second run finishes and its style is applied.
+
+Needs Debian's chromium and chromium-driver (.ci/run installs them); skipped only when they are
+absent. Screenshots of each state go to the test's folder, and also to the folder in
+CLIPSTYLE_SCREENSHOTS when it is set (docs/serve is made this way, see docs/serve.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+if not (CHROMIUM and CHROMEDRIVER):
+    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+pytest.importorskip("starlette")
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from clipstyle.images import fit_size
+from clipstyle.serve.jobs import JobQueue
+from serve_support import running
+
+from conftest import tiny_models
+
+SIZE = 64  # the form's size field in this test: small, for tiny models on a CPU
+
+
+def photo(path: Path) -> Path:
+    """A 3:2 photo-like picture: sky, sun, hills."""
+    img = Image.new("RGB", (300, 200))
+    draw = ImageDraw.Draw(img)
+    for y in range(200):
+        draw.line([(0, y), (300, y)], fill=(90 + y // 3, 140 + y // 4, 230 - y // 2))
+    draw.ellipse([210, 30, 260, 80], fill=(250, 210, 60))
+    draw.polygon([(0, 200), (0, 130), (90, 90), (180, 140), (300, 100), (300, 200)], fill=(60, 120, 50))
+    img.save(path, quality=92)
+    return path
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1100,1000", "--no-first-run", "--disable-extensions", "--lang=en"):
+        options.add_argument(arg)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def shoot(driver, tmp_path: Path, name: str) -> None:
+    """A screenshot, kept small (a 64-colour palette) and copied to $CLIPSTYLE_SCREENSHOTS if set."""
+    raw = tmp_path / f"{name}.raw.png"
+    driver.save_screenshot(str(raw))
+    with Image.open(raw) as img:
+        small = img.convert("RGB").quantize(64, method=Image.Quantize.MEDIANCUT)
+    out = tmp_path / f"{name}.png"
+    small.save(out, optimize=True)
+    target = os.environ.get("CLIPSTYLE_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out, Path(target) / out.name)
+
+
+def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
+    picture = photo(tmp_path / "hills.jpg")
+    queue = JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0.05)
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    find = browser.find_element
+    with running(queue) as base:
+        browser.get(base)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fields input"))
+        # Make: the photo, a prompt, the draft preset with a small size
+        find(By.ID, "photo").send_keys(str(picture))
+        wait.until(lambda d: "/files/uploads/" in (find(By.ID, "photo-view").get_attribute("src") or ""))
+        wait.until(lambda d: d.execute_script("return document.getElementById('photo-view').naturalWidth") > 0)
+        assert "hills.jpg (300×200)" in find(By.ID, "photo-name").text
+        find(By.ID, "prompts").send_keys("ink wash painting")
+        Select(find(By.ID, "preset")).select_by_value("draft")
+        assert find(By.ID, "f-steps").get_attribute("value") == "100"  # from PRESETS, through /api/config
+        find(By.CSS_SELECTOR, "#settings summary").click()
+        for name, value in (("steps", "400"), ("size", str(SIZE)), ("crops", "4"), ("crop_size", "32")):
+            field = find(By.ID, f"f-{name}")
+            field.clear()
+            field.send_keys(value)
+        shoot(browser, tmp_path, "1-make")
+        # Watch: the live image changes while the job runs; then Stop keeps the last one
+        browser.execute_script("""
+            window.seen = [];
+            new MutationObserver(() => window.seen.push(document.getElementById('live').src))
+              .observe(document.getElementById('live'), {attributes: true, attributeFilter: ['src']});""")
+        find(By.ID, "start").click()
+        wait.until(lambda d: len(set(d.execute_script("return window.seen"))) >= 3
+                   and d.find_elements(By.CSS_SELECTOR, "#curve polyline"))
+        seen = browser.execute_script("return window.seen")
+        assert all("/preview?v=" in src for src in seen)
+        assert "about" in find(By.ID, "progress-text").text  # an estimate of the time left
+        shoot(browser, tmp_path, "2-watch")
+        find(By.ID, "stop").click()
+        wait.until(lambda d: "stopped at step" in find(By.ID, "progress-text").text)
+        # Keep: the gallery card; its PNG downloads and is an image of the photo's aspect
+        link = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card a.download-png"))
+        shoot(browser, tmp_path, "3-stopped")
+        link.click()
+        deadline = time.monotonic() + 20
+        while not (pngs := [p for p in browser.downloads.glob("*.png")]):
+            assert time.monotonic() < deadline, "the PNG did not download"
+            time.sleep(0.05)
+        (png,) = pngs
+        assert png.name == "hills-ink-wash-painting.png"
+        with Image.open(png) as img:
+            img.verify()
+        with Image.open(png) as img:
+            assert img.size == fit_size(300, 200, SIZE)  # longest side SIZE, 3:2 up to rounding to 8
+            assert abs(img.size[0] / img.size[1] - 1.5) < 8 / img.size[1]
+            assert img.text["prompt"] == "ink wash painting"
+        # Reuse: the settings go back into the form; a shorter run finishes and keeps its style
+        find(By.ID, "prompts").clear()
+        find(By.CSS_SELECTOR, "#cards .card button.use").click()
+        assert find(By.ID, "prompts").get_attribute("value") == "ink wash painting"
+        assert find(By.ID, "f-steps").get_attribute("value") == "400"
+        assert find(By.ID, "f-size").get_attribute("value") == str(SIZE)
+        steps = find(By.ID, "f-steps")
+        steps.clear()
+        steps.send_keys("12")
+        find(By.ID, "start").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cards .card button.apply")) == 1)
+        find(By.CSS_SELECTOR, "#cards .card button.apply").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cards .card")) == 3)
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#cards img')].every(i => i.complete && i.naturalWidth > 0)"))
+        assert find(By.ID, "message").text == ""
+        find(By.CSS_SELECTOR, "#cards .card:last-child details summary").click()  # the stopped run's metadata
+        wait.until(lambda d: "stopped_at_step" in find(By.CSS_SELECTOR, "#cards .card:last-child pre").text)
+        browser.execute_script("document.getElementById('gallery').scrollIntoView()")
+        shoot(browser, tmp_path, "4-gallery")
+    kinds = sorted((j.kind, j.status) for j in queue.jobs.values())
+    assert kinds == [("apply", "done"), ("stylize", "done"), ("stylize", "stopped")]
+    applied = next(j for j in queue.jobs.values() if j.kind == "apply")
+    assert applied.size == [300, 200]  # a saved style renders the photo at its own size
