@@ -292,8 +292,31 @@ def _free_memory(models) -> None:
         torch.cuda.empty_cache()
 
 
+class Files:
+    """Where run_pairs reads images and writes results: this machine's files.
+
+    An executor on other machines passes its own: inputs sent as bytes, results
+    returned as bytes (clipstyle.ray_executor).
+    """
+
+    def open_image(self, path: Path, max_pixels: int):
+        from clipstyle.images import open_image
+
+        return open_image(path, max_pixels)
+
+    def save_png(self, image, path: Path, metadata: dict, overwrite: bool) -> None:
+        from clipstyle.images import save_png
+
+        save_png(image, path, metadata, overwrite=overwrite)
+
+    def save_style(self, path: Path, network, metadata: dict, overwrite: bool) -> None:
+        from clipstyle.styles import save_style
+
+        save_style(path, network, metadata, overwrite=overwrite)
+
+
 def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: Report,
-              events: RunEvents | None = None) -> Summary:
+              events: RunEvents | None = None, files: Files | None = None) -> Summary:
     """Stylize every pair, skipping existing outputs and isolating failures."""
     import torch
 
@@ -301,6 +324,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
     from clipstyle.stylize import check_prompt, prepare_content, stylize_many
 
     events = events or RunEvents()
+    files = files or Files()
     summary = Summary()
     start = time.perf_counter()
 
@@ -329,7 +353,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
         key = str(pair.input.path)
         if key not in cache:
             try:
-                loaded = io.open_image(pair.input.path, options.max_pixels)
+                loaded = files.open_image(pair.input.path, options.max_pixels)
                 for note in loaded.notes:
                     events.note(pair, note)
                 cache.clear()  # keep one decoded image at a time
@@ -374,7 +398,7 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                 image = info.output
                 if options.contrast:
                     image = io.enhance_contrast(image)
-                io.save_png(image, snap, {"prompt": pair.prompt, "step": str(info.step)}, overwrite=True)
+                files.save_png(image, snap, {"prompt": pair.prompt, "step": str(info.step)}, overwrite=True)
 
         try:
             results = stylize_many([c for _, c in batch], [p.prompt for p, _ in batch],
@@ -409,17 +433,17 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
                     image = final_image(pair, result, content)
                     if options.contrast:
                         image = io.enhance_contrast(image)
-                    io.save_png(image, pair.output, output_metadata(pair, settings, models.info, options),
-                                overwrite=options.overwrite)
+                    files.save_png(image, pair.output, output_metadata(pair, settings, models.info, options),
+                                   overwrite=options.overwrite)
                     record["output_size"] = list(image.shape[-1:-3:-1])
                     style = style_path(pair, options.save_style, single)
                     if style is not None:
-                        from clipstyle.styles import save_style, style_metadata
+                        from clipstyle.styles import style_metadata
 
                         meta = style_metadata(prompt=pair.prompt, settings=settings, seed=pair.seed,
                                               input_path=pair.input.path, trained_size=result.size,
                                               models_info=models.info)
-                        save_style(style, result.network, meta, overwrite=options.overwrite)
+                        files.save_style(style, result.network, meta, overwrite=options.overwrite)
                         record["style"] = str(style)
                 except ClipstyleError as exc:
                     record.update(status="failed", error=str(exc))

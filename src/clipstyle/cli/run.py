@@ -105,6 +105,16 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--devices", type=str, default=None, metavar="LIST",
               help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process per device over a "
                    "shared queue, each loading the models once. Overrides --device.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine (--device or --devices). ray: the workers of a Ray cluster, one per GPU "
+                   "(needs pip install 'clipstyle[ray]').")
+@click.option("--ray-address", type=str, default=None, metavar="ADDRESS",
+              help="The Ray cluster to use (default: RAY_ADDRESS, else a Ray instance started on this machine).")
+@click.option("--ray-workers", type=click.IntRange(1), default=None, metavar="N",
+              help="Ray workers to start. [default: one per GPU of the cluster; without GPUs, one per "
+                   "--ray-cpus-per-worker CPUs]")
+@click.option("--ray-cpus-per-worker", "ray_cpus", type=click.IntRange(1), default=None, metavar="N",
+              help="CPUs (threads) of each Ray worker on a cluster without GPUs. [default: 1]")
 @click.option("--shard", type=str, default=None, metavar="K/N",
               help="Process only the K-th of N stable shards of the pairs (for job arrays).")
 @click.option("--save-every", type=click.IntRange(0), default=0, show_default=True, metavar="N",
@@ -130,8 +140,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @stop_on_sigterm
 def run(images, prompts, output, recursive, from_file, preset, steps, size, crops, crop_size, threshold, lr,
         lambda_patch, lambda_dir, lambda_content, lambda_tv, source, templates_file, no_templates, precision,
-        crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, shard,
-        save_every, contrast, save_style, output_size, strength, overwrite, report, max_pixels, quiet):
+        crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, executor,
+        ray_address, ray_workers, ray_cpus, shard, save_every, contrast, save_style, output_size, strength, overwrite, report, max_pixels, quiet):
     """Restyle IMAGES (files, folders or globs) after each --prompt.
 
     \b
@@ -143,6 +153,7 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     skipped, 1 when any failed, 130 when interrupted.
     """
     from clipstyle import prompts as prompt_templates
+    from clipstyle.cli.cluster import check_executor
     from clipstyle.runner import Report, RunOptions, check_outputs, collect_inputs, parse_shard, plan_pairs, run_pairs
 
     if not prompts:
@@ -170,13 +181,19 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
                         lambda_content=lambda_content, lambda_tv=lambda_tv, source=source, templates=templates,
                         precision=precision, crop_batch=crop_batch)
     shard_kn = parse_shard(shard) if shard else None
+    check_executor(executor, devices, ray_address, ray_workers, ray_cpus)
     inputs = collect_inputs(list(images), recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:
         raise UserError("no input images found")
     pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn)
     check_outputs(pairs)
     report_file = Report(report)
-    events = _progress(quiet, settings.steps, per_step=not devices)
+    if executor == "ray":
+        from clipstyle.cli.cluster import Overall
+
+        events = Overall(quiet, len(pairs))
+    else:
+        events = _progress(quiet, settings.steps, per_step=not devices)
     start = time.perf_counter()
     if output_size is not None and output_size != "full" and not (output_size.isdigit() and int(output_size) >= 8):
         raise click.BadParameter("must be 'full' or a number of pixels (8 or more)", param_hint="--output-size")
@@ -184,7 +201,14 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
                          max_pixels=max_pixels, base_seed=seed, save_style=save_style, output_size=output_size,
                          strength=strength)
     try:
-        if devices:
+        if executor == "ray":
+            from clipstyle.ray_executor import run_with_ray
+
+            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                       vgg_weights, progress=False)
+            summary = run_with_ray(pairs, loader, settings, options, report_file, events, address=ray_address,
+                                   workers=ray_workers, cpus_per_worker=ray_cpus or 1, device=device)
+        elif devices:
             from clipstyle.device import resolve_device
             from clipstyle.workers import run_on_devices
 
