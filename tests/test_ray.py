@@ -123,6 +123,41 @@ def test_a_killed_worker_is_replaced_and_every_pair_ends_once(tmp_path, folder, 
     assert sorted(out.iterdir()) == sorted(p.output for p in pairs)  # one file each, no temporary files left
 
 
+def test_more_workers_than_the_cluster_can_place_still_finish(tmp_path, folder, tiny_settings, cluster):
+    """Four one-CPU workers on two CPUs: two never start, and must not hold work back."""
+    import threading
+
+    from clipstyle.ray_executor import instant_batch, run_with_ray
+    from clipstyle.runner import Report, RunOptions, collect_inputs, plan_pairs
+
+    (folder / "broken.jpg").unlink()
+    pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b", "c"], tmp_path / "out", 0)
+    done = []
+    run = threading.Thread(target=lambda: done.append(run_with_ray(
+        pairs, no_model, tiny_settings, RunOptions(), Report(None), workers=4, job=instant_batch)), daemon=True)
+    run.start()
+    run.join(timeout=60)
+    assert done and done[0].ok == len(pairs) == 12
+
+
+def missing_weights(device="cpu"):
+    from clipstyle.errors import WeightsError
+
+    raise WeightsError("weights file not found", "nowhere/ViT-B-32.pt")
+
+
+def test_workers_whose_models_do_not_load_fail_every_pair_with_the_reason(tmp_path, folder, tiny_settings, cluster):
+    from clipstyle.ray_executor import run_with_ray
+    from clipstyle.runner import Report, RunOptions, collect_inputs, plan_pairs
+
+    pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b"], tmp_path / "out", 0)
+    summary = run_with_ray(pairs, missing_weights, tiny_settings, RunOptions(), Report(None), workers=2)
+    assert summary.failed == len(pairs) == 10
+    assert all(r["error"].endswith("not processed (nowhere/ViT-B-32.pt: weights file not found)")
+               for r in summary.records)
+    assert not (tmp_path / "out").exists()
+
+
 def test_ray_missing_is_one_line_saying_how_to_install_it(tmp_path, folder, loader, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     result = invoke("run", folder, "-p", "x", "-o", tmp_path / "out", "--executor", "ray", *TINY)

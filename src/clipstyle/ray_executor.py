@@ -53,7 +53,6 @@ class Returned:
     records: list[dict] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # path -> bytes, outputs, styles and snapshots
     notes: list[tuple[str | None, str]] = field(default_factory=list)
-    fatal: str | None = None  # the actor cannot work at all (e.g. its models did not load)
 
 
 class _Received(Files):
@@ -145,8 +144,6 @@ class Worker:
                 "device": str(getattr(self.models, "device", None))}
 
     def run(self, batch: list[Pair], data: dict[str, bytes]) -> Returned:
-        if self.fatal is not None:
-            return Returned(fatal=self.fatal)
         return self.job(self.models, batch, data, self.settings, self.options)
 
 
@@ -252,6 +249,7 @@ class _Driver:
         self.order: dict = collections.defaultdict(list)  # actor key -> its batches in flight, oldest first
         self.inflight: dict = {}  # result ref -> (actor key, batch)
         self.pending_info: dict = {}  # info ref -> actor key, until the actor has started
+        self.ready: set = set()  # actor keys that have started: only they get work
         self.deaths_in_a_row = 0
         self.fatal: list[str] = []
         self.seen_notes: set = set()
@@ -265,9 +263,9 @@ class _Driver:
         try:
             while self.queue or self.inflight:
                 self._hand_out()
-                if not self.inflight:
-                    break  # work left, nobody to do it
                 refs = list(self.inflight) + list(self.pending_info)
+                if not refs:
+                    break  # work left, and no worker working or starting
                 ready, _ = self.ray.wait(refs, num_returns=1, timeout=0.5)
                 for ref in ready:
                     if ref in self.pending_info:
@@ -299,17 +297,26 @@ class _Driver:
         self.pending_info[handle.info.remote()] = key
 
     def _started(self, ref) -> None:
-        self.pending_info.pop(ref)
+        """An actor answered: it gets work from now on (an actor the cluster cannot place gets none)."""
+        key = self.pending_info.pop(ref)
         try:
             info = self.ray.get(ref)
-        except self.ray.exceptions.RayError:
-            return  # it died while starting: its batches come back as failures and are handled there
+        except self.ray.exceptions.RayError as exc:  # it died while starting
+            self._actor_died(key, _one_line(exc))
+            return
+        if info["fatal"] is not None:  # e.g. its models did not load: no use starting another
+            self.fatal.append(info["fatal"])
+            self.events.note(None, f"a Ray worker on {info['host']} cannot start: {info['fatal']}")
+            self._retire(key)
+            return
+        self.ready.add(key)
         if info["version"] != __version__:
             self.events.note(None, f"the Ray worker on {info['host']} runs clipstyle {info['version']}, this "
                                    f"machine {__version__}: outputs may differ from a local run")
 
     def _hand_out(self) -> None:
-        for key, handle in list(self.actors.items()):
+        for key in sorted(self.ready):
+            handle = self.actors[key]
             while self.queue and len(self.order[key]) < DEPTH:
                 batch = self.queue.popleft()
                 data = {}
@@ -360,12 +367,6 @@ class _Driver:
             self._lost(key, batch, exc)
             return
         self.order[key].remove(batch)
-        if returned.fatal is not None:
-            self.fatal.append(returned.fatal)
-            self.events.note(None, f"a Ray worker cannot start: {returned.fatal}")
-            self.queue.appendleft(batch)
-            self._retire(key)
-            return
         self.deaths_in_a_row = 0
         for path, message in returned.notes:
             if (path, message) not in self.seen_notes:
@@ -411,14 +412,9 @@ class _Driver:
         write_atomic(Path(path), lambda fh: fh.write(data), overwrite=overwrite)
 
     def _lost(self, key: int, batch: _Batch, exc: BaseException) -> None:
-        """An actor died with ``batch`` in flight: the batch goes back, the actor is replaced.
-
-        Only the batch it was running (its oldest) counts the death against itself;
-        a batch that kills every actor it meets fails after MAX_ATTEMPTS.
-        """
+        """``batch`` came back lost with its actor: back in the queue, or failed after MAX_ATTEMPTS."""
         reason = _one_line(exc)
-        if key in self.actors and self.order[key]:
-            self.order[key][0].attempts += 1
+        self._actor_died(key, reason)
         self.order[key].remove(batch)
         if batch.attempts >= MAX_ATTEMPTS:
             for pair in batch.pairs:
@@ -427,16 +423,27 @@ class _Driver:
                                                f"while running it ({reason})"))
         else:
             self.queue.appendleft(batch)
-        if key in self.actors:  # the first of its batches to come back (and not retired by us): replace it
-            self._retire(key)
-            self.deaths_in_a_row += 1
-            if self.deaths_in_a_row <= max(3, 2 * self.count):
-                self.events.note(None, f"a Ray worker stopped ({reason}); starting another")
-                self._start_actor()
-            else:
-                self.fatal.append(f"{self.deaths_in_a_row} Ray workers died in a row (last: {reason})")
 
-    def _retire(self, key: str) -> None:
+    def _actor_died(self, key: int, reason: str) -> None:
+        """Replace a dead actor, once (the first of its lost batches says so, or its start).
+
+        Only the batch it was running (its oldest) counts the death against itself,
+        so a batch that kills every actor it meets ends after MAX_ATTEMPTS.
+        """
+        if key not in self.actors:  # already replaced, or retired by us
+            return
+        if self.order[key]:
+            self.order[key][0].attempts += 1
+        self._retire(key)
+        self.deaths_in_a_row += 1
+        if self.deaths_in_a_row <= max(3, 2 * self.count):
+            self.events.note(None, f"a Ray worker stopped ({reason}); starting another")
+            self._start_actor()
+        else:
+            self.fatal.append(f"{self.deaths_in_a_row} Ray workers died in a row (last: {reason})")
+
+    def _retire(self, key: int) -> None:
+        self.ready.discard(key)
         handle = self.actors.pop(key, None)
         if handle is not None:
             self.ray.kill(handle, no_restart=True)
