@@ -175,6 +175,20 @@ def test_ray_options_need_the_ray_executor(tmp_path, folder, loader):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_cluster_address_nothing_answers_at_is_one_line(tmp_path, folder, loader):
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--ray-address", address,
+                    *TINY)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"clipstyle: error: {address}: cannot reach the Ray cluster: Connection refused"
+    assert not (tmp_path / "o").exists()
+
+
 DRIVER = """
 import functools, sys, time
 import clipstyle.cli.run as cli_run

@@ -169,6 +169,22 @@ def default_workers(resources: dict, cpus_per_worker: int) -> tuple[int, bool]:
     return max(1, int(resources.get("CPU", 1)) // max(1, cpus_per_worker)), False
 
 
+def check_address(address: str | None, timeout: float = 10.0) -> None:
+    """Refuse a cluster address nothing answers at: Ray itself retries for minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form Ray may know and we do not: Ray judges
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ClipstyleError(f"cannot reach the Ray cluster: {reason}", address) from None
+
+
 def connect(ray, address: str | None) -> bool:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local instance;
     True when this call started it. The caller's SIGTERM handler is kept."""
@@ -177,6 +193,7 @@ def connect(ray, address: str | None) -> bool:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     address = address or os.environ.get("RAY_ADDRESS") or None
+    check_address(address)
     local = {} if address else {"include_dashboard": False}  # options Ray accepts only when starting one
     if not address:  # Ray says it made a token for the instance it starts: not the user's concern
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

@@ -22,9 +22,12 @@ def check_executor(executor: str, devices: str | None, ray_address: str | None, 
     if devices:
         raise click.UsageError("--devices is for the local executor; with --executor ray each GPU of the "
                                "cluster gets a worker")
-    from clipstyle.ray_executor import import_ray
+    import os
+
+    from clipstyle.ray_executor import check_address, import_ray
 
     import_ray()
+    check_address(ray_address or os.environ.get("RAY_ADDRESS"))
 
 
 class Overall(RunEvents):
