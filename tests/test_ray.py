@@ -158,6 +158,14 @@ def test_workers_whose_models_do_not_load_fail_every_pair_with_the_reason(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_one_worker_per_gpu_else_per_group_of_cpus():
+    from clipstyle.ray_executor import default_workers
+
+    assert default_workers({"CPU": 64.0, "GPU": 8.0}, cpus_per_worker=4) == (8, True)
+    assert default_workers({"CPU": 64.0}, cpus_per_worker=4) == (16, False)
+    assert default_workers({"CPU": 2.0}, cpus_per_worker=8) == (1, False)
+
+
 def test_ray_missing_is_one_line_saying_how_to_install_it(tmp_path, folder, loader, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     result = invoke("run", folder, "-p", "x", "-o", tmp_path / "out", "--executor", "ray", *TINY)
