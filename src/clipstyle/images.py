@@ -18,6 +18,7 @@ What happens to odd files (documented in README, "What clipstyle does with odd f
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -57,20 +58,28 @@ def _allowed_formats() -> list[str]:
     return [f for f in Image.OPEN if f not in _REFUSED_FORMATS]
 
 
-def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Read ``path`` as an 8-bit RGB PIL image, or raise ImageError with one reason."""
+def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> LoadedImage:
+    """Read ``path`` as an 8-bit RGB PIL image, or raise ImageError with one reason.
+
+    ``data``: the file's bytes, read elsewhere (another machine); errors still name ``path``.
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        st = path.stat()
-        if stat.S_ISDIR(st.st_mode):
-            raise ImageError("is a folder, not an image", path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError("not a regular file", path)
-        if st.st_size == 0:
-            raise ImageError("empty file", path)
-        fh = open(path, "rb")
+        if data is not None:
+            if not data:
+                raise ImageError("empty file", path)
+            fh = io.BytesIO(data)
+        else:
+            st = path.stat()
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageError("is a folder, not an image", path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError("not a regular file", path)
+            if st.st_size == 0:
+                raise ImageError("empty file", path)
+            fh = open(path, "rb")
     except FileNotFoundError:
         raise ImageError("file not found", path) from None
     except OSError as exc:
@@ -332,8 +341,15 @@ def write_atomic(path: str | Path, write, overwrite: bool = False) -> None:
             pass
 
 
+def png_bytes(image, metadata: dict | None = None) -> bytes:
+    """A PIL image or [0, 1] tensor as the bytes of a PNG file with text metadata."""
+    pil = image if hasattr(image, "save") else to_pil(image)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", pnginfo=png_metadata(metadata or {}))
+    return buffer.getvalue()
+
+
 def save_png(image, path: str | Path, metadata: dict | None = None, overwrite: bool = False) -> None:
     """Save a PIL image or [0, 1] tensor as PNG, atomically, with text metadata."""
-    pil = image if hasattr(image, "save") else to_pil(image)
-    info = png_metadata(metadata or {})
-    write_atomic(path, lambda fh: pil.save(fh, format="PNG", pnginfo=info), overwrite=overwrite)
+    data = png_bytes(image, metadata)
+    write_atomic(path, lambda fh: fh.write(data), overwrite=overwrite)

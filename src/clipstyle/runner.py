@@ -82,6 +82,23 @@ def output_metadata(job: RunJob, settings, models_info: dict, options: RunOption
     }
 
 
+class Files:
+    """Where run's work reads images and writes results: this machine's files.
+
+    An executor on other machines passes its own: inputs sent as bytes, results
+    returned as bytes (ray_executor.py).
+    """
+
+    def open_image(self, path: Path, max_pixels: int):
+        return io.open_image(path, max_pixels)
+
+    def save_png(self, image, path: Path, metadata: dict, overwrite: bool) -> None:
+        io.save_png(image, path, metadata, overwrite=overwrite)
+
+    def save_style(self, path: Path, network, metadata: dict, overwrite: bool) -> None:
+        save_style(path, network, metadata, overwrite=overwrite)
+
+
 @dataclass
 class _Content:
     """A pair's prepared input: the image at the training size, and the original when
@@ -94,7 +111,8 @@ class _Content:
 class _StylizePairs(Work):
     """run's work: check prompts once, decode each image once, optimise pairs in batches, save."""
 
-    def __init__(self, models, settings, options: RunOptions):
+    def __init__(self, models, settings, options: RunOptions, files: Files):
+        self.files = files
         self._models = models  # Models, or a callable that loads them (called once, when first needed)
         self.settings, self.options = settings, options
         self.batch_size, self.overwrite = options.batch, options.overwrite
@@ -140,7 +158,7 @@ class _StylizePairs(Work):
 
     def _load(self, job: RunJob, events: Events) -> _Content | ClipstyleError:
         try:
-            loaded = io.open_image(job.input.path, self.options.max_pixels)
+            loaded = self.files.open_image(job.input.path, self.options.max_pixels)
         except ClipstyleError as exc:
             return exc
         for note in loaded.notes:
@@ -178,7 +196,7 @@ class _StylizePairs(Work):
         if every and info.step % every == 0 and info.step < self.settings.steps:
             snap = job.output.with_name(f"{job.output.stem}.step{info.step:04d}.png")
             image = io.enhance_contrast(info.output) if self.options.contrast else info.output
-            io.save_png(image, snap, {"prompt": job.prompt, "step": str(info.step)}, overwrite=True)
+            self.files.save_png(image, snap, {"prompt": job.prompt, "step": str(info.step)}, overwrite=True)
 
     def _save(self, job: RunJob, content: _Content, result) -> dict:
         record = self.record(job, "ok")
@@ -194,8 +212,8 @@ class _StylizePairs(Work):
         try:
             image = self._regions.finish(str(job.input.path), self._final_image(content, result),
                                          self.options.contrast)
-            io.save_png(image, job.output, output_metadata(job, self.settings, self.models.info, self.options),
-                        overwrite=self.overwrite)
+            self.files.save_png(image, job.output, output_metadata(job, self.settings, self.models.info, self.options),
+                                overwrite=self.overwrite)
             record["output_size"] = list(image.shape[-1:-3:-1])
             if job.style is not None:
                 meta = style_metadata(prompt=job.prompt, settings=self.settings, seed=job.seed,
@@ -203,7 +221,7 @@ class _StylizePairs(Work):
                                       models_info=self.models.info)
                 if self.options.region is not None:
                     meta["region"] = self.options.region.record()
-                save_style(job.style, result.network, meta, overwrite=self.overwrite)
+                self.files.save_style(job.style, result.network, meta, overwrite=self.overwrite)
                 record["style"] = str(job.style)
         except ClipstyleError as exc:
             record.update(status="failed", error=str(exc))
@@ -223,10 +241,11 @@ class _StylizePairs(Work):
 
 
 def run_pairs(jobs: list[RunJob], models, settings, options: RunOptions, report,
-              events: Events | None = None) -> Summary:
+              events: Events | None = None, files: Files | None = None) -> Summary:
     """Optimise every pair through the shared batch loop (batch.run_jobs).
 
     ``models``: a loading.Models, or a callable returning one, called only if a
-    pair needs them (a rerun whose outputs all exist loads nothing).
+    pair needs them (a rerun whose outputs all exist loads nothing). ``files``: where
+    inputs are read and results written (default: this machine's files).
     """
-    return run_jobs(jobs, _StylizePairs(models, settings, options), report, events)
+    return run_jobs(jobs, _StylizePairs(models, settings, options, files or Files()), report, events)

@@ -106,6 +106,12 @@ def save_style(path: str | Path, network: StyleNet, metadata: dict | None = None
     An existing file is kept (OutputError) unless ``overwrite``. ``metadata``
     must be JSON-serialisable.
     """
+    data = style_bytes(network, metadata)
+    write_atomic(path, lambda fh: fh.write(data), overwrite=overwrite)
+
+
+def style_bytes(network: StyleNet, metadata: dict | None = None) -> bytes:
+    """``network`` and ``metadata`` as the bytes of a style file, the same for the same network and metadata."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
@@ -116,7 +122,13 @@ def save_style(path: str | Path, network: StyleNet, metadata: dict | None = None
         "clipstyle.metadata": json.dumps(metadata or {}, sort_keys=True, ensure_ascii=False),
     }
     data = save(tensors, metadata=header)
-    write_atomic(path, lambda fh: fh.write(data), overwrite=overwrite)
+    # safetensors writes its JSON header in hash order, which changes from process to process:
+    # sorted, the same network and metadata give the same bytes (on another machine too).
+    size = int.from_bytes(data[:8], "little")
+    sorted_header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False).encode("utf-8")
+    sorted_header += b" " * (-len(sorted_header) % 8)  # padded to 8 bytes, as safetensors pads
+    return len(sorted_header).to_bytes(8, "little") + sorted_header + data[8 + size:]
 
 
 # --- reading -----------------------------------------------------------------------------------------------

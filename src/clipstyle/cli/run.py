@@ -113,6 +113,16 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--devices", type=str, default=None, metavar="LIST",
               help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process per device over a "
                    "shared queue, each loading the models once. Overrides --device.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine (--device or --devices). ray: the workers of a Ray cluster, one per GPU "
+                   "(needs pip install 'clipstyle[ray]').")
+@click.option("--ray-address", type=str, default=None, metavar="ADDRESS",
+              help="The Ray cluster to use (default: RAY_ADDRESS, else a Ray instance started on this machine).")
+@click.option("--ray-workers", type=click.IntRange(1), default=None, metavar="N",
+              help="Ray workers to start. [default: one per GPU of the cluster; without GPUs, one per "
+                   "--ray-cpus-per-worker CPUs]")
+@click.option("--ray-cpus-per-worker", "ray_cpus", type=click.IntRange(1), default=None, metavar="N",
+              help="CPUs (threads) of each Ray worker on a cluster without GPUs. [default: 1]")
 @click.option("--shard", type=str, default=None, metavar="K/N",
               help="Process only the K-th of N stable shards of the pairs (for job arrays).")
 @click.option("--save-every", type=click.IntRange(0), default=0, show_default=True, metavar="N",
@@ -139,8 +149,9 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @stop_on_sigterm
 def run(images, prompts, output, recursive, from_file, preset, steps, size, crops, crop_size, threshold, lr,
         lambda_patch, lambda_dir, lambda_content, lambda_tv, source, templates_file, no_templates, precision,
-        crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, shard,
-        save_every, contrast, save_style, output_size, strength, overwrite, report, max_pixels, quiet, region):
+        crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, executor,
+        ray_address, ray_workers, ray_cpus, shard, save_every, contrast, save_style, output_size, strength, overwrite,
+        report, max_pixels, quiet, region):
     """Restyle IMAGES (files, folders or globs) after each --prompt.
 
     \b
@@ -151,6 +162,7 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     reported and the run goes on. Exit code 0 when every pair is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
+    from clipstyle.cli.cluster import check_executor
     from clipstyle.config import settings_for
     from clipstyle.inputs import check_outputs, collect_inputs
     from clipstyle.pairs import parse_shard, plan_pairs
@@ -180,18 +192,32 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
                          max_pixels=max_pixels, base_seed=seed, output_size=output_size, strength=strength,
                          region=region)
     shard_kn = parse_shard(shard) if shard else None
+    check_executor(executor, devices, ray_address, ray_workers, ray_cpus)
     device_names = _device_list(devices) if devices else None
-    device = device if device_names else str(_device_list(device)[0])
+    if executor == "local" and not device_names:
+        device = str(_device_list(device)[0])  # an absent device fails here, before anything is written
     inputs = collect_inputs(list(images), recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:
         raise UserError("no input images found")
     pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn, save_style)
     check_outputs(pairs)
     report_file = Report(report)
-    events = _progress(quiet, settings.steps, per_step=not devices)
+    if executor == "ray":
+        from clipstyle.cli.cluster import Overall
+
+        events = Overall(quiet, len(pairs))
+    else:
+        events = _progress(quiet, settings.steps, per_step=not devices)
     start = time.perf_counter()
     try:
-        if device_names:
+        if executor == "ray":
+            from clipstyle.ray_executor import run_with_ray
+
+            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                       vgg_weights, progress=False)
+            summary = run_with_ray(pairs, loader, settings, options, report_file, events, address=ray_address,
+                                   workers=ray_workers, cpus_per_worker=ray_cpus or 1, device=device)
+        elif device_names:
             from clipstyle.workers import run_on_devices
 
             loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,

@@ -1,0 +1,67 @@
+"""``clipstyle run --executor ray``: the command-line side of clipstyle.ray_executor."""
+
+from __future__ import annotations
+
+import sys
+
+from clipstyle.batch import Events
+from clipstyle.cli.common import echo_outcome, echo_warning
+
+
+def check_executor(executor: str, devices: str | None, ray_address: str | None, ray_workers: int | None,
+                   ray_cpus: int | None) -> None:
+    """Refuse, before anything is written, options that do not go together; and a missing Ray."""
+    import click
+
+    if executor != "ray":
+        given = [name for name, value in (("--ray-address", ray_address), ("--ray-workers", ray_workers),
+                                          ("--ray-cpus-per-worker", ray_cpus)) if value is not None]
+        if given:
+            raise click.UsageError(f"{given[0]} needs --executor ray")
+        return
+    if devices:
+        raise click.UsageError("--devices is for the local executor; with --executor ray each GPU of the "
+                               "cluster gets a worker")
+    import os
+
+    from clipstyle.ray_executor import check_address, import_ray
+
+    import_ray()
+    check_address(ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+class Overall(Events):
+    """One bar for the whole run: pairs done, failed, throughput (not one per worker)."""
+
+    def __init__(self, quiet: bool, total: int):
+        self.quiet, self.total, self.failed = quiet, total, 0
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="pair", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+
+    def finished(self, pair, record) -> None:
+        self._echo(lambda: echo_outcome(record, self.quiet, f"wrote {record['output']}"))
+        if self.bar is not None:
+            self.failed += record["status"] == "failed"
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+            self.bar.update(1)
+
+    def note(self, pair, message) -> None:
+        self._echo(lambda: echo_warning(pair.input.path if pair is not None else None, message))
+
+    def _echo(self, write) -> None:
+        if self.bar is None:
+            write()
+            return
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=sys.stderr):
+            write()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+

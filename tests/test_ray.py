@@ -1,0 +1,250 @@
+"""`clipstyle run --executor ray` (issue 14) on a local Ray instance with two CPUs, shared by this module."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import conftest
+from conftest import invoke
+
+TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray for the module; its address, for a second driver to join."""
+    ray = pytest.importorskip("ray")
+    # Actors unpickle the tiny loader and this module's hooks: send them by value,
+    # since the tests folder is not importable in Ray's worker processes.
+    ray.cloudpickle.register_pickle_by_value(conftest)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def loader(monkeypatch):
+    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", conftest.tiny_loader)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Four good images and one broken one."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i, size in enumerate([(40, 30), (30, 40), (32, 32), (50, 20)]):
+        Image.new("RGB", size, (60 * i, 100, 200 - 40 * i)).save(d / f"img{i}.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return d
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def no_model(device="cpu"):
+    return None
+
+
+def test_shards_on_ray_write_the_local_bytes_once_then_a_rerun_skips(tmp_path, folder, loader, cluster):
+    local, out, report = tmp_path / "local", tmp_path / "ray", tmp_path / "ray.jsonl"
+    args = [folder, tmp_path / "missing.png", "-p", "ink", "-p", "mosaic", *TINY]
+    expected = invoke("run", *args, "-o", local, "--save-style", local / "styles", "--report", tmp_path / "l.jsonl")
+    assert expected.exit_code == 1  # broken.jpg and missing.png
+    for k in (1, 2):
+        result = invoke("run", *args, "-o", out, "--save-style", out / "styles", "--report", report,
+                        "--executor", "ray", "--ray-workers", "1", "--shard", f"{k}/2")
+        assert result.exit_code in (0, 1), result.stderr
+    recs = records(report)
+    assert sorted(r["output"] for r in recs) == sorted(r["output"].replace(str(local), str(out))
+                                                       for r in records(tmp_path / "l.jsonl"))  # each pair once
+    assert len(list(out.glob("*.png"))) == 8 and len(list((out / "styles").glob("*.style"))) == 8
+    assert files(out) == files(local)  # PNGs and style files, byte for byte
+    local_errors = sorted(r["error"] for r in records(tmp_path / "l.jsonl") if r["status"] == "failed")
+    assert sorted(r["error"] for r in recs if r["status"] == "failed") == local_errors  # bad files: as locally
+    assert len(local_errors) == 4 and all(r["status"] == "ok" for r in recs if "img" in r["input"])
+    again = invoke("run", folder / "img*.png", "-p", "ink", "-p", "mosaic", *TINY, "-o", out,
+                   "--report", tmp_path / "again.jsonl", "--executor", "ray")
+    assert again.exit_code == 0, again.stderr
+    assert [r["status"] for r in records(tmp_path / "again.jsonl")] == ["skipped"] * 8
+
+
+def die_once(marker: str, models, batch, data, settings, options):
+    """The stand-in job, but the first actor to get img2.png exits on the spot."""
+    from clipstyle.ray_executor import instant_batch
+
+    if any(p.input.rel == "img2.png" for p in batch):
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os._exit(1)
+    return instant_batch(models, batch, data, settings, options)
+
+
+def test_a_killed_worker_is_replaced_and_every_pair_ends_once(tmp_path, folder, tiny_settings, cluster):
+    from clipstyle.batch import Events as RunEvents
+    from clipstyle.inputs import collect_inputs
+    from clipstyle.pairs import plan_pairs
+    from clipstyle.ray_executor import run_with_ray
+    from clipstyle.report import Report
+    from clipstyle.runner import RunOptions
+
+    class Notes(RunEvents):
+        def __init__(self):
+            self.notes = []
+
+        def note(self, pair, message):
+            self.notes.append(message)
+
+    (folder / "broken.jpg").unlink()
+    out, marker = tmp_path / "out", tmp_path / "died"
+    pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b", "c"], out, 0)
+    report, events = Report(tmp_path / "r.jsonl"), Notes()
+    summary = run_with_ray(pairs, no_model, tiny_settings, RunOptions(batch=2), report, events, workers=2,
+                           job=functools.partial(die_once, str(marker)))
+    report.close()
+    assert marker.exists() and any("worker stopped" in n for n in events.notes)  # one did die
+    recs = records(tmp_path / "r.jsonl")
+    assert sorted(r["output"] for r in recs) == sorted(str(p.output) for p in pairs)  # exactly one record each
+    assert summary.ok == len(pairs) == 12 and {r["status"] for r in recs} == {"ok"}
+    assert sorted(out.iterdir()) == sorted(p.output for p in pairs)  # one file each, no temporary files left
+
+
+def test_more_workers_than_the_cluster_can_place_still_finish(tmp_path, folder, tiny_settings, cluster):
+    """Four one-CPU workers on two CPUs: two never start, and must not hold work back."""
+    import threading
+
+    from clipstyle.inputs import collect_inputs
+    from clipstyle.pairs import plan_pairs
+    from clipstyle.ray_executor import instant_batch, run_with_ray
+    from clipstyle.report import Report
+    from clipstyle.runner import RunOptions
+
+    (folder / "broken.jpg").unlink()
+    pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b", "c"], tmp_path / "out", 0)
+    done = []
+    run = threading.Thread(target=lambda: done.append(run_with_ray(
+        pairs, no_model, tiny_settings, RunOptions(), Report(None), workers=4, job=instant_batch)), daemon=True)
+    run.start()
+    run.join(timeout=60)
+    assert done and done[0].ok == len(pairs) == 12
+
+
+def missing_weights(device="cpu"):
+    from clipstyle.errors import WeightsError
+
+    raise WeightsError("weights file not found", "nowhere/ViT-B-32.pt")
+
+
+def test_workers_whose_models_do_not_load_fail_every_pair_with_the_reason(tmp_path, folder, tiny_settings, cluster):
+    from clipstyle.inputs import collect_inputs
+    from clipstyle.pairs import plan_pairs
+    from clipstyle.ray_executor import run_with_ray
+    from clipstyle.report import Report
+    from clipstyle.runner import RunOptions
+
+    pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b"], tmp_path / "out", 0)
+    summary = run_with_ray(pairs, missing_weights, tiny_settings, RunOptions(), Report(None), workers=2)
+    assert summary.failed == len(pairs) == 10
+    assert all(r["error"].endswith("not processed (nowhere/ViT-B-32.pt: weights file not found)")
+               for r in summary.records)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_worker_per_gpu_else_per_group_of_cpus():
+    from clipstyle.ray_executor import default_workers
+
+    assert default_workers({"CPU": 64.0, "GPU": 8.0}, cpus_per_worker=4) == (8, True)
+    assert default_workers({"CPU": 64.0}, cpus_per_worker=4) == (16, False)
+    assert default_workers({"CPU": 2.0}, cpus_per_worker=8) == (1, False)
+
+
+def test_ray_missing_is_one_line_saying_how_to_install_it(tmp_path, folder, loader, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "out", "--executor", "ray", *TINY)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "clipstyle: error: Ray is not installed; install it with: " \
+                                    "pip install 'clipstyle[ray]'"
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_ray_options_need_the_ray_executor(tmp_path, folder, loader):
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--ray-address", "auto", *TINY)
+    assert result.exit_code == 2 and "--ray-address needs --executor ray" in result.stderr
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--devices", "cpu", *TINY)
+    assert result.exit_code == 2 and "--devices is for the local executor" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cluster_address_nothing_answers_at_is_one_line(tmp_path, folder, loader):
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--ray-address", address,
+                    *TINY)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"clipstyle: error: {address}: cannot reach the Ray cluster: Connection refused"
+    assert not (tmp_path / "o").exists()
+
+
+DRIVER = """
+import functools, sys, time
+import clipstyle.cli.run as cli_run
+import clipstyle.ray_executor as executor
+
+def no_model(*args, device="cpu", **kwargs):
+    return None
+
+def slow(models, batch, data, settings, options):
+    time.sleep(0.4)
+    return executor.instant_batch(models, batch, data, settings, options)
+
+cli_run.load_models_from_options = no_model
+executor.run_with_ray = functools.partial(executor.run_with_ray, job=slow)
+from clipstyle.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_stops_a_ray_run_cleanly_with_exit_130(tmp_path, folder, cluster):
+    """A second driver joins the module's Ray by --ray-address; SIGTERM once it has written a record."""
+    (folder / "broken.jpg").unlink()
+    script, out, report = tmp_path / "driver.py", tmp_path / "out", tmp_path / "r.jsonl"
+    script.write_text(textwrap.dedent(DRIVER))
+    proc = subprocess.Popen([sys.executable, str(script), "run", str(folder), *(f"-p{p}" for p in "abcde"),
+                             "-o", str(out), "--report", str(report), "--executor", "ray", "--ray-address", cluster,
+                             "--ray-workers", "1", *TINY], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (report.exists() and report.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    recs = records(report)  # every line a whole record
+    assert 1 <= len(recs) < 20 and all(r["status"] == "ok" for r in recs)
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(r["output"]).name for r in recs)  # no partial files
