@@ -153,6 +153,9 @@ class ClipEncoder(nn.Module):
         # Use vit_image_embedding where the model allows it (same maths, less work);
         # False always takes open_clip's own encode_image (the reference for tests).
         self.fast = True
+        # Bicubic without antialiasing, as the reference code resizes to CLIP's
+        # input: the paper's results came from it (measured: docs/reference-differences.md).
+        self.antialias = False
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """Resize (B, 3, H, W) to the model's input size.
@@ -163,7 +166,8 @@ class ClipEncoder(nn.Module):
         """
         if tuple(images.shape[-2:]) == self.image_size:
             return images
-        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False,
+                             antialias=self.antialias)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unnormalised embeddings."""
@@ -385,13 +389,14 @@ def _load_clip_file(model_name: str, quick_gelu: bool, preprocess: dict, path: s
 
 def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = "openai",
               weights: str | Path | None = None, device: torch.device | str = "cpu",
-              cache_dir: str | None = None) -> ClipEncoder:
+              cache_dir: str | None = None, random_init: bool = False) -> ClipEncoder:
     """An open_clip model as a frozen ClipEncoder.
 
     ``weights``: a local file (open_clip state dict, safetensors, or OpenAI's
     original TorchScript ``.pt``); no network is used. Otherwise ``pretrained``
     names an open_clip tag, downloaded once into open_clip's cache. ``None``
-    for both gives random weights (benchmarks and tests).
+    for both gives random weights (benchmarks and tests); so does
+    ``random_init``, in the architecture the tag names (QuickGELU for OpenAI's).
     """
     import open_clip
 
@@ -404,7 +409,9 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = "openai",
     quick_gelu = _tag_quick_gelu(model_name, pretrained)
     preprocess = {k: cfg[k] for k in ("mean", "std") if k in cfg}
     with _quiet_logging():
-        if weights is not None:
+        if random_init:
+            model = _create_clip(model_name, quick_gelu, preprocess, empty=False)
+        elif weights is not None:
             model = _load_clip_file(model_name, quick_gelu, preprocess, weights)
         elif pretrained:
             path = _pretrained_file(model_name, pretrained, cfg, cache_dir)
@@ -506,8 +513,8 @@ def load_models(clip_model: str = "ViT-B-32", clip_pretrained: str | None = "ope
                 device: torch.device | str = "cpu", random_init: bool = False,
                 progress: bool = False, cache_dir: str | None = None) -> Models:
     """Load CLIP and VGG-19 once. ``random_init`` skips all weights (benchmarks)."""
-    clip = load_clip(clip_model, None if random_init else clip_pretrained,
-                     None if random_init else clip_weights, device, cache_dir)
+    clip = load_clip(clip_model, clip_pretrained, None if random_init else clip_weights, device, cache_dir,
+                     random_init=random_init)
     vgg = load_vgg(vgg_weights, device, progress=progress, random_init=random_init)
     info = {
         "clip_model": clip_model,
