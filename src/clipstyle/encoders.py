@@ -46,6 +46,9 @@ class ClipEncoder(nn.Module):
         # Use vit_image_embedding where the model allows it (same maths, less work);
         # False always takes open_clip's own encode_image (the reference for tests).
         self.fast = True
+        # Bicubic without antialiasing, as the reference code resizes to CLIP's
+        # input: the paper's results came from it (measured: docs/reference-differences.md).
+        self.antialias = False
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """Resize (B, 3, H, W) to the model's input size.
@@ -56,7 +59,8 @@ class ClipEncoder(nn.Module):
         """
         if tuple(images.shape[-2:]) == self.image_size:
             return images
-        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False,
+                             antialias=self.antialias)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unnormalised embeddings."""

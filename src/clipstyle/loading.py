@@ -158,13 +158,14 @@ def _load_clip_file(model_name: str, quick_gelu: bool, preprocess: dict, path: s
 
 def load_clip(model_name: str = CLIP_MODEL, pretrained: str | None = CLIP_PRETRAINED,
               weights: str | Path | None = None, device: torch.device | str = "cpu",
-              cache_dir: str | None = None) -> ClipEncoder:
+              cache_dir: str | None = None, random_init: bool = False) -> ClipEncoder:
     """An open_clip model as a frozen ClipEncoder.
 
     ``weights``: a local file (open_clip state dict, safetensors, or OpenAI's
     original TorchScript ``.pt``); no network is used. Otherwise ``pretrained``
     names an open_clip tag, downloaded once into open_clip's cache. ``None``
-    for both gives random weights (benchmarks and tests).
+    for both gives random weights (benchmarks and tests); so does
+    ``random_init``, in the architecture the tag names (QuickGELU for OpenAI's).
     """
     import open_clip
 
@@ -177,7 +178,9 @@ def load_clip(model_name: str = CLIP_MODEL, pretrained: str | None = CLIP_PRETRA
     quick_gelu = _tag_quick_gelu(model_name, pretrained)
     preprocess = {k: cfg[k] for k in ("mean", "std") if k in cfg}
     with _quiet_logging():
-        if weights is not None:
+        if random_init:
+            model = _create_clip(model_name, quick_gelu, preprocess, empty=False)
+        elif weights is not None:
             model = _load_clip_file(model_name, quick_gelu, preprocess, weights)
         elif pretrained:
             path = _pretrained_file(model_name, pretrained, cfg, cache_dir)
@@ -263,8 +266,8 @@ def load_models(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP
                 device: torch.device | str = "cpu", random_init: bool = False,
                 progress: bool = False, cache_dir: str | None = None) -> Models:
     """Load CLIP and VGG-19 once. ``random_init`` skips all weights (benchmarks)."""
-    clip = load_clip(clip_model, None if random_init else clip_pretrained,
-                     None if random_init else clip_weights, device, cache_dir)
+    clip = load_clip(clip_model, clip_pretrained, None if random_init else clip_weights, device, cache_dir,
+                     random_init=random_init)
     vgg = load_vgg(vgg_weights, device, progress=progress, random_init=random_init)
     info = {
         "clip_model": clip_model,

@@ -129,7 +129,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
               help="Also save a numbered snapshot every N steps (0: none).")
 @click.option("--contrast", is_flag=True,
               help="Post-process as the reference code does silently (contrast x1.5, then min-max "
-                   "rescaling): the look of the paper's figures.")
+                   "rescaling). The paper's figures use it; off by default, so the output is the "
+                   "network's own image.")
 @click.option("--save-style", type=click.Path(path_type=Path), default=None,
               help="Keep the trained network as a style file for `clipstyle apply`: a .style file for one "
                    "image and one prompt, else a folder (<output name>.style).")
