@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from clipstyle import __version__, masks
 from clipstyle import images as io
 from clipstyle.batch import Events, Summary, Work, run_jobs
@@ -106,8 +108,6 @@ class _RenderFiles(Work):
         return "out of memory; use smaller tiles (--tile 512) or a smaller --size"
 
     def free_memory(self) -> None:
-        import torch
-
         super().free_memory()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -145,7 +145,5 @@ def apply_files(jobs: list[ApplyJob], styles: Sequence[Style], options: ApplyOpt
                 events: Events | None = None, device=None) -> Summary:
     """Restyle every job's input with ``styles`` (on ``device``, default the CPU) through
     the shared batch loop: existing outputs skipped, failures isolated. ``report``: a report.Report."""
-    import torch
-
     work = _RenderFiles(styles, options, torch.device("cpu") if device is None else torch.device(device))
     return run_jobs(jobs, work, report, events)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from clipstyle import losses as L
 from clipstyle.config import CLIP_MODEL, Settings
@@ -182,8 +183,6 @@ class Floor:
 
 def _reference_network(seed: int, device: torch.device):
     """A StyleNet as a plain implementation has it: nn.InstanceNorm2d, contiguous."""
-    from torch import nn
-
 
     net = make_network(seed, device)
     for module in net.modules():

@@ -13,6 +13,9 @@ What happens to odd files (documented in README, "What clipstyle does with odd f
   limit (decompression bombs), are refused with one line naming the file.
 - Formats whose decoding runs another program (EPS through Ghostscript, WMF
   through the OS) are never opened, whatever the file is named.
+
+torch is imported inside the few functions that make tensors, so that what
+only reads and writes images (``clipstyle sheet``, ``--help``) starts without it.
 """
 
 from __future__ import annotations

@@ -30,9 +30,11 @@ from pathlib import Path
 from clipstyle import __version__
 from clipstyle.batch import Events, Summary, is_done
 from clipstyle.errors import ClipstyleError
+from clipstyle.images import open_image, png_bytes, write_atomic
 from clipstyle.pairs import RunJob
 from clipstyle.report import Report
 from clipstyle.runner import Files, RunOptions, base_record, run_pairs
+from clipstyle.stylefile import style_bytes
 
 INSTALL_HINT = "Ray is not installed; install it with: pip install 'clipstyle[ray]'"
 DEPTH = 2  # batches queued on an actor: the next one is already there when one ends
@@ -66,18 +68,12 @@ class _Received(Files):
         self.written: dict[str, bytes] = {}
 
     def open_image(self, path, max_pixels):
-        from clipstyle.images import open_image
-
         return open_image(path, max_pixels, data=self.data[str(path)])
 
     def save_png(self, image, path, metadata, overwrite):
-        from clipstyle.images import png_bytes
-
         self.written[str(path)] = png_bytes(image, metadata)
 
     def save_style(self, path, network, metadata, overwrite):
-        from clipstyle.stylefile import style_bytes
-
         self.written[str(path)] = style_bytes(network, metadata)
 
 
@@ -112,8 +108,6 @@ def instant_batch(models, batch: list[RunJob], data: dict[str, bytes], settings,
     without a model (and for tests): every pair ok, its output ``png`` (default: a tiny
     PNG of a colour drawn from the pair's seed). Not reachable from the command line."""
     from PIL import Image
-
-    from clipstyle.images import png_bytes
 
     returned = Returned()
     for pair in batch:
@@ -362,8 +356,6 @@ class _Driver:
         try:
             data = pair.input.path.read_bytes()
         except OSError:
-            from clipstyle.images import open_image
-
             try:  # the same one-line reason as a local run gives
                 open_image(pair.input.path, self.options.max_pixels)
             except ClipstyleError as exc:
@@ -406,8 +398,6 @@ class _Driver:
 
     def _write_outputs(self, pair: RunJob, record: dict, files: dict[str, bytes]) -> None:
         """Write a pair's PNG, then its style file, as run_pairs does locally."""
-        from clipstyle.images import write_atomic
-
         try:
             self._write(record["output"], files[record["output"]], self.options.overwrite)
         except ClipstyleError as exc:
@@ -426,8 +416,6 @@ class _Driver:
 
     @staticmethod
     def _write(path: str, data: bytes, overwrite: bool) -> None:
-        from clipstyle.images import write_atomic
-
         write_atomic(Path(path), lambda fh: fh.write(data), overwrite=overwrite)
 
     def _lost(self, key: int, batch: _Batch, exc: BaseException) -> None:

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 from clipstyle.config import MAX_PIXELS
 from clipstyle.errors import ClipstyleError, ImageError
+from clipstyle.images import open_image
 from clipstyle.report import resolve_path
 
 # (metric key, short label) in the order tiles show them.
@@ -162,8 +163,6 @@ def score_lines(scores: dict) -> list[str]:
 def thumbnail(path: str, tile: int, max_pixels: int):
     """The image at ``path`` scaled (up or down) to fit a tile x tile box, aspect ratio kept."""
     from PIL import Image, ImageOps
-
-    from clipstyle.images import open_image
 
     return ImageOps.contain(open_image(path, max_pixels).image, (tile, tile), Image.Resampling.LANCZOS)
 
