@@ -20,6 +20,7 @@ from clipstyle.errors import ClipstyleError
 from clipstyle.optimize import check_prompt, stylize_many
 from clipstyle.pairs import RunJob
 from clipstyle.rendering import render, target_size
+from clipstyle.resume import file_sha256, settings_identity
 from clipstyle.stylefile import save_style, style_metadata
 
 
@@ -64,15 +65,16 @@ def base_record(job: RunJob, settings, status: str, error: str | None = None) ->
     }
 
 
-def output_metadata(job: RunJob, settings, models_info: dict, options: RunOptions) -> dict:
+def output_metadata(job: RunJob, settings, models_info: dict, options: RunOptions,
+                    input_sha256: str | None = None) -> dict:
     """What goes into the PNG's text chunks: enough to repeat the run (no timings, so
-    the same seed gives the same bytes)."""
+    the same seed gives the same bytes), and to know on a rerun whether it is done (resume.py)."""
     return {
         "prompt": job.prompt,
         "Software": f"clipstyle {__version__}",
         "clipstyle": {
-            "version": __version__, "input": Path(job.input.rel).name, "prompt": job.prompt,
-            "seed": job.seed, "base_seed": options.base_seed, "contrast": options.contrast,
+            "version": __version__, "input": job.input.path.name, "input_sha256": input_sha256,
+            "prompt": job.prompt, "seed": job.seed, "base_seed": options.base_seed, "contrast": options.contrast,
             "strength": options.strength, "output_size": options.output_size,
             "settings": settings.to_dict(), "models": models_info,
         },
@@ -91,8 +93,10 @@ class _Content:
 class _StylizePairs(Work):
     """run's work: check prompts once, decode each image once, optimise pairs in batches, save."""
 
-    def __init__(self, models, settings, options: RunOptions):
+    def __init__(self, models, settings, options: RunOptions, models_info: dict | None = None):
         self._models = models  # Models, or a callable that loads them (called once, when first needed)
+        self._models_info = models_info
+        self._input_hashes: dict[str, str] = {}
         self.settings, self.options = settings, options
         self.batch_size, self.overwrite = options.batch, options.overwrite
         self._prompts: dict[str, str | None] = {}  # prompt -> its error, None when usable
@@ -107,8 +111,33 @@ class _StylizePairs(Work):
         self.start()
         return self._models
 
+    @property
+    def models_info(self) -> dict:
+        """What the models are (recorded in outputs): as given, else the loaded models' own."""
+        return self._models_info if self._models_info is not None else self.models.info
+
     def record(self, job: RunJob, status: str, error: str | None = None) -> dict:
         return base_record(job, self.settings, status, error)
+
+    def outputs(self, job: RunJob) -> list[Path]:
+        return [job.output] if job.style is None else [job.output, job.style]
+
+    def identity(self, job: RunJob, path: Path) -> dict:
+        made = {"prompt": job.prompt, "seed": job.seed, "settings": settings_identity(self.settings),
+                "models": self.models_info, "input_sha256": self._input_sha256(job)}
+        if path == job.output:  # the image; the style file is the network alone
+            made.update(contrast=self.options.contrast, strength=self.options.strength,
+                        output_size=self.options.output_size)
+        return made
+
+    def _input_sha256(self, job: RunJob) -> str | None:
+        key = str(job.input.path)
+        if key not in self._input_hashes:
+            try:
+                self._input_hashes[key] = file_sha256(job.input.path)
+            except OSError:
+                return None  # unreadable: the pair fails when the image is read
+        return self._input_hashes[key]
 
     def prepare(self, job: RunJob, events: Events) -> _Content:
         self._check_prompt(job.prompt, events)
@@ -182,13 +211,14 @@ class _StylizePairs(Work):
             image = self._final_image(content, result)
             if self.options.contrast:
                 image = io.enhance_contrast(image)
-            io.save_png(image, job.output, output_metadata(job, self.settings, self.models.info, self.options),
-                        overwrite=self.overwrite)
+            if not self.keeps(job.output):
+                meta = output_metadata(job, self.settings, self.models_info, self.options, self._input_sha256(job))
+                io.save_png(image, job.output, meta, overwrite=self.overwrite)
             record["output_size"] = list(image.shape[-1:-3:-1])
-            if job.style is not None:
+            if job.style is not None and not self.keeps(job.style):
                 meta = style_metadata(prompt=job.prompt, settings=self.settings, seed=job.seed,
                                       input_path=job.input.path, trained_size=result.size,
-                                      models_info=self.models.info)
+                                      models_info=self.models_info)
                 save_style(job.style, result.network, meta, overwrite=self.overwrite)
                 record["style"] = str(job.style)
         except ClipstyleError as exc:
@@ -208,11 +238,20 @@ class _StylizePairs(Work):
         return torch.lerp(content.tensor.cpu(), result.tensor, options.strength)
 
 
+def run_work(models, settings, options: RunOptions, models_info: dict | None = None) -> Work:
+    """run's batch.Work (see run_pairs for the arguments)."""
+    return _StylizePairs(models, settings, options, models_info)
+
+
 def run_pairs(jobs: list[RunJob], models, settings, options: RunOptions, report,
-              events: Events | None = None) -> Summary:
+              events: Events | None = None, models_info: dict | None = None,
+              summary: Summary | None = None) -> Summary:
     """Optimise every pair through the shared batch loop (batch.run_jobs).
 
     ``models``: a loading.Models, or a callable returning one, called only if a
-    pair needs them (a rerun whose outputs all exist loads nothing).
+    pair needs them. ``models_info``: what the models are (loading.models_info
+    of the arguments they load with), recorded in each output and compared
+    with existing outputs; given, a rerun whose outputs are all done loads
+    nothing; default: the models' own ``info``. ``summary``: see batch.run_jobs.
     """
-    return run_jobs(jobs, _StylizePairs(models, settings, options), report, events)
+    return run_jobs(jobs, run_work(models, settings, options, models_info), report, events, summary)

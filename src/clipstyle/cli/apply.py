@@ -12,6 +12,7 @@ from clipstyle.cli.common import (
     debug_option,
     echo_outcome,
     echo_warning,
+    end_of_run,
     stop_on_sigterm,
 )
 from clipstyle.config import MAX_PIXELS, STYLE_SUFFIXES, TILE_OVERLAP
@@ -135,6 +136,7 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     import time
 
     from clipstyle.applier import ApplyOptions, apply_files, plan_outputs
+    from clipstyle.batch import Summary
     from clipstyle.device import resolve_device
     from clipstyle.inputs import check_outputs, collect_inputs
     from clipstyle.rendering import plan_tiles
@@ -160,17 +162,16 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     if not inputs:
         raise UserError("no input images found")
     jobs = plan_outputs(inputs, styles, output)
-    check_outputs(jobs)
+    check_outputs(jobs, report)
     report_file = Report(report)
     events = _events(quiet)
+    summary, interrupted = Summary(), False
     start = time.perf_counter()
     try:
-        summary = apply_files(jobs, styles, options, report_file, events, device=dev)
+        apply_files(jobs, styles, options, report_file, events, device=dev, summary=summary)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         events.close()
         report_file.close()
-    if not quiet or summary.failed:
-        click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in "
-                   f"{time.perf_counter() - start:.1f} s", err=True)
-    if summary.failed:
-        sys.exit(1)
+    end_of_run(summary, time.perf_counter() - start, quiet, interrupted)

@@ -14,6 +14,7 @@ from clipstyle.cli.common import (
     debug_option,
     echo_outcome,
     echo_warning,
+    end_of_run,
     load_models_from_options,
     model_options,
     stop_on_sigterm,
@@ -149,8 +150,10 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     reported and the run goes on. Exit code 0 when every pair is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
+    from clipstyle.batch import Summary
     from clipstyle.config import settings_for
     from clipstyle.inputs import check_outputs, collect_inputs
+    from clipstyle.loading import models_info
     from clipstyle.pairs import parse_shard, plan_pairs
     from clipstyle.prompts import choose_templates
     from clipstyle.report import Report
@@ -183,9 +186,11 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     if not inputs:
         raise UserError("no input images found")
     pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn, save_style)
-    check_outputs(pairs)
+    check_outputs(pairs, report)
     report_file = Report(report)
     events = _progress(quiet, settings.steps, per_step=not devices)
+    info = models_info(clip_model, clip_pretrained, clip_weights, vgg_weights)  # outputs record it; reruns compare
+    summary, interrupted = Summary(), False
     start = time.perf_counter()
     try:
         if device_names:
@@ -193,19 +198,17 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
 
             loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
                                        vgg_weights, progress=False)
-            summary = run_on_devices(pairs, device_names, loader, settings, options, report_file, events)
+            run_on_devices(pairs, device_names, loader, settings, options, report_file, events, info, summary)
         else:
             loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
                                        vgg_weights, device=device)
-            summary = run_pairs(pairs, loader, settings, options, report_file, events)
+            run_pairs(pairs, loader, settings, options, report_file, events, info, summary)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         events.close()
         report_file.close()
-    elapsed = time.perf_counter() - start
-    if not quiet or summary.failed:
-        click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {elapsed:.1f} s", err=True)
-    if summary.failed:
-        sys.exit(1)
+    end_of_run(summary, time.perf_counter() - start, quiet, interrupted)
 
 
 def _device_list(devices: str) -> list[str]:
