@@ -106,7 +106,8 @@ def _events(quiet: bool):
                    "each with its own (one pass; soft seams possible).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing outputs (default: skip those made with the same settings, refuse others).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image to this file.")
 @click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
@@ -129,8 +130,8 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
       clipstyle apply ink.style fire.style --mix 0.3 photo.jpg  # 70% ink, 30% fire
       clipstyle apply ink.style photo.jpg --strength 0.6 -o soft.png
 
-    Existing outputs are skipped unless --overwrite; a file that fails is
-    reported and the rest go on. Exit code 0 when every image is ok or
+    Outputs made the same way are skipped, others refused, unless
+    --overwrite; a file that fails is reported and the rest go on. Exit code 0 when every image is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
     import time

@@ -128,7 +128,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                    "or with longest side N; training stays at --size. [default: the training size]")
 @click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="How much of the style to apply: a blend of content (0) and styled image (1).")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing outputs (default: skip those made with the same settings, refuse others).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image x prompt to this file.")
 @click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
@@ -146,8 +147,8 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
       clipstyle run -p "starry night" photo.jpg
       clipstyle run -p "ink wash painting" -p "mosaic" photos/ -o styled/ --report runs.jsonl
 
-    Existing outputs are skipped unless --overwrite; a file that fails is
-    reported and the run goes on. Exit code 0 when every pair is ok or
+    Outputs made with the same settings are skipped, others refused, unless
+    --overwrite; a file that fails is reported and the run goes on. Exit code 0 when every pair is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
     from clipstyle.batch import Summary
