@@ -135,33 +135,37 @@ def run_jobs(jobs: list, work: Work, report, events: Events | None = None, summa
     """
     events = events or Events()
     runner = _Loop(work, report, events, total=len(jobs), summary=summary)
-    pending: list[tuple] = []
-    started = False
     try:
-        for job in jobs:
-            verdict = runner.claim(job)
-            if verdict is not None:
-                runner.finish(job, work.record(job, *verdict))
-                continue
-            if not started:
-                work.start()
-                started = True
-            try:
-                prepared = work.prepare(job, events)
-            except ClipstyleError as exc:
-                runner.finish(job, work.record(job, "failed", str(exc)))
-                continue
-            pending.append((job, prepared))
-            if len(pending) >= max(1, work.batch_size):
-                runner.process(pending)
-                pending = []
-        if pending:
-            runner.process(pending)
+        _each_job(jobs, work, events, runner)
     finally:
         for held in runner.claims.values():  # interrupted: nothing stays claimed
             held.release()
     runner.summary.seconds = time.perf_counter() - runner.start
     return runner.summary
+
+
+def _each_job(jobs: list, work: Work, events: Events, runner: _Loop) -> None:
+    pending: list[tuple] = []
+    started = False
+    for job in jobs:
+        verdict = runner.claim(job)
+        if verdict is not None:
+            runner.finish(job, work.record(job, *verdict))
+            continue
+        if not started:
+            work.start()
+            started = True
+        try:
+            prepared = work.prepare(job, events)
+        except ClipstyleError as exc:
+            runner.finish(job, work.record(job, "failed", str(exc)))
+            continue
+        pending.append((job, prepared))
+        if len(pending) >= max(1, work.batch_size):
+            runner.process(pending)
+            pending = []
+    if pending:
+        runner.process(pending)
 
 
 class _Loop:
