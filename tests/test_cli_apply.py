@@ -57,10 +57,11 @@ def test_apply_keeps_the_input_size_names_the_output_and_reports(tmp_path, style
     assert result.exit_code == 0 and Image.open(tmp_path / "small.png").size == (20, 14)
 
 
-def test_existing_output_is_skipped_unless_overwrite(tmp_path, styles, odd):
+def test_existing_output_is_kept_unless_overwrite(tmp_path, styles, odd):
     out = tmp_path / "o.png"
     out.write_bytes(b"mine")
-    assert invoke("apply", styles[0], odd, "-o", out).exit_code == 0
+    result = invoke("apply", styles[0], odd, "-o", out)
+    assert result.exit_code == 1 and "exists, not made by clipstyle" in result.stderr  # not this job's image
     assert out.read_bytes() == b"mine"
     assert invoke("apply", styles[0], odd, "-o", out, "--overwrite").exit_code == 0
     assert Image.open(out).size == (45, 31)

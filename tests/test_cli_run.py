@@ -35,11 +35,12 @@ def test_run_writes_png_with_aspect_ratio_metadata_and_report(tmp_path, photo, f
     assert set(record["losses"]) == {"total", "patch", "dir", "content", "tv"}
 
 
-def test_existing_output_is_skipped_not_overwritten(tmp_path, photo, fake_loader):
+def test_existing_output_not_made_by_clipstyle_is_kept_and_refused(tmp_path, photo, fake_loader):
     out = tmp_path / "out.png"
     out.write_bytes(b"mine")
     result = invoke("run", "-p", "x", str(photo), "-o", str(out), *TINY)
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # not skipped as if done: it is not this pair's image
+    assert f"clipstyle: error: {out}: exists, not made by clipstyle" in result.stderr
     assert out.read_bytes() == b"mine"
     assert fake_loader == []  # nothing to do: models never loaded
     result = invoke("run", "-p", "x", str(photo), "-o", str(out), "--overwrite", *TINY)

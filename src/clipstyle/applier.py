@@ -28,6 +28,7 @@ from clipstyle.rendering import (
     render,
     target_size,
 )
+from clipstyle.resume import file_sha256
 from clipstyle.stylefile import Style
 
 
@@ -72,14 +73,15 @@ def plan_outputs(inputs: list[InputFile], styles: Sequence[Style], output: Path 
     return [ApplyJob(inp, as_file or mirrored_output(folder, inp, label)) for inp in inputs]
 
 
-def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, size) -> dict:
+def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, size, identity: dict) -> dict:
+    """The PNG's text chunks: what made it, and ``identity`` (what determines it, see _RenderFiles.identity)."""
     meta = {
         "Software": f"clipstyle {__version__}",
         "clipstyle": {
-            "version": __version__, "input": Path(job.input.rel).name,
+            "version": __version__, "input": job.input.path.name,
             "styles": [{"file": s.path.name, "prompt": s.metadata.get("prompt")} for s in styles],
             "mix": mix_weights(len(styles), options.mix), "strength": options.strength, "size": list(size),
-            "tile": options.tile, "overlap": options.overlap, "tile_stats": options.tile_stats,
+            "tile": options.tile, "overlap": options.overlap, "tile_stats": options.tile_stats, **identity,
             **({"region": options.region.record()} if options.region is not None else {}),
         },
     }
@@ -96,6 +98,17 @@ class _RenderFiles(Work):
         self.styles, self.options, self.device = list(styles), options, device
         self.overwrite = options.overwrite
         self.networks = [s.network.to(device) for s in styles]
+        self._style_hashes: list[str | None] | None = None
+
+    def identity(self, job: ApplyJob, path: Path) -> dict:
+        """What determines an output: the input's and the styles' bytes and every rendering option."""
+        options = self.options
+        if self._style_hashes is None:
+            self._style_hashes = [_sha256(s.path) for s in self.styles]
+        return {"input_sha256": _sha256(job.input.path), "style_sha256": self._style_hashes,
+                "mix": mix_weights(len(self.styles), options.mix), "strength": options.strength,
+                "longest_side": options.size, "tile": options.tile, "overlap": options.overlap,
+                "tile_stats": options.tile_stats, "whole_pixels": options.whole_pixels}
 
     def record(self, job: ApplyJob, status: str, error: str | None = None) -> dict:
         styles, options = self.styles, self.options
@@ -133,7 +146,8 @@ class _RenderFiles(Work):
                        mix=options.mix, max_pixels=options.whole_pixels, tile_stats=options.tile_stats,
                        device=self.device, callback=lambda d, t: events.progress(job, TileProgress(d, t)))
             y = masks.finish(y, x, options.region, mask)
-            io.save_png(y, job.output, _output_metadata(job, self.styles, options, size), overwrite=self.overwrite)
+            meta = _output_metadata(job, self.styles, options, size, self.identity(job, job.output))
+            io.save_png(y, job.output, meta, overwrite=self.overwrite)
             record.update(size=list(size))
         except ClipstyleError as exc:
             record.update(status="failed", error=str(exc))
@@ -141,9 +155,17 @@ class _RenderFiles(Work):
         return record
 
 
+def _sha256(path: Path) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None  # unreadable: the job fails when the image is read
+
+
 def apply_files(jobs: list[ApplyJob], styles: Sequence[Style], options: ApplyOptions, report,
-                events: Events | None = None, device=None) -> Summary:
+                events: Events | None = None, device=None, summary: Summary | None = None) -> Summary:
     """Restyle every job's input with ``styles`` (on ``device``, default the CPU) through
-    the shared batch loop: existing outputs skipped, failures isolated. ``report``: a report.Report."""
+    the shared batch loop: what is done skipped, failures isolated. ``report``: a report.Report;
+    ``summary``: see batch.run_jobs."""
     work = _RenderFiles(styles, options, torch.device("cpu") if device is None else torch.device(device))
-    return run_jobs(jobs, work, report, events)
+    return run_jobs(jobs, work, report, events, summary)

@@ -1,13 +1,16 @@
-"""The one batch loop of ``run`` and ``apply``: skip what exists, isolate failures, records, summary.
+"""The one batch loop of ``run`` and ``apply``: skip what is done, isolate failures, records, summary.
 
 A command's work is a list of jobs, each with an ``input`` (inputs.InputFile)
 and an ``output`` path, and a :class:`Work` that says how to prepare one job
 and how to process a batch of prepared jobs. :func:`run_jobs` does the rest
-the same way for every command: a job whose output exists is skipped (unless
-overwriting), a job that fails - while preparing, processing or saving - ends
-in a failed record and the others go on, an allocation failure frees memory
-and names the sizes to lower, and every finished job is counted, written to
-the report and announced to the events, as it ends.
+the same way for every command: a job whose outputs all exist, made the same
+way, is skipped, and one whose output exists made otherwise fails with one
+line (:meth:`Work.existing`, unless overwriting); a job is claimed before it
+is computed, so that runs sharing a folder share the work (claims.py); a job
+that fails - while preparing, processing or saving - ends in a failed record
+and the others go on, an allocation failure frees memory and names the sizes
+to lower, and every finished job is counted, written to the report and
+announced to the events, as it ends.
 
 This module never prints; what a user sees goes through :class:`Events`.
 """
@@ -15,11 +18,14 @@ This module never prints; what a user sees goes through :class:`Events`.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipstyle.claims import claim
 from clipstyle.errors import ClipstyleError, format_error, is_out_of_memory
+from clipstyle.resume import mismatch
 
 
 @dataclass
@@ -52,16 +58,46 @@ class Events:
         """A warning about a job (or about the run, when ``job`` is None)."""
 
 
-def is_done(output: Path, overwrite: bool) -> bool:
-    """Whether a job's output already exists and is to be kept (the job is skipped)."""
-    return not overwrite and output.exists()
-
-
 class Work:
     """How one command prepares and processes its jobs. Subclasses override the methods."""
 
     batch_size: int = 1
     overwrite: bool = False
+    _kept: frozenset = frozenset()  # existing outputs verified by existing(), kept when saving
+
+    def outputs(self, job) -> list[Path]:
+        """Every file ``job`` is asked to write: it is done only when all of them exist."""
+        return [job.output]
+
+    def identity(self, job, path: Path) -> dict:
+        """What determines ``path`` (one of the job's outputs), as recorded in the file
+        (resume.py): an existing file that records the same values is kept."""
+        return {}
+
+    def existing(self, job) -> tuple[str, str] | None:
+        """What the files already there mean for ``job`` - the one place that decides:
+        None to process it; ("skipped", why) when every output it asks for exists, made
+        the same way; ("failed", why) when one exists made otherwise (or not by clipstyle).
+
+        Existing outputs of a job that is processed all the same (another of its
+        outputs is missing) are kept: :meth:`keeps` says so when saving.
+        """
+        if self.overwrite:
+            return None
+        paths = self.outputs(job)
+        present = [p for p in paths if os.path.lexists(p)]
+        for path in present:
+            problem = mismatch(path, lambda: self.identity(job, path))
+            if problem:
+                return "failed", f"{path}: {problem}; --overwrite replaces it, or choose another output (-o)"
+        if present and len(present) == len(paths):
+            return "skipped", f"{job.output}: exists, made with these settings"
+        self._kept = self._kept | set(present)
+        return None
+
+    def keeps(self, path: Path) -> bool:
+        """Whether ``path`` exists, made as asked, and is to be kept rather than written again."""
+        return path in self._kept
 
     def record(self, job, status: str, error: str | None = None) -> dict:
         """The report record of ``job`` with ``status`` and, when failed, the one-line error."""
@@ -92,15 +128,29 @@ class Work:
         gc.collect()
 
 
-def run_jobs(jobs: list, work: Work, report, events: Events | None = None) -> Summary:
-    """Process every job, skipping existing outputs and isolating failures. ``report``: a report.Report."""
+def run_jobs(jobs: list, work: Work, report, events: Events | None = None, summary: Summary | None = None) -> Summary:
+    """Process every job, skipping what is done and isolating failures. ``report``: a report.Report.
+
+    ``summary``: filled in as jobs end (give one to read the counts after an interruption).
+    """
     events = events or Events()
-    runner = _Loop(work, report, events, total=len(jobs))
+    runner = _Loop(work, report, events, total=len(jobs), summary=summary)
+    try:
+        _each_job(jobs, work, events, runner)
+    finally:
+        for held in runner.claims.values():  # interrupted: nothing stays claimed
+            held.release()
+    runner.summary.seconds = time.perf_counter() - runner.start
+    return runner.summary
+
+
+def _each_job(jobs: list, work: Work, events: Events, runner: _Loop) -> None:
     pending: list[tuple] = []
     started = False
     for job in jobs:
-        if is_done(job.output, work.overwrite):
-            runner.finish(job, work.record(job, "skipped", f"{job.output} exists"))
+        verdict = runner.claim(job)
+        if verdict is not None:
+            runner.finish(job, work.record(job, *verdict))
             continue
         if not started:
             work.start()
@@ -116,19 +166,36 @@ def run_jobs(jobs: list, work: Work, report, events: Events | None = None) -> Su
             pending = []
     if pending:
         runner.process(pending)
-    runner.summary.seconds = time.perf_counter() - runner.start
-    return runner.summary
 
 
 class _Loop:
     """The bookkeeping of one run_jobs call: the summary, the report and the events."""
 
-    def __init__(self, work: Work, report, events: Events, total: int):
+    def __init__(self, work: Work, report, events: Events, total: int, summary: Summary | None = None):
         self.work, self.report, self.events, self.total = work, report, events, total
-        self.summary = Summary()
+        self.summary = Summary() if summary is None else summary
         self.start = time.perf_counter()
+        self.claims: dict[int, object] = {}  # id(job) -> its claims.Claim, while it runs
+
+    def claim(self, job) -> tuple[str, str] | None:
+        """None when ``job`` is to be processed (it is then claimed); else its record's (status, why)."""
+        verdict = self.work.existing(job)
+        if verdict is not None:
+            return verdict
+        held = claim(job.output)
+        if isinstance(held, str):
+            return "skipped", f"{job.output}: another run is making it ({held})"
+        verdict = self.work.existing(job)  # that run may have finished it while we looked
+        if verdict is not None:
+            held.release()
+            return verdict
+        self.claims[id(job)] = held
+        return None
 
     def finish(self, job, record: dict) -> None:
+        held = self.claims.pop(id(job), None)
+        if held is not None:
+            held.release()
         self.summary.add(record)
         self.report.write(record)
         self.events.finished(job, record)

@@ -1,7 +1,9 @@
 """Inputs and where their outputs go: expanding files, folders and globs; output paths and checks.
 
 Shared by ``run`` and ``apply``. Output names mirror the inputs: ``<stem>-<label>.png``
-in the output folder, under the input's subfolder for folder inputs.
+in the output folder, under the input's subfolder for folder inputs. Inputs
+whose outputs would share a name - ``a/IMG_0001.JPG`` and ``b/IMG_0001.JPG``,
+or ``photo.jpg`` and ``photo.png`` - are told apart by a tag (see :func:`distinct`).
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from clipstyle.errors import ClipstyleError, OutputError
 from clipstyle.images import IMAGE_EXTENSIONS
@@ -19,7 +22,9 @@ from clipstyle.images import IMAGE_EXTENSIONS
 @dataclass(frozen=True)
 class InputFile:
     path: Path  # as given or found
-    rel: str  # identity: the path relative to the folder it was found in (posix), or the file name
+    # Identity, for output names, seeds and shards: the path relative to the folder it was
+    # found in (posix), or the file name; tagged when two inputs would share an output (distinct()).
+    rel: str
 
 
 def _glob_chars(s: str) -> bool:
@@ -74,7 +79,42 @@ def collect_inputs(items: list[str], recursive: bool = False, from_file: str | N
                     add(mp, mp.name)
         else:
             add(p, p.name)
-    return found
+    return distinct(found)
+
+
+def _output_key(rel: str) -> str:
+    """Inputs with equal keys would share output names: the same subfolder and stem (the
+    suffix is dropped from output names), compared without case (as macOS and Windows do)."""
+    path = PurePosixPath(rel)
+    return (path.parent / short_stem(path.stem)).as_posix().casefold()
+
+
+def path_tag(path: Path) -> str:
+    """A short hash of an input's path as given (normalised), the same wherever the same command runs."""
+    given = os.path.normpath(str(path)).replace(os.sep, "/")
+    return hashlib.sha256(given.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def distinct(found: list[InputFile]) -> list[InputFile]:
+    """Inputs whose outputs would share a name each get their own, stably.
+
+    Every input of a colliding group is tagged - ``<stem>-<hash of its path>`` - and
+    every other input keeps its name, so its output name and seed are those it has
+    alone. The tag depends on the input's own path only, not on the other inputs,
+    so the same command gives the same names on every rerun, shard and machine.
+    """
+    counts = Counter(_output_key(f.rel) for f in found)
+    tagged = []
+    for f in found:
+        if counts[_output_key(f.rel)] > 1:
+            rel = PurePosixPath(f.rel)
+            f = InputFile(f.path, (rel.parent / f"{rel.stem}-{path_tag(f.path)}{rel.suffix}").as_posix())
+        tagged.append(f)
+    keys = Counter(_output_key(f.rel) for f in tagged)
+    clash = next((f for f in tagged if keys[_output_key(f.rel)] > 1), None)
+    if clash is not None:  # a tagged name equal to another input's own: rename one of the files
+        raise ClipstyleError("two inputs would write the same output names; rename one of them", clash.path)
+    return tagged
 
 
 def output_file(output: Path | None, single: bool, one: str) -> Path | None:
@@ -107,17 +147,32 @@ def mirrored_output(folder: Path, inp: InputFile, label: str) -> Path:
     return folder / rel.parent / f"{short_stem(rel.stem)}-{label}.png"
 
 
-def check_outputs(jobs) -> None:
-    """Refuse, before any compute, outputs that would overwrite an input or cannot be written.
+def _key(path) -> str:
+    return os.path.normcase(os.path.abspath(path)).casefold()
 
-    ``jobs``: anything with ``.input`` (an InputFile) and ``.output`` (a Path).
-    Creates the output folders.
+
+def check_outputs(jobs, report: Path | None = None) -> None:
+    """Refuse, before any compute, outputs that would overwrite an input or each other, or
+    cannot be written, and a ``report`` file that is an input or an output.
+
+    ``jobs``: anything with ``.input`` (an InputFile) and ``.output`` (a Path), and
+    optionally ``.style`` (a second output). Creates the output folders.
     """
-    inputs = {os.path.abspath(j.input.path) for j in jobs}
+    inputs = {_key(j.input.path) for j in jobs}
+    outputs: set[str] = set()
+    for j in jobs:
+        for out in (j.output, getattr(j, "style", None)):
+            if out is None:
+                continue
+            if _key(out) in inputs:
+                raise OutputError("the output would overwrite an input image", out)
+            if _key(out) in outputs:
+                raise OutputError("two inputs would write this same output", out)
+            outputs.add(_key(out))
+    if report is not None:
+        _check_report(Path(report), jobs, inputs, outputs)
     checked: set[Path] = set()
     for j in jobs:
-        if os.path.abspath(j.output) in inputs:
-            raise OutputError("the output would overwrite an input image", j.output)
         parent = j.output.parent
         if parent in checked:
             continue
@@ -128,3 +183,20 @@ def check_outputs(jobs) -> None:
             raise OutputError(f"cannot create the output folder: {exc.strerror}", parent) from None
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError("output folder is not writable", parent)
+
+
+def _check_report(report: Path, jobs, inputs: set[str], outputs: set[str]) -> None:
+    """The report is appended to: never to an input image or an output (the same file by
+    any name, links included)."""
+    if _key(report) in inputs or _key(report) in outputs:
+        what = "an input image" if _key(report) in inputs else "an output"
+        raise OutputError(f"the report would be written into {what}; give another --report file", report)
+    if report.exists():
+        for j in jobs:
+            try:
+                same = os.path.samefile(report, j.input.path)
+            except OSError:
+                continue
+            if same:
+                raise OutputError("the report would be written into an input image; give another --report file",
+                                  report)

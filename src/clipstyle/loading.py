@@ -269,13 +269,19 @@ def load_models(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP
     clip = load_clip(clip_model, clip_pretrained, None if random_init else clip_weights, device, cache_dir,
                      random_init=random_init)
     vgg = load_vgg(vgg_weights, device, progress=progress, random_init=random_init)
-    info = {
+    return Models(clip, vgg, models_info(clip_model, clip_pretrained, clip_weights, vgg_weights, random_init))
+
+
+def models_info(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP_PRETRAINED,
+                clip_weights: str | Path | None = None, vgg_weights: str | Path | None = None,
+                random_init: bool = False) -> dict:
+    """What load_models with these arguments loads (Models.info), known without loading anything."""
+    return {
         "clip_model": clip_model,
         "clip_pretrained": "random" if random_init else (None if clip_weights else clip_pretrained),
         "clip_weights": None if clip_weights is None else Path(clip_weights).name,
         "vgg_weights": "random" if random_init else (None if vgg_weights is None else Path(vgg_weights).name),
     }
-    return Models(clip, vgg, info)
 
 
 @functools.cache

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -28,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipstyle import __version__
-from clipstyle.batch import Events, Summary, is_done
+from clipstyle.batch import Events, Summary
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import open_image, png_bytes, write_atomic
 from clipstyle.pairs import RunJob
 from clipstyle.report import Report
-from clipstyle.runner import Files, RunOptions, base_record, run_pairs
+from clipstyle.runner import Files, RunOptions, base_record, run_pairs, run_work
 from clipstyle.stylefile import style_bytes
 
 INSTALL_HINT = "Ray is not installed; install it with: pip install 'clipstyle[ray]'"
@@ -76,6 +78,9 @@ class _Received(Files):
     def save_style(self, path, network, metadata, overwrite):
         self.written[str(path)] = style_bytes(network, metadata)
 
+    def sha256(self, path) -> str:
+        return hashlib.sha256(self.data[str(path)]).hexdigest()
+
 
 class _Collect(Events):
     def __init__(self, returned: Returned):
@@ -88,7 +93,8 @@ class _Collect(Events):
         self.returned.notes.append((None if pair is None else str(pair.input.path), message))
 
 
-def stylize_batch(models, batch: list[RunJob], data: dict[str, bytes], settings, options: RunOptions) -> Returned:
+def stylize_batch(models, batch: list[RunJob], data: dict[str, bytes], settings, options: RunOptions,
+                  models_info: dict | None = None) -> Returned:
     """An actor's work on one batch: runner.run_pairs on the bytes it was sent.
 
     Existing files are the driver's business, so the actor overwrites its
@@ -97,7 +103,7 @@ def stylize_batch(models, batch: list[RunJob], data: dict[str, bytes], settings,
     returned = Returned()
     files = _Received(data)
     run_pairs(batch, models, settings, dataclasses.replace(options, overwrite=True), Report(None),
-              _Collect(returned), files)
+              _Collect(returned), models_info=models_info, files=files)
     returned.files = files.written
     return returned
 
@@ -206,7 +212,8 @@ def connect(ray, address: str | None) -> bool:
 
 def run_with_ray(pairs: list[RunJob], loader, settings, options: RunOptions, report: Report,
                  events: Events | None = None, *, address: str | None = None, workers: int | None = None,
-                 cpus_per_worker: int = 1, device: str = "auto", job=None) -> Summary:
+                 cpus_per_worker: int = 1, device: str = "auto", job=None,
+                 models_info: dict | None = None) -> Summary:
     """Like runner.run_pairs, on the actors of a Ray cluster.
 
     ``loader(device=...)`` loads the models in an actor; it must be picklable
@@ -224,18 +231,24 @@ def run_with_ray(pairs: list[RunJob], loader, settings, options: RunOptions, rep
         report.write(record)
         events.finished(pair, record)
 
+    work = run_work(None, settings, options, models_info)  # decides, as locally, what is done
     todo = []
     for pair in pairs:
-        if is_done(pair.output, options.overwrite):
-            finish(pair, base_record(pair, settings, "skipped", f"{pair.output} exists"))
+        verdict = work.existing(pair)
+        if verdict is not None:
+            finish(pair, base_record(pair, settings, *verdict))
         else:
             todo.append(pair)
+    if job is None:
+        job = functools.partial(stylize_batch, models_info=models_info)
     if todo:
         ray = import_ray()
         started_here = connect(ray, address)
         try:
-            _Driver(ray, todo, len(pairs), loader, settings, options, events, finish, workers, cpus_per_worker,
-                    device, job).run()
+            driver = _Driver(ray, todo, len(pairs), loader, settings, options, events, finish, workers,
+                             cpus_per_worker, device, job)
+            driver.keeps = work.keeps  # outputs already there, made as asked: not written again
+            driver.run()
         finally:
             if started_here:
                 ray.shutdown()
@@ -250,6 +263,7 @@ class _Driver:
                  device, job):
         self.ray, self.total, self.settings, self.options = ray, total, settings, options
         self.events, self.finish = events, finish
+        self.keeps = lambda path: False  # run_with_ray sets it: which existing outputs to keep
         size = max(1, options.batch)
         self.queue = collections.deque(_Batch(todo[i:i + size]) for i in range(0, len(todo), size))
         count, gpu = default_workers(ray.cluster_resources(), cpus_per_worker)
@@ -397,9 +411,11 @@ class _Driver:
             self._finish(pair, base_record(pair, self.settings, "failed", f"{pair.input.path}: no result"))
 
     def _write_outputs(self, pair: RunJob, record: dict, files: dict[str, bytes]) -> None:
-        """Write a pair's PNG, then its style file, as run_pairs does locally."""
+        """Write a pair's PNG, then its style file, as run_pairs does locally (outputs already
+        there, made as asked, are kept)."""
         try:
-            self._write(record["output"], files[record["output"]], self.options.overwrite)
+            if not self.keeps(pair.output):
+                self._write(record["output"], files[record["output"]], self.options.overwrite)
         except ClipstyleError as exc:
             record.pop("output_size", None)
             record.pop("style", None)
@@ -409,7 +425,8 @@ class _Driver:
             data = files[record.pop("style")]
             style = pair.style
             try:
-                write_atomic(style, lambda fh: fh.write(data), overwrite=self.options.overwrite)
+                if not self.keeps(style):
+                    write_atomic(style, lambda fh: fh.write(data), overwrite=self.options.overwrite)
                 record["style"] = str(style)
             except ClipstyleError as exc:
                 record.update(status="failed", error=str(exc))

@@ -21,6 +21,7 @@ from clipstyle.masks import Regions
 from clipstyle.optimize import check_prompt, stylize_many
 from clipstyle.pairs import RunJob
 from clipstyle.rendering import render, target_size
+from clipstyle.resume import file_sha256, settings_identity
 from clipstyle.stylefile import save_style, style_metadata
 
 
@@ -66,15 +67,16 @@ def base_record(job: RunJob, settings, status: str, error: str | None = None) ->
     }
 
 
-def output_metadata(job: RunJob, settings, models_info: dict, options: RunOptions) -> dict:
+def output_metadata(job: RunJob, settings, models_info: dict, options: RunOptions,
+                    input_sha256: str | None = None) -> dict:
     """What goes into the PNG's text chunks: enough to repeat the run (no timings, so
-    the same seed gives the same bytes)."""
+    the same seed gives the same bytes), and to know on a rerun whether it is done (resume.py)."""
     return {
         "prompt": job.prompt,
         "Software": f"clipstyle {__version__}",
         "clipstyle": {
-            "version": __version__, "input": Path(job.input.rel).name, "prompt": job.prompt,
-            "seed": job.seed, "base_seed": options.base_seed, "contrast": options.contrast,
+            "version": __version__, "input": job.input.path.name, "input_sha256": input_sha256,
+            "prompt": job.prompt, "seed": job.seed, "base_seed": options.base_seed, "contrast": options.contrast,
             "strength": options.strength, "output_size": options.output_size,
             "settings": settings.to_dict(), "models": models_info,
             **({"region": options.region.record()} if options.region is not None else {}),
@@ -98,6 +100,10 @@ class Files:
     def save_style(self, path: Path, network, metadata: dict, overwrite: bool) -> None:
         save_style(path, network, metadata, overwrite=overwrite)
 
+    def sha256(self, path: Path) -> str:
+        """SHA-256 of an input's bytes (recorded in outputs, compared on reruns). Raises OSError."""
+        return file_sha256(path)
+
 
 @dataclass
 class _Content:
@@ -111,9 +117,12 @@ class _Content:
 class _StylizePairs(Work):
     """run's work: check prompts once, decode each image once, optimise pairs in batches, save."""
 
-    def __init__(self, models, settings, options: RunOptions, files: Files):
-        self.files = files
+    def __init__(self, models, settings, options: RunOptions, models_info: dict | None = None,
+                 files: Files | None = None):
+        self.files = files or Files()
         self._models = models  # Models, or a callable that loads them (called once, when first needed)
+        self._models_info = models_info
+        self._input_hashes: dict[str, str] = {}
         self.settings, self.options = settings, options
         self.batch_size, self.overwrite = options.batch, options.overwrite
         self._prompts: dict[str, str | None] = {}  # prompt -> its error, None when usable
@@ -131,8 +140,33 @@ class _StylizePairs(Work):
         self.start()
         return self._models
 
+    @property
+    def models_info(self) -> dict:
+        """What the models are (recorded in outputs): as given, else the loaded models' own."""
+        return self._models_info if self._models_info is not None else self.models.info
+
     def record(self, job: RunJob, status: str, error: str | None = None) -> dict:
         return base_record(job, self.settings, status, error)
+
+    def outputs(self, job: RunJob) -> list[Path]:
+        return [job.output] if job.style is None else [job.output, job.style]
+
+    def identity(self, job: RunJob, path: Path) -> dict:
+        made = {"prompt": job.prompt, "seed": job.seed, "settings": settings_identity(self.settings),
+                "models": self.models_info, "input_sha256": self._input_sha256(job)}
+        if path == job.output:  # the image; the style file is the network alone
+            made.update(contrast=self.options.contrast, strength=self.options.strength,
+                        output_size=self.options.output_size)
+        return made
+
+    def _input_sha256(self, job: RunJob) -> str | None:
+        key = str(job.input.path)
+        if key not in self._input_hashes:
+            try:
+                self._input_hashes[key] = self.files.sha256(job.input.path)
+            except OSError:
+                return None  # unreadable: the pair fails when the image is read
+        return self._input_hashes[key]
 
     def prepare(self, job: RunJob, events: Events) -> _Content:
         self._check_prompt(job.prompt, events)
@@ -212,13 +246,14 @@ class _StylizePairs(Work):
         try:
             image = self._regions.finish(str(job.input.path), self._final_image(content, result),
                                          self.options.contrast)
-            self.files.save_png(image, job.output, output_metadata(job, self.settings, self.models.info, self.options),
-                                overwrite=self.overwrite)
+            if not self.keeps(job.output):
+                meta = output_metadata(job, self.settings, self.models_info, self.options, self._input_sha256(job))
+                self.files.save_png(image, job.output, meta, overwrite=self.overwrite)
             record["output_size"] = list(image.shape[-1:-3:-1])
-            if job.style is not None:
+            if job.style is not None and not self.keeps(job.style):
                 meta = style_metadata(prompt=job.prompt, settings=self.settings, seed=job.seed,
                                       input_path=job.input.path, trained_size=result.size,
-                                      models_info=self.models.info)
+                                      models_info=self.models_info, input_sha256=self._input_sha256(job))
                 if self.options.region is not None:
                     meta["region"] = self.options.region.record()
                 self.files.save_style(job.style, result.network, meta, overwrite=self.overwrite)
@@ -240,12 +275,22 @@ class _StylizePairs(Work):
         return torch.lerp(content.tensor.cpu(), result.tensor, options.strength)
 
 
+def run_work(models, settings, options: RunOptions, models_info: dict | None = None,
+             files: Files | None = None) -> Work:
+    """run's batch.Work (see run_pairs for the arguments)."""
+    return _StylizePairs(models, settings, options, models_info, files)
+
+
 def run_pairs(jobs: list[RunJob], models, settings, options: RunOptions, report,
-              events: Events | None = None, files: Files | None = None) -> Summary:
+              events: Events | None = None, models_info: dict | None = None,
+              summary: Summary | None = None, files: Files | None = None) -> Summary:
     """Optimise every pair through the shared batch loop (batch.run_jobs).
 
     ``models``: a loading.Models, or a callable returning one, called only if a
-    pair needs them (a rerun whose outputs all exist loads nothing). ``files``: where
-    inputs are read and results written (default: this machine's files).
+    pair needs them. ``models_info``: what the models are (loading.models_info
+    of the arguments they load with), recorded in each output and compared
+    with existing outputs; given, a rerun whose outputs are all done loads
+    nothing; default: the models' own ``info``. ``summary``: see batch.run_jobs.
+    ``files``: where inputs are read and results written (default: this machine's files).
     """
-    return run_jobs(jobs, _StylizePairs(models, settings, options, files or Files()), report, events)
+    return run_jobs(jobs, run_work(models, settings, options, models_info, files), report, events, summary)

@@ -75,10 +75,12 @@ def is_style_path(path: str | Path) -> bool:
 
 
 def style_metadata(*, prompt: str, settings=None, seed: int | None = None, input_path: str | Path | None = None,
-                   trained_size: Sequence[int] | None = None, models_info: dict | None = None) -> dict:
+                   trained_size: Sequence[int] | None = None, models_info: dict | None = None,
+                   input_sha256: str | None = None) -> dict:
     """The metadata ``run --save-style`` records: enough to know what the style is
     and to repeat its training. The input is identified by name and SHA-256, not
-    by its full path (which would leak the user's folder layout)."""
+    by its full path (which would leak the user's folder layout); ``input_sha256``
+    when known (the file is read for it otherwise)."""
     meta: dict = {"prompt": prompt}
     if settings is not None:
         meta["settings"] = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
@@ -89,10 +91,13 @@ def style_metadata(*, prompt: str, settings=None, seed: int | None = None, input
 
         p = Path(input_path)
         meta["input"] = p.name
-        try:
-            meta["input_sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
-        except OSError:
-            pass
+        if input_sha256 is not None:
+            meta["input_sha256"] = input_sha256
+        else:
+            try:
+                meta["input_sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+            except OSError:
+                pass
     if trained_size is not None:
         meta["trained_size"] = [int(v) for v in trained_size]  # (w, h) the network was optimised at
     if models_info is not None:

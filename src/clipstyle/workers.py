@@ -14,11 +14,11 @@ import signal
 import time
 from dataclasses import dataclass
 
-from clipstyle.batch import Events, Summary, is_done
+from clipstyle.batch import Events, Summary
 from clipstyle.errors import format_error
 from clipstyle.pairs import RunJob
 from clipstyle.report import Report
-from clipstyle.runner import RunOptions, base_record, run_pairs
+from clipstyle.runner import RunOptions, base_record, run_pairs, run_work
 
 
 @dataclass
@@ -38,7 +38,8 @@ class _Forward(Events):
         self.results.put(("note", self.worker, (None if job is None else str(job.input.path), message)))
 
 
-def _worker(index: int, device: str, loader, settings, options: RunOptions, tasks, results) -> None:
+def _worker(index: int, device: str, loader, settings, options: RunOptions, tasks, results,
+            models_info: dict | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
         models = loader(device=device)
@@ -50,19 +51,22 @@ def _worker(index: int, device: str, loader, settings, options: RunOptions, task
         batch = tasks.get()
         if batch is None:
             break
-        run_pairs(batch, models, settings, options, Report(None), events)
+        run_pairs(batch, models, settings, options, Report(None), events, models_info)
     results.put(("done", index, None))
 
 
 def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, options: RunOptions,
-                   report: Report, events: Events | None = None) -> Summary:
+                   report: Report, events: Events | None = None, models_info: dict | None = None,
+                   summary: Summary | None = None) -> Summary:
     """Like runner.run_pairs, spread over ``devices`` (e.g. ["cuda:0", "cuda:1"]).
 
     ``loader(device=...)`` loads the models in a worker; it must be picklable
-    (a module-level function or a functools.partial of one).
+    (a module-level function or a functools.partial of one). ``models_info``
+    and ``summary``: as for run_pairs (without ``models_info``, deciding whether
+    an existing output is done loads the models here too).
     """
     events = events or Events()
-    summary = Summary()
+    summary = Summary() if summary is None else summary
     start = time.perf_counter()
 
     def finish(pair: RunJob | None, record: dict) -> None:
@@ -71,9 +75,11 @@ def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, op
         events.finished(pair, record)
 
     todo = []
+    work = run_work(loader, settings, options, models_info)  # the skip decision; workers claim and compute
     for pair in pairs:
-        if is_done(pair.output, options.overwrite):
-            finish(pair, base_record(pair, settings, "skipped", f"{pair.output} exists"))
+        verdict = work.existing(pair)
+        if verdict is not None:
+            finish(pair, base_record(pair, settings, *verdict))
         else:
             todo.append(pair)
     by_output = {str(p.output): p for p in todo}
@@ -85,8 +91,8 @@ def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, op
             tasks.put(todo[i:i + size])
         for _ in devices:
             tasks.put(None)
-        procs = [ctx.Process(target=_worker, args=(i, d, loader, settings, options, tasks, results), daemon=True)
-                 for i, d in enumerate(devices)]
+        procs = [ctx.Process(target=_worker, args=(i, d, loader, settings, options, tasks, results, models_info),
+                             daemon=True) for i, d in enumerate(devices)]
         for proc in procs:
             proc.start()
         running, reported = len(procs), set()

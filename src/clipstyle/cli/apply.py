@@ -12,6 +12,7 @@ from clipstyle.cli.common import (
     debug_option,
     echo_outcome,
     echo_warning,
+    end_of_run,
     stop_on_sigterm,
 )
 from clipstyle.cli.mask import region_options
@@ -107,7 +108,8 @@ def _events(quiet: bool):
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 @region_options(with_clip=True)
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing outputs (default: skip those made with the same settings, refuse others).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image to this file.")
 @click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
@@ -130,13 +132,14 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
       clipstyle apply ink.style fire.style --mix 0.3 photo.jpg  # 70% ink, 30% fire
       clipstyle apply ink.style photo.jpg --strength 0.6 -o soft.png
 
-    Existing outputs are skipped unless --overwrite; a file that fails is
-    reported and the rest go on. Exit code 0 when every image is ok or
+    Outputs made the same way are skipped, others refused, unless
+    --overwrite; a file that fails is reported and the rest go on. Exit code 0 when every image is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
     import time
 
     from clipstyle.applier import ApplyOptions, apply_files, plan_outputs
+    from clipstyle.batch import Summary
     from clipstyle.device import resolve_device
     from clipstyle.inputs import check_outputs, collect_inputs
     from clipstyle.rendering import plan_tiles
@@ -164,17 +167,16 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     if not inputs:
         raise UserError("no input images found")
     jobs = plan_outputs(inputs, styles, output)
-    check_outputs(jobs)
+    check_outputs(jobs, report)
     report_file = Report(report)
     events = _events(quiet)
+    summary, interrupted = Summary(), False
     start = time.perf_counter()
     try:
-        summary = apply_files(jobs, styles, options, report_file, events, device=dev)
+        apply_files(jobs, styles, options, report_file, events, device=dev, summary=summary)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         events.close()
         report_file.close()
-    if not quiet or summary.failed:
-        click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in "
-                   f"{time.perf_counter() - start:.1f} s", err=True)
-    if summary.failed:
-        sys.exit(1)
+    end_of_run(summary, time.perf_counter() - start, quiet, interrupted)

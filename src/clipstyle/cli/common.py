@@ -43,9 +43,22 @@ def echo_outcome(record: dict, quiet: bool, wrote: str) -> None:
             click.echo(wrote, err=True)
     elif record["status"] == "skipped":
         if not quiet:
-            click.echo(f"skipped {record['output']}: exists (use --overwrite to replace it)", err=True)
+            click.echo(f"skipped {record['error'] or record['output']}", err=True)
     else:
         click.echo(f"clipstyle: error: {record['error']}", err=True)
+
+
+def end_of_run(summary, seconds: float, quiet: bool, interrupted: bool = False) -> None:
+    """The summary line that ends every run, interrupted ones too, and the exit code:
+    130 when interrupted, 1 when any job failed."""
+    line = f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {seconds:.1f} s"
+    if interrupted:
+        click.echo(f"clipstyle: interrupted: {line}", err=True)
+        raise click.exceptions.Exit(130)
+    if not quiet or summary.failed:
+        click.echo(line, err=True)
+    if summary.failed:
+        raise click.exceptions.Exit(1)
 
 
 def echo_warning(path, message: str) -> None:

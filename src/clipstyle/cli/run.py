@@ -14,6 +14,7 @@ from clipstyle.cli.common import (
     debug_option,
     echo_outcome,
     echo_warning,
+    end_of_run,
     load_models_from_options,
     model_options,
     stop_on_sigterm,
@@ -140,7 +141,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="How much of the style to apply: a blend of content (0) and styled image (1).")
 @region_options()
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing outputs (default: skip those made with the same settings, refuse others).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append one JSON line per image x prompt to this file.")
 @click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
@@ -159,13 +161,15 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
       clipstyle run -p "starry night" photo.jpg
       clipstyle run -p "ink wash painting" -p "mosaic" photos/ -o styled/ --report runs.jsonl
 
-    Existing outputs are skipped unless --overwrite; a file that fails is
-    reported and the run goes on. Exit code 0 when every pair is ok or
+    Outputs made with the same settings are skipped, others refused, unless
+    --overwrite; a file that fails is reported and the run goes on. Exit code 0 when every pair is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
+    from clipstyle.batch import Summary
     from clipstyle.cli.cluster import check_executor
     from clipstyle.config import settings_for
     from clipstyle.inputs import check_outputs, collect_inputs
+    from clipstyle.loading import models_info
     from clipstyle.pairs import parse_shard, plan_pairs
     from clipstyle.prompts import choose_templates
     from clipstyle.report import Report
@@ -201,7 +205,7 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     if not inputs:
         raise UserError("no input images found")
     pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn, save_style)
-    check_outputs(pairs)
+    check_outputs(pairs, report)
     report_file = Report(report)
     if executor == "ray":
         from clipstyle.cli.cluster import Overall
@@ -209,6 +213,8 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
         events = Overall(quiet, len(pairs))
     else:
         events = _progress(quiet, settings.steps, per_step=not devices)
+    info = models_info(clip_model, clip_pretrained, clip_weights, vgg_weights)  # outputs record it; reruns compare
+    summary, interrupted = Summary(), False
     start = time.perf_counter()
     try:
         if executor == "ray":
@@ -217,25 +223,24 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
             loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
                                        vgg_weights, progress=False)
             summary = run_with_ray(pairs, loader, settings, options, report_file, events, address=ray_address,
-                                   workers=ray_workers, cpus_per_worker=ray_cpus or 1, device=device)
+                                   workers=ray_workers, cpus_per_worker=ray_cpus or 1, device=device,
+                                   models_info=info)
         elif device_names:
             from clipstyle.workers import run_on_devices
 
             loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
                                        vgg_weights, progress=False)
-            summary = run_on_devices(pairs, device_names, loader, settings, options, report_file, events)
+            run_on_devices(pairs, device_names, loader, settings, options, report_file, events, info, summary)
         else:
             loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
                                        vgg_weights, device=device)
-            summary = run_pairs(pairs, loader, settings, options, report_file, events)
+            run_pairs(pairs, loader, settings, options, report_file, events, info, summary)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         events.close()
         report_file.close()
-    elapsed = time.perf_counter() - start
-    if not quiet or summary.failed:
-        click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {elapsed:.1f} s", err=True)
-    if summary.failed:
-        sys.exit(1)
+    end_of_run(summary, time.perf_counter() - start, quiet, interrupted)
 
 
 def _device_list(devices: str) -> list[str]:

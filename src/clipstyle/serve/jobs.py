@@ -469,7 +469,9 @@ class JobQueue:
                 raise _Stopped()
 
         pair = RunJob(InputFile(source, job.input_name), job.prompt, self.results / f"{job.id}.png", job.seed)
-        meta = output_metadata(pair, settings, self.models.info, RunOptions(base_seed=job.base_seed))
+        meta = output_metadata(pair, settings, self.models.info, RunOptions(base_seed=job.base_seed),
+                               hashlib.sha256(source.read_bytes()).hexdigest())
+        meta["clipstyle"]["input"] = job.input_name  # the name it was uploaded under, not the stored file's
         try:
             (result,) = stylize_many([content], [job.prompt], [job.seed], models=self.models, settings=settings,
                                      callback=on_step)

@@ -1,0 +1,98 @@
+"""Is a file already there the one a job would make? What clipstyle recorded in it, compared with the job.
+
+Every PNG clipstyle writes carries a ``clipstyle`` text chunk (JSON) with what
+determines the image - settings, seed, models, the input's SHA-256, and so on -
+and style files carry the same in their header. A rerun keeps (skips) an
+output whose record matches the job, and refuses one made otherwise instead of
+silently skipping a file that is not what was asked for (batch.Work.existing).
+
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from clipstyle.config import Settings
+
+# Settings that change speed or memory, not the result (config.Settings says so for each):
+# an output made with other values of these is kept.
+RESULT_NEUTRAL_SETTINGS = ("crop_batch", "log_every", "memory_format", "compile")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def settings_identity(settings) -> dict:
+    """The settings that determine a result, JSON-ready."""
+    data = settings.to_dict()
+    for name in RESULT_NEUTRAL_SETTINGS:
+        data.pop(name, None)
+    return data
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks. Raises OSError."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_record(path: str | Path) -> dict | None:
+    """What clipstyle recorded in ``path``: a PNG's ``clipstyle`` text chunk or a style
+    file's metadata, as a dict. None when the file has no such record or cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    try:
+        if head == PNG_SIGNATURE:
+            from PIL import Image
+
+            with Image.open(path) as img:  # text chunks before the image data: nothing is decoded
+                text = img.info.get("clipstyle")
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                text = (f.metadata() or {}).get("clipstyle.metadata")
+        record = json.loads(text) if isinstance(text, str) else None
+    except Exception:  # noqa: BLE001 - any unreadable file simply has no record
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def differences(record: dict, expected: dict) -> list[str]:
+    """The names of the ``expected`` values that ``record`` holds otherwise.
+
+    A value the record lacks (written by an older clipstyle) is not compared,
+    except a setting, which is compared with its default (a setting added later
+    behaves as its default did before).
+    """
+    expected = json.loads(json.dumps(expected))  # tuples as lists, as in the record
+    defaults = json.loads(json.dumps(settings_identity(Settings())))
+    found = []
+    for key, value in expected.items():
+        if key not in record:
+            continue
+        if key == "settings" and isinstance(value, dict) and isinstance(record[key], dict):
+            found += [name for name, v in value.items() if record[key].get(name, defaults.get(name)) != v]
+        elif record[key] != value:
+            found.append(key)
+    return found
+
+
+def mismatch(path: str | Path, expected) -> str | None:
+    """Why the existing file ``path`` is not what ``expected`` (a dict, or a callable
+    returning one) describes; None when it is."""
+    record = read_record(path)
+    if record is None:
+        return "exists, not made by clipstyle (no clipstyle record in it)"
+    different = differences(record, expected() if callable(expected) else expected)
+    if different:
+        return f"exists, made with other settings ({', '.join(different)})"
+    return None
