@@ -42,6 +42,7 @@ from clipstyle.encoders import Models
 from clipstyle.errors import ClipstyleError, NonFiniteLossError
 from clipstyle.images import prepare_content, to_pil
 from clipstyle.loading import default_models
+from clipstyle.prompts import is_blank
 from clipstyle.unet import StyleNet
 
 LOSS_NAMES = ("total", "patch", "dir", "content", "tv")
@@ -102,7 +103,7 @@ def text_embedding(models: Models, text: str, templates: tuple[str, ...]) -> tor
 
 def check_prompt(models: Models, prompt: str) -> list[str]:
     """Warnings about ``prompt`` (too long for CLIP's context). Raises on an empty prompt."""
-    if not prompt or not prompt.strip():
+    if is_blank(prompt):
         raise ClipstyleError("the prompt is empty")
     n = models.clip.token_count(prompt)
     limit = models.clip.context_length

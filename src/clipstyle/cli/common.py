@@ -6,6 +6,7 @@ top of their modules, so that ``clipstyle --help`` answers at once."""
 from __future__ import annotations
 
 import functools
+import math
 import signal
 from pathlib import Path
 
@@ -22,6 +23,19 @@ def error_line(exc: BaseException) -> str:
     if is_out_of_memory(exc) and not isinstance(exc, ClipstyleError):
         return "out of memory; lower --size or --crops, or use --crop-batch"
     return format_error(exc)
+
+
+class Number(click.FloatRange):
+    """A float option in a range that refuses NaN and infinity first: click's own range
+    lets NaN through (every comparison with it is false)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"must be a number, not {value!r}", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 class UserError(click.ClickException):

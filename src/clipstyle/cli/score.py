@@ -73,13 +73,13 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
     and its weights are installed, lpips. A file that fails is reported and
     the others go on; exit code 1 if any failed.
     """
-    from clipstyle.prompts import choose_templates, templates_label
+    from clipstyle.prompts import choose_templates, is_blank, templates_label
 
     if images and (prompt is None or content is None):
         raise click.UsageError("scoring IMAGES needs --prompt and --content")
     if not images and not reports:
         raise click.UsageError("give IMAGES with --prompt and --content, or --report FILE")
-    if prompt is not None and not prompt.strip():
+    if prompt is not None and is_blank(prompt):
         raise UserError("the prompt is empty")
     templates = choose_templates(no_templates, templates_file)
     jobs = _jobs(images, prompt, content, reports)
