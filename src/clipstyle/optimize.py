@@ -193,12 +193,12 @@ def _compiled(models: Models, vgg) -> tuple[Callable, Callable]:
     return compiled[vgg]
 
 
-def _read_losses(pair: _PairState) -> dict[str, float]:
+def _read_losses(pair: _PairState, amp: torch.dtype | None = None) -> dict[str, float]:
     values = {k: float(v) for k, v in pair.sums.items()}
     bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
     if bad:
-        raise NonFiniteLossError(
-            f"the optimisation diverged ({', '.join(bad)} loss is not finite); try a lower --lr or --precision fp32")
+        hint = "a lower --lr" + ("" if amp is None else " or --precision fp32")  # amp None: already fp32
+        raise NonFiniteLossError(f"the optimisation diverged ({', '.join(bad)} loss is not finite); try {hint}")
     return values
 
 
@@ -344,7 +344,7 @@ def stylize_many(
             values = None
             if read:
                 try:
-                    values = _read_losses(p)
+                    values = _read_losses(p, amp)
                     p.losses = values
                 except NonFiniteLossError as exc:
                     p.error = exc

@@ -50,9 +50,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()}, refresh=False)
 
         def finished(self, pair, record):
-            if record["status"] == "ok" and self.bar is not None and self.bar.n >= steps:
-                self.bar.close()
-                self.bar = None
+            self.close()  # the outcome on a line of its own, never after the bar's
             echo_outcome(record, quiet, f"wrote {record['output']} ({record.get('seconds_total') or 0:.1f} s)")
 
         def note(self, pair, message):
