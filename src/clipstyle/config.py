@@ -6,6 +6,7 @@ appendix A). The CLI's options read their defaults from here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from clipstyle.errors import ClipstyleError
@@ -74,11 +75,17 @@ class Settings:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("threshold", "distortion", "lr", "lambda_patch", "lambda_dir", "lambda_content", "lambda_tv"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):  # NaN passes every comparison
+                raise ClipstyleError(f"{name.replace('_', ' ')} must be a number, not {value!r}")
         checks = [
             (self.steps >= 1, "steps must be at least 1"),
             (self.size >= 8, "size must be at least 8"),
             (self.crops >= 0, "crops must be 0 or more"),
             (self.crop_size >= 8, "crop size must be at least 8"),
+            # the patch loss is 1 - cos, in [0, 2]: a threshold of 2 or more drops every patch
+            (0.0 <= self.threshold < 2.0, "threshold must be at least 0 and under 2"),
             (0.0 <= self.distortion <= 1.0, "distortion must be between 0 and 1"),
             (self.lr > 0, "learning rate must be positive"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),

@@ -8,7 +8,6 @@ or ``photo.jpg`` and ``photo.png`` - are told apart by a tag (see :func:`distinc
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 from collections import Counter
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from clipstyle.errors import ClipstyleError, OutputError
+from clipstyle.globs import expand_glob
 from clipstyle.images import IMAGE_EXTENSIONS
 
 
@@ -67,10 +67,12 @@ def collect_inputs(items: list[str], recursive: bool = False, from_file: str | N
             files = sorted((f for f in walker if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                             and not any(part.startswith(".") for part in f.relative_to(p).parts)),
                            key=lambda f: f.relative_to(p).as_posix())
+            if not files:
+                raise ClipstyleError(_no_images(p, recursive), p)
             for f in files:
                 add(f, f.relative_to(p).as_posix())
         elif _glob_chars(item) and not p.exists():
-            matches = sorted(glob.glob(item, recursive=recursive))
+            matches = sorted(expand_glob(item, recursive=recursive))
             if not matches:
                 raise ClipstyleError("no file matches this pattern", item)
             for m in matches:
@@ -117,6 +119,14 @@ def distinct(found: list[InputFile]) -> list[InputFile]:
     return tagged
 
 
+def _no_images(folder: Path, recursive: bool) -> str:
+    """Why a folder input gave no images, with what to try."""
+    reason = "is a folder and holds no images" if folder.suffix.lower() in IMAGE_EXTENSIONS else "holds no images"
+    if not recursive and any(d.is_dir() for d in folder.iterdir()):
+        reason += " (-r looks in its subfolders)"
+    return f"{reason} (files with image extensions: .jpg, .png, .webp, ...)"
+
+
 def output_file(output: Path | None, single: bool, one: str) -> Path | None:
     """``output`` when it names one PNG file (one input, one output), else None (a folder).
 
@@ -124,7 +134,9 @@ def output_file(output: Path | None, single: bool, one: str) -> Path | None:
     suffix, is refused; ``one`` says what one output is made of ("one image").
     """
     as_file = output is not None and output.suffix.lower() == ".png" and not output.is_dir()
-    if as_file and not single:
+    # a new folder named like an image (-o y.jpg for several outputs) is a mistake, not a folder
+    named_as_image = output is not None and output.suffix.lower() in IMAGE_EXTENSIONS and not output.is_dir()
+    if named_as_image and not single:
         raise ClipstyleError(f"an output file needs exactly {one}; give a folder instead", output)
     if output is not None and output.suffix and not as_file and not output.is_dir() and single:
         raise ClipstyleError("output files are PNG: use a name ending in .png, or a folder", output)

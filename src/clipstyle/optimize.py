@@ -43,6 +43,7 @@ from clipstyle.errors import ClipstyleError, NonFiniteLossError
 from clipstyle.images import prepare_content, to_pil
 from clipstyle.loading import default_models
 from clipstyle.masks import composite, crop_sampler
+from clipstyle.prompts import is_blank
 from clipstyle.unet import StyleNet
 
 LOSS_NAMES = ("total", "patch", "dir", "content", "tv")
@@ -103,7 +104,7 @@ def text_embedding(models: Models, text: str, templates: tuple[str, ...]) -> tor
 
 def check_prompt(models: Models, prompt: str) -> list[str]:
     """Warnings about ``prompt`` (too long for CLIP's context). Raises on an empty prompt."""
-    if not prompt or not prompt.strip():
+    if is_blank(prompt):
         raise ClipstyleError("the prompt is empty")
     n = models.clip.token_count(prompt)
     limit = models.clip.context_length
@@ -197,12 +198,12 @@ def _compiled(models: Models, vgg) -> tuple[Callable, Callable]:
     return compiled[vgg]
 
 
-def _read_losses(pair: _PairState) -> dict[str, float]:
+def _read_losses(pair: _PairState, amp: torch.dtype | None = None) -> dict[str, float]:
     values = {k: float(v) for k, v in pair.sums.items()}
     bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
     if bad:
-        raise NonFiniteLossError(
-            f"the optimisation diverged ({', '.join(bad)} loss is not finite); try a lower --lr or --precision fp32")
+        hint = "a lower --lr" + ("" if amp is None else " or --precision fp32")  # amp None: already fp32
+        raise NonFiniteLossError(f"the optimisation diverged ({', '.join(bad)} loss is not finite); try {hint}")
     return values
 
 
@@ -353,7 +354,7 @@ def stylize_many(
             values = None
             if read:
                 try:
-                    values = _read_losses(p)
+                    values = _read_losses(p, amp)
                     p.losses = values
                 except NonFiniteLossError as exc:
                     p.error = exc

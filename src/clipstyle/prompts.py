@@ -7,9 +7,22 @@ licence) less "a photo of many {}.", the set CLIPstyler averages over.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from clipstyle.errors import ClipstyleError
+
+# Letters that draw nothing (Hangul fillers, the blank Braille pattern); with spaces,
+# format characters (U+200B zero-width space, U+FEFF, U+2060...), controls and lone
+# combining marks they make a prompt that looks empty and says nothing.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_BLANK_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Me"})
+
+
+def is_blank(prompt: str) -> bool:
+    """Whether ``prompt`` has no visible character (empty, spaces, zero-width characters)."""
+    return all(c.isspace() or c in _BLANK_LETTERS or unicodedata.category(c) in _BLANK_CATEGORIES for c in prompt)
+
 
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     'a bad photo of a {}.',

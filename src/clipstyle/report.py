@@ -35,6 +35,12 @@ class Report:
             self._fh = None
 
 
+def escape_undecodable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes of file names that are not UTF-8 (lone surrogates
+    in Python) become backslash escapes, as the report writes them (``\\udce9``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def resolve_path(path: str, base: Path) -> str:
     """A path from a report: as written (relative to where the command ran), or,
     if that does not exist, relative to the folder of the file that names it."""

@@ -254,7 +254,7 @@ def _href(path: str, html_dir: Path) -> str:
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(html_dir))
     except ValueError:  # another drive (Windows)
         return Path(path).resolve().as_uri()
-    return quote(Path(rel).as_posix())
+    return quote(os.fsencode(Path(rel).as_posix()))  # the name's own bytes, UTF-8 or not
 
 
 def _mean(values) -> float | None:

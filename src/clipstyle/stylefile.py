@@ -196,19 +196,34 @@ def _check_header(header: dict, path: Path) -> tuple[int, dict]:
     if version != FORMAT_VERSION:
         raise StyleError(f"style format {version!r} is not supported by clipstyle {__version__} "
                          f"(it reads format {FORMAT_VERSION})", path)
+    text = header.get("clipstyle.width", "").strip()
+    if len(text) > 6:  # int() of thousands of digits is refused by Python (or slow): no width is that long
+        raise StyleError(f"style width is a {len(text)}-character value, not a width in 1..{MAX_WIDTH}", path)
     try:
-        width = int(header.get("clipstyle.width", ""))
+        width = int(text)
     except ValueError:
         raise StyleError("style header has no valid clipstyle.width", path) from None
     if not 1 <= width <= MAX_WIDTH:
         raise StyleError(f"style width {width} is outside 1..{MAX_WIDTH}", path)
     try:
-        meta = json.loads(header.get("clipstyle.metadata", "{}"))
+        meta = json.loads(header.get("clipstyle.metadata", "{}"), parse_int=_metadata_int)
+    except StyleError as exc:
+        raise StyleError(exc.reason, path) from None
+    except RecursionError:
+        raise StyleError("style metadata is nested too deeply to read (thousands of levels)", path) from None
     except ValueError:
         raise StyleError("style metadata is not valid JSON", path) from None
     if not isinstance(meta, dict):
         raise StyleError("style metadata is not a JSON object", path)
     return width, meta
+
+
+def _metadata_int(digits: str) -> int:
+    """A JSON integer of the metadata: Python refuses to read ones over 4300 digits, with a
+    message about conversion limits; say what is wrong with the file instead."""
+    if len(digits) > 100:
+        raise StyleError(f"style metadata holds a {len(digits)}-digit number, too long to be a setting")
+    return int(digits)
 
 
 def _check_shapes(shapes: dict, width: int, path: Path) -> None:

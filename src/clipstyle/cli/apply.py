@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from clipstyle.cli.common import (
+    Number,
     UserError,
     debug_option,
     echo_outcome,
@@ -91,10 +92,10 @@ def _events(quiet: bool):
               help="Read input paths from LIST, one per line ('-' for standard input).")
 @click.option("--size", type=click.IntRange(8), default=None,
               help="Longest side of the output in pixels, aspect ratio kept. [default: the input's own size]")
-@click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+@click.option("--strength", type=Number(0, 1), default=1.0, show_default=True,
               help="How much of the style to apply: a linear blend with the input in pixel space "
                    "(0: the input, 1: the fully styled image).")
-@click.option("--mix", type=click.FloatRange(0, 1), multiple=True, metavar="W",
+@click.option("--mix", type=Number(0, 1), multiple=True, metavar="W",
               help="Blend the outputs of two styles: (1-W) x first + W x second, in pixel space; 0 gives the "
                    "first style exactly, 1 the second. With N styles give N-1 values. [default: equal]")
 @click.option("--tile", type=click.IntRange(0), default=None, metavar="PX",

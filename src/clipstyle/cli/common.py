@@ -6,7 +6,9 @@ top of their modules, so that ``clipstyle --help`` answers at once."""
 from __future__ import annotations
 
 import functools
+import math
 import signal
+import unicodedata
 from pathlib import Path
 
 import click
@@ -24,6 +26,19 @@ def error_line(exc: BaseException) -> str:
     return format_error(exc)
 
 
+class Number(click.FloatRange):
+    """A float option in a range that refuses NaN and infinity first: click's own range
+    lets NaN through (every comparison with it is false)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"must be a number, not {value!r}", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 class UserError(click.ClickException):
     """Prints ``clipstyle: error: <file>: <reason>`` and exits 1."""
 
@@ -33,19 +48,30 @@ class UserError(click.ClickException):
         super().__init__(exc if isinstance(exc, str) else error_line(exc))
 
     def show(self, file=None) -> None:
-        click.echo(f"clipstyle: error: {self.message}", err=True)
+        click.echo(one_line(f"clipstyle: error: {self.message}"), err=True)
+
+
+# line and paragraph breaks, other control characters (escape sequences) and lone surrogates
+# (bytes of file names that are not UTF-8): written as escapes, so a file name never breaks a line
+_NOT_IN_A_LINE = frozenset({"Cc", "Zl", "Zp", "Cs"})
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: a newline in a file name shows as ``\\n``."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _NOT_IN_A_LINE else c
+                   for c in text)
 
 
 def echo_outcome(record: dict, quiet: bool, wrote: str) -> None:
     """The line for a finished file, on stderr: ``wrote`` or the skip (unless quiet), or the error."""
     if record["status"] == "ok":
         if not quiet:
-            click.echo(wrote, err=True)
+            click.echo(one_line(wrote), err=True)
     elif record["status"] == "skipped":
         if not quiet:
-            click.echo(f"skipped {record['error'] or record['output']}", err=True)
+            click.echo(one_line(f"skipped {record['error'] or record['output']}"), err=True)
     else:
-        click.echo(f"clipstyle: error: {record['error']}", err=True)
+        click.echo(one_line(f"clipstyle: error: {record['error']}"), err=True)
 
 
 def end_of_run(summary, seconds: float, quiet: bool, interrupted: bool = False) -> None:
@@ -64,7 +90,7 @@ def end_of_run(summary, seconds: float, quiet: bool, interrupted: bool = False) 
 def echo_warning(path, message: str) -> None:
     """``clipstyle: warning: <file>: <message>`` on stderr (the file when there is one)."""
     where = f"{path}: " if path is not None else ""
-    click.echo(f"clipstyle: warning: {where}{message}", err=True)
+    click.echo(one_line(f"clipstyle: warning: {where}{message}"), err=True)
 
 
 def debug_option(f):

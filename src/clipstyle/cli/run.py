@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from clipstyle.cli.common import (
+    Number,
     UserError,
     debug_option,
     echo_outcome,
@@ -51,9 +52,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()}, refresh=False)
 
         def finished(self, pair, record):
-            if record["status"] == "ok" and self.bar is not None and self.bar.n >= steps:
-                self.bar.close()
-                self.bar = None
+            self.close()  # the outcome on a line of its own, never after the bar's
             echo_outcome(record, quiet, f"wrote {record['output']} ({record.get('seconds_total') or 0:.1f} s)")
 
         def note(self, pair, message):
@@ -86,17 +85,17 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--crops", type=click.IntRange(0), default=None, help=f"Random crops per step. [default: {D.crops}]")
 @click.option("--crop-size", type=click.IntRange(8), default=None,
               help=f"Crop side in pixels. [default: {D.crop_size}]")
-@click.option("--threshold", type=float, default=D.threshold, show_default=True,
-              help="Patch loss threshold: patches below it are dropped.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D.lr, show_default=True,
+@click.option("--threshold", type=Number(0, 2, max_open=True), default=D.threshold, show_default=True,
+              help="Patch loss threshold: patches below it are dropped (the patch loss is in [0, 2]).")
+@click.option("--lr", type=Number(min=0, min_open=True), default=D.lr, show_default=True,
               help="Adam learning rate (halved at the middle of the run).")
-@click.option("--lambda-patch", type=click.FloatRange(0), default=D.lambda_patch, show_default=True,
+@click.option("--lambda-patch", type=Number(0), default=D.lambda_patch, show_default=True,
               help="Weight of the patch directional CLIP loss.")
-@click.option("--lambda-dir", type=click.FloatRange(0), default=D.lambda_dir, show_default=True,
+@click.option("--lambda-dir", type=Number(0), default=D.lambda_dir, show_default=True,
               help="Weight of the global directional CLIP loss.")
-@click.option("--lambda-content", type=click.FloatRange(0), default=D.lambda_content, show_default=True,
+@click.option("--lambda-content", type=Number(0), default=D.lambda_content, show_default=True,
               help="Weight of the VGG-19 content loss.")
-@click.option("--lambda-tv", type=click.FloatRange(0), default=D.lambda_tv, show_default=True,
+@click.option("--lambda-tv", type=Number(0), default=D.lambda_tv, show_default=True,
               help="Weight of total variation (raise it if the prompt's words get painted in).")
 @click.option("--source", default=D.source, show_default=True, help="Neutral text the style direction starts from.")
 @click.option("--templates", "templates_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -138,7 +137,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option("--output-size", type=str, default=None, metavar="full|N",
               help="Render the final image with the trained network at the input's own resolution (full) "
                    "or with longest side N; training stays at --size. [default: the training size]")
-@click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+@click.option("--strength", type=Number(0, 1), default=1.0, show_default=True,
               help="How much of the style to apply: a blend of content (0) and styled image (1).")
 @region_options()
 @click.option("--overwrite", is_flag=True,
@@ -171,7 +170,7 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     from clipstyle.inputs import check_outputs, collect_inputs
     from clipstyle.loading import models_info
     from clipstyle.pairs import parse_shard, plan_pairs
-    from clipstyle.prompts import choose_templates
+    from clipstyle.prompts import choose_templates, is_blank
     from clipstyle.report import Report
     from clipstyle.runner import RunOptions, run_pairs
 
@@ -179,7 +178,7 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
         raise click.UsageError("at least one --prompt is needed")
     if not images and from_file is None:
         raise click.UsageError("no input images (give files, folders or globs, or --from-file)")
-    empty = [p for p in prompts if not p.strip()]
+    empty = [p for p in prompts if is_blank(p)]
     if empty:
         raise UserError("the prompt is empty")
     for p in prompts:
@@ -193,14 +192,16 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
                             lambda_tv=lambda_tv, source=source,
                             templates=choose_templates(no_templates, templates_file),
                             precision=precision, crop_batch=crop_batch)
+    if settings.crops == 0 and settings.lambda_patch > 0:
+        echo_warning(None, "--crops 0: no patches are cut, so the patch loss (the paper's main style term) is off")
     options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
                          max_pixels=max_pixels, base_seed=seed, output_size=output_size, strength=strength,
                          region=region)
     shard_kn = parse_shard(shard) if shard else None
     check_executor(executor, devices, ray_address, ray_workers, ray_cpus)
-    device_names = _device_list(devices) if devices else None
+    device_names = _device_list(devices, "--devices") if devices is not None else None
     if executor == "local" and not device_names:
-        device = str(_device_list(device)[0])  # an absent device fails here, before anything is written
+        device = str(_device_list(device, "--device")[0])  # an absent device fails here, before anything is written
     inputs = collect_inputs(list(images), recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:
         raise UserError("no input images found")
@@ -243,11 +244,13 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     end_of_run(summary, time.perf_counter() - start, quiet, interrupted)
 
 
-def _device_list(devices: str) -> list[str]:
+def _device_list(devices: str, option: str) -> list[str]:
     """--devices LIST -> device names, each checked (an absent device fails here, before any work)."""
     from clipstyle.device import resolve_device
 
     names = [d.strip() for d in devices.split(",") if d.strip()]
+    if not names:
+        raise click.BadParameter(f"names no device: {devices!r}", param_hint=f"'{option}'")
     for name in names:
         resolve_device(name)
     return names

@@ -73,13 +73,13 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
     and its weights are installed, lpips. A file that fails is reported and
     the others go on; exit code 1 if any failed.
     """
-    from clipstyle.prompts import choose_templates, templates_label
+    from clipstyle.prompts import choose_templates, is_blank, templates_label
 
     if images and (prompt is None or content is None):
         raise click.UsageError("scoring IMAGES needs --prompt and --content")
     if not images and not reports:
         raise click.UsageError("give IMAGES with --prompt and --content, or --report FILE")
-    if prompt is not None and not prompt.strip():
+    if prompt is not None and is_blank(prompt):
         raise UserError("the prompt is empty")
     templates = choose_templates(no_templates, templates_file)
     jobs = _jobs(images, prompt, content, reports)
@@ -90,6 +90,7 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
     from clipstyle.errors import ClipstyleError
     from clipstyle.images import open_image, to_tensor
     from clipstyle.optimize import check_prompt
+    from clipstyle.report import escape_undecodable
 
     models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device=device)
     lpips_fn, lpips_note = (None, "lpips not computed: --no-lpips") if no_lpips else metrics.load_lpips(models.device)
@@ -127,11 +128,11 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
         if as_json:
             record = {"image": image_path, "content": content_path, "prompt": text, **result.to_dict(),
                       "size": list(image.size), **common}
-            click.echo(json.dumps(record, ensure_ascii=False, sort_keys=True))
+            click.echo(escape_undecodable(json.dumps(record, ensure_ascii=False, sort_keys=True)))
         else:
             values = "  ".join(f"{name} {'n/a' if getattr(result, name) is None else f'{getattr(result, name):.4f}'}"
                                for name in metrics.METRIC_NAMES)
-            click.echo(f"{image_path}: {values}")
+            click.echo(escape_undecodable(f"{image_path}: {values}"))
     if failed:
         click.echo(f"clipstyle: {failed} of {len(jobs)} images failed", err=True)
         sys.exit(1)

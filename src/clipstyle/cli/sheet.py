@@ -49,7 +49,7 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
     """
     from clipstyle import sheet as sheets
     from clipstyle.images import save_png, write_atomic
-    from clipstyle.report import read_json_lines, read_report
+    from clipstyle.report import escape_undecodable, read_json_lines, read_report
 
     if images and not prompts:
         raise click.UsageError("IMAGES need at least one --prompt")
@@ -76,7 +76,8 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
     result = sheets.build(cells, tile=tile, title=title, html_dir=html_path.parent,
                           max_pixels=max_pixels)
     save_png(result.image, output, overwrite=overwrite)
-    write_atomic(html_path, lambda fh: fh.write(result.html.encode("utf-8")), overwrite=overwrite)
+    page = escape_undecodable(result.html).encode("utf-8")  # names that are not UTF-8, escaped
+    write_atomic(html_path, lambda fh: fh.write(page), overwrite=overwrite)
     for error in result.errors:
         click.echo(f"clipstyle: error: {error}", err=True)
     missing = sum(c.status != "ok" for c in cells)
