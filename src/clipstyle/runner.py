@@ -259,7 +259,7 @@ def base_record(pair: Pair, settings, status: str, error: str | None = None) -> 
         "input": str(pair.input.path), "prompt": pair.prompt, "output": str(pair.output),
         "status": status, "error": error, "seed": pair.seed, "steps": settings.steps,
         "size": None, "device": None, "precision": None, "seconds_total": None, "seconds_per_step": None,
-        "losses": None, "peak_memory_bytes": None,
+        "losses": None, "peak_memory_bytes": None, "rejected_fraction": None,
     }
 
 
@@ -401,7 +401,8 @@ def run_pairs(pairs: list[Pair], models, settings, options: RunOptions, report: 
             record.update(size=list(result.size), device=result.device, precision=result.precision,
                           seconds_total=round(result.seconds_total, 4),
                           seconds_per_step=round(result.seconds_per_step, 5),
-                          losses=result.losses or None, peak_memory_bytes=result.peak_memory_bytes)
+                          losses=result.losses or None, peak_memory_bytes=result.peak_memory_bytes,
+                          rejected_fraction=result.rejected_fraction)
             if result.error is not None:
                 record.update(status="failed", error=f"{pair.input.path}: {result.error.reason}")
             else:
