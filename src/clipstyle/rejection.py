@@ -40,9 +40,12 @@ PATHS = ("auto", "single", "two")
 # fraction of its forward and backward with input gradients: measured on a
 # 2-core Xeon (Cascade Lake), docs/performance.md.
 NO_GRAD_COST = 0.45
-# Fixed cost of one CLIP call (one chunk of rows), in rows: Python and op
-# dispatch, small next to a 224-px row on a CPU.
-CHUNK_COST = 0.05
+# Fixed cost of one CLIP call (one chunk of rows), in rows: op dispatch and
+# the threads' wait at each of its ~1,500 ops. Small on a quiet CPU; measured
+# at about 8 rows on a 2-core CPU loaded 5-fold by other processes (one row's
+# pass took 6 rows' time there). One row is a compromise: at 16 crops the
+# two-pass path then pays from about half of them rejected.
+CHUNK_COST = 1.0
 
 
 @dataclass(frozen=True)
