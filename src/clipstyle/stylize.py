@@ -280,7 +280,9 @@ def stylize_many(
                     images.append(sample_crops(p.leaf, p.grids.slice(a, b)))
                     weight.append(torch.full((rows,), settings.lambda_patch / n, device=device))
                 is_crop.append(torch.full((rows,), kind == "c", device=device))
-                index.append(torch.arange(a, b, device=device) if kind == "c" else torch.full((1,), -1, device=device))
+                if rejection.force is not None:  # crop indices: forced rejection counts the first crops
+                    index.append(torch.arange(a, b, device=device) if kind == "c"
+                                 else torch.full((1,), -1, device=device))
                 src.append(p.source_emb.expand(rows, -1))
                 tdir.append(p.text_dir.expand(rows, -1))
                 owners.append((p, kind, rows))
@@ -358,9 +360,9 @@ def stylize_many(
                     p.error = exc
                     active.remove(p)
             if callback is not None and p.error is None:
-                rejected = float(p.rejected[-1]) / n if read and n else None
+                fraction = float(p.rejected[-1]) / n if read and n else None
                 callback(StepInfo(p.index, done, settings.steps, values, now - start, p.output, now - last,
-                                  rejected=rejected, two_pass=two_pass))
+                                  rejected=fraction, two_pass=two_pass))
         # The next step starts after the callbacks: their time (progress bars,
         # snapshots, a benchmark's own measurements) is not the step's.
         last = time.perf_counter()
