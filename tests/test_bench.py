@@ -94,3 +94,25 @@ def test_bench_cached_times_loading_from_warm_caches(checkpoints, monkeypatch, t
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["load_from"] == "caches" and data["load_seconds"] > 0 and data["import_seconds"] >= 0
+
+
+def test_run_bench_times_forced_rejection_before_and_after_the_two_pass_path(shared_models, tiny_settings):
+    from clipstyle.cli.bench import format_result
+
+    settings = tiny_settings.replace(size=32, crops=4, crop_size=16)
+    r = B.run_bench(shared_models, settings, warmup=1, repeats=2, force_reject=(0.0, 0.75))
+    assert r.rejected_runs == [0.0, 0.0]  # random tiny CLIP: nothing passes the paper's threshold
+    low, high = r.forced
+    for f in r.forced:
+        assert len(f["before_runs"]) == len(f["after_runs"]) == len(f["floor_runs"]) == 2
+        assert f["rejected_per_step"] == [f["rate"]] * 4  # before, after, before, after
+        assert f["after_over_floor"] > 0 and f["before_over_floor"] > 0 and f["after_over_before"] > 0
+    assert low["two_pass_steps"] == 0 and high["two_pass_steps"] == 2
+    text = format_result(r)
+    assert "forced 0.75" in text and "two-pass in 2 of 2 steps" in text
+
+
+def test_bench_command_refuses_a_bad_forced_rejection_rate():
+    for bad in ("0.5,x", "1.5"):
+        result = invoke("bench", "--force-reject", bad, "--device", "cpu", catch_exceptions=True)
+        assert result.exit_code == 2 and "--force-reject" in result.output

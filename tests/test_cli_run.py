@@ -30,7 +30,7 @@ def test_run_writes_png_with_aspect_ratio_metadata_and_report(tmp_path, photo, f
     (record,) = [json.loads(line) for line in report.read_text().splitlines()]
     assert record["status"] == "ok" and record["output"] == str(out)
     for key in ("input", "prompt", "error", "seed", "steps", "size", "device", "seconds_total",
-                "seconds_per_step", "losses", "peak_memory_bytes"):
+                "seconds_per_step", "losses", "peak_memory_bytes", "rejected_fraction"):
         assert key in record
     assert set(record["losses"]) == {"total", "patch", "dir", "content", "tv"}
 

@@ -42,6 +42,7 @@ from clipstyle.encoders import Models
 from clipstyle.loading import load_models
 from clipstyle.optimize import make_network, stylize_many, text_embedding
 from clipstyle.prompts import NO_TEMPLATES
+from clipstyle.rejection import Rejection
 from clipstyle.unet import InstanceNorm
 
 PROMPT = "an oil painting with thick brush strokes"
@@ -97,6 +98,8 @@ class BenchResult:
     load_seconds: float | None = None  # loading the models, when loaded from files or caches
     load_from: str | None = None  # "local files" or "caches"
     import_seconds: float | None = None  # importing open_clip and torchvision, just before loading
+    rejected_runs: list[float] = field(default_factory=list)  # fraction of crops rejected, each timed step
+    forced: list[dict] = field(default_factory=list)  # per forced rejected fraction: see forced_rejection
     torch_version: str = torch.__version__
 
     def to_dict(self) -> dict:
@@ -247,12 +250,14 @@ class ReferenceStep:
 
 
 def _time_steps(models: Models, settings: Settings, batch: int, warmup: int, repeats: int,
-                between: Callable[[], None] | None) -> tuple[Timing, float, int | None]:
+                between: Callable[[], None] | None, rejection: Rejection | None = None,
+                steps_seen: list | None = None) -> tuple[Timing, float, int | None]:
     """Time ``repeats`` steps of stylize_many on ``batch`` pairs after ``warmup`` steps.
 
     ``between`` runs after every timed step (the floor, alternating with the
     steps). Returns the step timings, the first step's seconds, and the peak
-    device memory of the steps alone (CUDA; None elsewhere).
+    device memory of the steps alone (CUDA; None elsewhere). ``steps_seen``
+    receives the StepInfo of pair 0 at every timed step.
     """
 
     device = models.device
@@ -269,6 +274,8 @@ def _time_steps(models: Models, settings: Settings, batch: int, warmup: int, rep
             peak[0] = max(peak[0] or 0, peak_memory_bytes(device))
         if info.step > warmup:
             timing.add(info.step_seconds)
+            if steps_seen is not None:
+                steps_seen.append(info)
             if between is not None:
                 between()
         synchronize(device)
@@ -276,11 +283,47 @@ def _time_steps(models: Models, settings: Settings, batch: int, warmup: int, rep
 
     contents = bench_images(settings.size, batch)
     results = stylize_many(contents, [PROMPT] * batch, list(range(batch)), models=models,
-                           settings=run_settings, callback=on_step)
+                           settings=run_settings, callback=on_step, rejection=rejection)
     failed = [r.error for r in results if r.error is not None]
     if failed:
         raise failed[0]
     return timing, first[0], peak[0]
+
+
+def forced_rejection(models: Models, settings: Settings, rate: float, *, batch: int, warmup: int, repeats: int,
+                     floor: Floor) -> dict:
+    """Steps with ``rate`` of each pair's crops forced to count as rejected, before and after the two-pass path.
+
+    One loop alternates the single pass ("before": every row through CLIP's
+    forward and backward, as without the two-pass path) and the automatic
+    choice ("after"), step by step, with a floor pass after each "after" step:
+    ``repeats`` of each. Returns the medians, the per-repeat ratios after /
+    before and after / floor, the rejected fraction of every timed step and how
+    many "after" steps took the two-pass path.
+    """
+    seen: list = []
+    clip_t, vgg_t, floor_t = Timing(), Timing(), Timing()
+
+    def between() -> None:
+        if seen and seen[-1].step % 2 == 0:  # steps 2, 4, ... ran the automatic choice
+            floor.measure(clip_t, vgg_t, floor_t)
+
+    # path cycles per step index (0-based): even "single", odd "auto"; warm-up keeps the pairing
+    rejection = Rejection(path=("single", "auto"), force=rate)
+    _time_steps(models, settings, batch, 2 * ((warmup + 1) // 2), 2 * repeats, between, rejection, seen)
+    before = [i.step_seconds for i in seen if i.step % 2 == 1]
+    after = [i.step_seconds for i in seen if i.step % 2 == 0]
+    return {
+        "rate": rate,
+        "before_seconds": statistics.median(before), "after_seconds": statistics.median(after),
+        "after_over_before": statistics.median(a / b for a, b in zip(after, before)),
+        "floor_seconds": floor_t.median,
+        "before_over_floor": statistics.median(b / f for b, f in zip(before, floor_t.runs)),
+        "after_over_floor": statistics.median(a / f for a, f in zip(after, floor_t.runs)),
+        "two_pass_steps": sum(i.two_pass for i in seen if i.step % 2 == 0), "after_steps": len(after),
+        "rejected_per_step": [i.rejected for i in seen],
+        "before_runs": before, "after_runs": after, "floor_runs": floor_t.runs,
+    }
 
 
 def run_bench(
@@ -291,6 +334,7 @@ def run_bench(
     warmup: int = 2,
     repeats: int = 5,
     baseline: bool = False,
+    force_reject: tuple[float, ...] = (),
     load_seconds: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
@@ -301,6 +345,8 @@ def run_bench(
     encoder runs once per prompt, before the first step, so that does not
     change the steps). With ``baseline``, the reference-style step is timed too,
     alternating with the others. With ``batch`` > 1, batch 1 is timed as well.
+    ``force_reject``: rejected fractions at which the step is timed before and
+    after the two-pass CLIP path (forced_rejection).
     """
     say = progress or (lambda message: None)
     settings = settings.replace(templates=NO_TEMPLATES)
@@ -332,7 +378,8 @@ def run_bench(
     if reference is not None:
         reference()
     say(f"timing {repeats} steps at batch {batch} after {warmup} warm-up steps")
-    steps_t, first, peak = _time_steps(models, settings, batch, warmup, repeats, between)
+    seen: list = []
+    steps_t, first, peak = _time_steps(models, settings, batch, warmup, repeats, between, steps_seen=seen)
     peak_kind = "device"
     if peak is None:
         peak, peak_kind = peak_memory_bytes(device), "process"
@@ -356,7 +403,11 @@ def run_bench(
         paired_ratio=statistics.median(a / b for a, b in zip(steps_t.runs, floor_t.runs)),
         step_runs=steps_t.runs, floor_runs=floor_t.runs, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
         images_per_minute=60.0 * batch / (step * settings.steps), first_step_seconds=first,
-        batch1=batch1, load_seconds=load_seconds)
+        batch1=batch1, load_seconds=load_seconds, rejected_runs=[i.rejected for i in seen])
+    for rate in force_reject:
+        say(f"timing {repeats} steps before and after the two-pass path, {rate:g} of the crops rejected")
+        result.forced.append(forced_rejection(models, settings, rate, batch=batch, warmup=warmup, repeats=repeats,
+                                              floor=floor))
     if reference is not None:
         result.baseline_seconds = base_t.median
         result.baseline_runs = base_t.runs

@@ -9,7 +9,9 @@ result does not depend on what it is batched with (up to rounding).
 Gradient flow: the U-Net output ``out`` is detached into a leaf; every loss is
 computed on the leaf (CLIP rows in chunks of ``crop_batch`` when memory is
 short), each chunk back-propagates into the leaf, and one final backward pass
-carries the leaf's gradient through the U-Net.
+carries the leaf's gradient through the U-Net. When threshold rejection drops
+enough patches, a no-grad CLIP pass over the crops first finds them and the
+forward and backward pass covers the kept rows only (clipstyle.rejection).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from clipstyle.images import prepare_content, to_pil
 from clipstyle.loading import default_models
 from clipstyle.masks import composite, crop_sampler
 from clipstyle.prompts import is_blank
+from clipstyle.rejection import PathChooser, Rejection, kept_crops, select
 from clipstyle.unet import StyleNet
 
 LOSS_NAMES = ("total", "patch", "dir", "content", "tv")
@@ -62,6 +65,8 @@ class StepInfo:
     # This step alone, callbacks excluded (exact on an accelerator only when
     # losses were read at this step: otherwise the device may still be working).
     step_seconds: float = 0.0
+    rejected: float | None = None  # fraction of this step's crops rejected, read with the losses
+    two_pass: bool = False  # whether this step took the two-pass CLIP path
 
 
 @dataclass
@@ -79,6 +84,7 @@ class StylizeResult:
     seconds_total: float = 0.0
     seconds_per_step: float = 0.0  # median over steps
     peak_memory_bytes: int | None = None
+    rejected_fraction: float | None = None  # mean over steps of the fraction of crops rejected (None: no crops)
     device: str = ""
     precision: str = ""
     error: ClipstyleError | None = None
@@ -157,6 +163,7 @@ class _PairState:
             self.source_emb = F.normalize(models.clip.encode_image(self.content).float(), dim=-1)[0]  # (D,)
             self.content_feats = {k: v.float() for k, v in vgg(self.content).items()}
         self.step_times: list[float] = []
+        self.rejected: list = []  # rejected crops per step (ints, or 0-d tensors read later)
         self.sums: dict[str, torch.Tensor] = {}
         self.losses: dict[str, float] = {}
         self.output: torch.Tensor | None = None
@@ -207,15 +214,17 @@ def _read_losses(pair: _PairState, amp: torch.dtype | None = None) -> dict[str, 
     return values
 
 
-def _clip_rows(pairs: list[_PairState], n_crops: int, chunk: int):
+def _clip_rows(pairs: list[_PairState], n_crops: int | list[int], chunk: int):
     """Row specs (pair, kind, start, stop) in chunks of at most ``chunk`` rows (0: one chunk).
 
     Row kinds: "g" is the pair's whole output (global loss), "c" its crops [start, stop).
+    n_crops: crops per pair, or a list with each pair's count.
     """
+    counts = n_crops if isinstance(n_crops, list) else [n_crops] * len(pairs)
     items = []
-    for p in pairs:
+    for p, count in zip(pairs, counts):
         items.append((p, "g", 0, 1))
-        items.extend((p, "c", i, i + 1) for i in range(n_crops))
+        items.extend((p, "c", i, i + 1) for i in range(count))
     if chunk <= 0:
         chunk = len(items)
     for s in range(0, len(items), chunk):
@@ -238,6 +247,7 @@ def stylize_many(
     settings: Settings | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     masks: list[torch.Tensor | None] | None = None,
+    rejection: Rejection | None = None,
 ) -> list[StylizeResult]:
     """Optimise one fresh StyleNet per (content, prompt, seed) triple, all in one batch.
 
@@ -246,8 +256,12 @@ def stylize_many(
     the patch crops are drawn in it and CLIP sees the output only there.
     Returns one StylizeResult per pair, in order; a pair whose losses became
     non-finite has ``error`` set and no image, and the others go on.
+    rejection: how threshold rejection runs (default: the cheaper CLIP path per
+    step; benchmarks and tests force a path or a rejected fraction).
     """
     settings = settings or Settings()
+    rejection = rejection or Rejection()
+    chooser = PathChooser(rejection, models.device, settings.crop_batch)
     device = models.device
     amp = autocast_dtype(settings.precision, device)
     vgg = _vgg_for(models, use_channels_last(settings.memory_format, device, amp))
@@ -282,8 +296,21 @@ def stylize_many(
             p.sums = {k: torch.zeros((), device=device) for k in ("patch", "dir")}
 
         # CLIP terms: global direction (one row per pair) and patch directions (n rows per pair).
-        for chunk in _clip_rows(active, n, settings.crop_batch):
-            images, src, tdir, weight, is_crop, owners = [], [], [], [], [], []
+        # Two-pass path: a no-grad pass finds the rejected crops, and only the
+        # kept ones (renumbered 0..kept-1 in p.grids) go through the pass below.
+        two_pass = chooser.two_pass(step, len(active), n)
+        counts: int | list[int] = n
+        if two_pass:
+            kept = kept_crops(active, n, settings.crop_batch, encode_image, rejection, settings.threshold, amp)
+            for p, index in zip(active, kept):
+                p.grids = select(p.grids, index)
+                p.rejected.append(n - len(index))
+            counts = [len(index) for index in kept]
+        else:
+            for p in active:
+                p.rejected.append(torch.zeros((), dtype=torch.long, device=device))
+        for chunk in _clip_rows(active, counts, settings.crop_batch):
+            images, src, tdir, weight, is_crop, owners, index = [], [], [], [], [], [], []
             for p, kind, a, b in chunk:
                 rows = b - a
                 if kind == "g":
@@ -293,6 +320,9 @@ def stylize_many(
                     images.append(sample_crops(p.seen, p.grids.slice(a, b)))
                     weight.append(torch.full((rows,), settings.lambda_patch / n, device=device))
                 is_crop.append(torch.full((rows,), kind == "c", device=device))
+                if rejection.force is not None:  # crop indices: forced rejection counts the first crops
+                    index.append(torch.arange(a, b, device=device) if kind == "c"
+                                 else torch.full((1,), -1, device=device))
                 src.append(p.source_emb.expand(rows, -1))
                 tdir.append(p.text_dir.expand(rows, -1))
                 owners.append((p, kind, rows))
@@ -300,8 +330,14 @@ def stylize_many(
                 emb = encode_image(torch.cat(images))  # (rows, D)
             per_row = L.directional_loss(emb.float(), torch.cat(src), torch.cat(tdir))  # (rows,)
             is_crop_t = torch.cat(is_crop)
-            # threshold rejection applies to patches only
-            per_row = torch.where(is_crop_t, L.reject_below(per_row, settings.threshold), per_row)
+            # threshold rejection applies to patches only (two-pass: done, these rows are kept)
+            rejected = None
+            if rejection.force is not None and not two_pass:
+                rejected = rejection.rejected(per_row.detach(), torch.cat(index), n, settings.threshold)
+                per_row = torch.where(rejected, torch.zeros_like(per_row), per_row)
+            elif not two_pass:
+                rejected = is_crop_t & (per_row.detach() < settings.threshold)
+                per_row = torch.where(is_crop_t, L.reject_below(per_row, settings.threshold), per_row)
             (per_row * torch.cat(weight)).sum().backward()
             detached = per_row.detach()
             i = 0
@@ -311,7 +347,11 @@ def stylize_many(
                     p.sums["dir"] = p.sums["dir"] + part
                 else:
                     p.sums["patch"] = p.sums["patch"] + part / max(n, 1)
+                    if rejected is not None:
+                        p.rejected[-1] = p.rejected[-1] + rejected[i:i + rows].sum()
                 i += rows
+        if device.type == "cpu" or two_pass:  # the host knows the counts without waiting for a device
+            chooser.observe(sum(float(p.rejected[-1]) for p in active), n * len(active))
 
         # Content (VGG-19) and total variation, batched over pairs of the same size.
         by_shape: dict[tuple, list[_PairState]] = {}
@@ -360,7 +400,9 @@ def stylize_many(
                     p.error = exc
                     active.remove(p)
             if callback is not None and p.error is None:
-                callback(StepInfo(p.index, done, settings.steps, values, now - start, p.output, now - last))
+                fraction = float(p.rejected[-1]) / n if read and n else None
+                callback(StepInfo(p.index, done, settings.steps, values, now - start, p.output, now - last,
+                                  rejected=fraction, two_pass=two_pass))
         # The next step starts after the callbacks: their time (progress bars,
         # snapshots, a benchmark's own measurements) is not the step's.
         last = time.perf_counter()
@@ -376,6 +418,8 @@ def stylize_many(
                           seconds_total=total, peak_memory_bytes=peak, device=str(device),
                           precision=precision_name(amp), error=p.error, losses=dict(p.losses))
         r.seconds_per_step = statistics.median(p.step_times) if p.step_times else 0.0
+        if n and p.rejected:
+            r.rejected_fraction = sum(float(c) for c in p.rejected) / (n * len(p.rejected))
         if p.error is None:
             r.tensor = p.output.float().cpu()
             r.image = to_pil(r.tensor)

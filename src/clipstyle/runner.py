@@ -63,7 +63,7 @@ def base_record(job: RunJob, settings, status: str, error: str | None = None) ->
         "input": str(job.input.path), "prompt": job.prompt, "output": str(job.output),
         "status": status, "error": error, "seed": job.seed, "steps": settings.steps,
         "size": None, "device": None, "precision": None, "seconds_total": None, "seconds_per_step": None,
-        "losses": None, "peak_memory_bytes": None,
+        "losses": None, "peak_memory_bytes": None, "rejected_fraction": None,
     }
 
 
@@ -237,7 +237,8 @@ class _StylizePairs(Work):
         record.update(size=list(result.size), device=result.device, precision=result.precision,
                       seconds_total=round(result.seconds_total, 4),
                       seconds_per_step=round(result.seconds_per_step, 5),
-                      losses=result.losses or None, peak_memory_bytes=result.peak_memory_bytes)
+                      losses=result.losses or None, peak_memory_bytes=result.peak_memory_bytes,
+                      rejected_fraction=result.rejected_fraction)
         if self.options.region is not None:
             record["region"] = self.options.region.record()
         if result.error is not None:

@@ -37,6 +37,13 @@ def format_result(r) -> str:
                   f"{r.batch} x {w}x{h} {r.floor_vgg_seconds:.3f} s, fp32"),
         ("ratio", f"{r.ratio:.3f} x floor (median step / median floor; paired per repeat: {r.paired_ratio:.3f})"),
     ]
+    if r.rejected_runs and None not in r.rejected_runs:
+        lines.append(("rejected", "fraction of the crops per step: " + " ".join(f"{x:.2f}" for x in r.rejected_runs)))
+    for f in r.forced:
+        lines.append((f"forced {f['rate']:g}", (
+            f"before {f['before_seconds']:.3f} s ({f['before_over_floor']:.3f} x floor), after "
+            f"{f['after_seconds']:.3f} s ({f['after_over_floor']:.3f} x floor): after / before "
+            f"{f['after_over_before']:.3f}; two-pass in {f['two_pass_steps']} of {f['after_steps']} steps")))
     if r.baseline_seconds is not None:
         lines.append(("baseline", f"{r.baseline_seconds:.3f} s per reference-style step (plain fp32, one crop "
                                   f"at a time): ours is {r.speedup:.2f}x faster"))
@@ -76,6 +83,10 @@ def format_result(r) -> str:
               help="Optimise this many pairs together; above 1, batch 1 is timed too, for images per minute.")
 @click.option("--baseline", is_flag=True,
               help="Also time the reference-style step (plain fp32, a Python loop over crops).")
+@click.option("--force-reject", "force_reject", default="", metavar="RATES",
+              help="Also time steps with these fractions of the crops forced to count as rejected (comma-separated, "
+                   "e.g. 0,0.5,0.9), the single CLIP pass (before) alternating with the automatic two-pass path "
+                   "(after).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="CPU threads for PyTorch (0: PyTorch's default, one per physical core).")
@@ -92,8 +103,8 @@ def format_result(r) -> str:
 @debug_option
 @stop_on_sigterm
 def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, memory_format, compile_, crop_batch,
-          batch, baseline, device, threads, clip_model, clip_weights, vgg_weights, cached, clip_pretrained,
-          as_json):
+          batch, baseline, force_reject, device, threads, clip_model, clip_weights, vgg_weights, cached,
+          clip_pretrained, as_json):
     """Time optimisation steps on the real architectures and compare them with the compute floor.
 
     The floor is one plain fp32 CLIP forward and backward pass over the crops
@@ -104,6 +115,7 @@ def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, mem
     \b
       clipstyle bench --size 256 --crops 16 --device cpu
       clipstyle bench --baseline --batch 4 --json
+      clipstyle bench --size 256 --crops 16 --device cpu --force-reject 0,0.5,0.9
     """
     import torch
 
@@ -114,6 +126,12 @@ def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, mem
         raise click.UsageError("--clip-weights and --vgg-weights go together")
     if cached and clip_weights is not None:
         raise click.UsageError("--cached loads from the caches, --clip-weights from files: choose one")
+    try:
+        rates = tuple(float(x) for x in force_reject.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"not a list of numbers: {force_reject!r}", param_hint="--force-reject") from None
+    if any(not 0.0 <= x <= 1.0 for x in rates):
+        raise click.BadParameter("each rate must be between 0 and 1", param_hint="--force-reject")
     if threads:
         torch.set_num_threads(threads)
     settings = settings_for(preset, steps=steps, size=size, crops=crops, crop_size=crop_size, precision=precision,
@@ -148,7 +166,7 @@ def bench(preset, size, crops, crop_size, steps, repeats, warmup, precision, mem
         say("building models with random weights")
         models = bench_models(dev, clip_model)
     result = run_bench(models, settings, batch=batch, warmup=warmup, repeats=repeats, baseline=baseline,
-                       load_seconds=load_seconds, progress=say)
+                       force_reject=rates, load_seconds=load_seconds, progress=say)
     result.load_from, result.import_seconds = load_from, import_seconds
     if as_json:
         click.echo(json.dumps(result.to_dict()))
