@@ -138,6 +138,7 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     from clipstyle.applier import ApplyOptions, apply_files, plan_outputs
     from clipstyle.device import resolve_device
     from clipstyle.inputs import check_outputs, collect_inputs
+    from clipstyle.memory import check_render_size
     from clipstyle.rendering import plan_tiles
     from clipstyle.report import Report
     from clipstyle.stylefile import load_style
@@ -156,6 +157,8 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
                            overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats)
     dev = resolve_device(device)
+    if size:
+        check_render_size(size, dev)  # a size that cannot fit in memory, before anything is allocated
     styles = [load_style(p) for p in style_paths]  # a bad style stops here, before any image
     inputs = collect_inputs(images, recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:

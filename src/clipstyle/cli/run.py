@@ -149,7 +149,9 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     skipped, 1 when any failed, 130 when interrupted.
     """
     from clipstyle.config import settings_for
+    from clipstyle.device import resolve_device
     from clipstyle.inputs import check_outputs, collect_inputs
+    from clipstyle.memory import check_render_size, check_run_size
     from clipstyle.pairs import parse_shard, plan_pairs
     from clipstyle.prompts import choose_templates, is_blank
     from clipstyle.report import Report
@@ -180,6 +182,10 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     shard_kn = parse_shard(shard) if shard else None
     device_names = _device_list(devices, "--devices") if devices is not None else None
     device = device if device_names else str(_device_list(device, "--device")[0])
+    for name in device_names or [device]:  # sizes that cannot fit in memory, before anything is allocated
+        check_run_size(settings, resolve_device(name))
+        if options.output_longest:
+            check_render_size(options.output_longest, resolve_device(name), "--output-size")
     inputs = collect_inputs(list(images), recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:
         raise UserError("no input images found")
