@@ -165,7 +165,7 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
         raise UserError("no input images found")
     jobs = plan_outputs(inputs, styles, output)
     check_outputs(jobs)
-    report_file = Report(report)
+    report_file = Report(report, warn=lambda message: echo_warning(report, message))
     events = _events(quiet)
     start = time.perf_counter()
     try:
@@ -173,8 +173,10 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     finally:
         events.close()
         report_file.close()
-    if not quiet or summary.failed:
+    if not quiet or summary.failed or report_file.lost:
         click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in "
                    f"{time.perf_counter() - start:.1f} s", err=True)
+    if report_file.lost is not None:  # records the full disk kept from the report: the run went on
+        raise UserError(report_file.lost)
     if summary.failed:
         sys.exit(1)

@@ -191,7 +191,7 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
         raise UserError("no input images found")
     pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn, save_style)
     check_outputs(pairs)
-    report_file = Report(report)
+    report_file = Report(report, warn=lambda message: echo_warning(report, message))
     events = _progress(quiet, settings.steps, per_step=not devices)
     start = time.perf_counter()
     try:
@@ -209,8 +209,10 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
         events.close()
         report_file.close()
     elapsed = time.perf_counter() - start
-    if not quiet or summary.failed:
+    if not quiet or summary.failed or report_file.lost:
         click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {elapsed:.1f} s", err=True)
+    if report_file.lost is not None:  # records the full disk kept from the report: the run went on
+        raise UserError(report_file.lost)
     if summary.failed:
         sys.exit(1)
 
