@@ -45,6 +45,7 @@ def mix_from_options(n_styles: int, mix: tuple[float, ...]) -> list[float] | Non
 
 
 def _events(quiet: bool):
+    from clipstyle import interrupts
     from clipstyle.batch import Events
 
     class Progress(Events):
@@ -52,6 +53,7 @@ def _events(quiet: bool):
             self.bar = None
 
         def progress(self, job, info):
+            interrupts.check()  # a signal that a library swallowed
             done, total = info.done, info.total
             if quiet or total <= 1:
                 return
@@ -135,6 +137,7 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     """
     import time
 
+    from clipstyle import interrupts
     from clipstyle.applier import ApplyOptions, apply_files, plan_outputs
     from clipstyle.device import resolve_device
     from clipstyle.inputs import check_outputs, collect_inputs
@@ -168,11 +171,12 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     report_file = Report(report, warn=lambda message: echo_warning(report, message))
     events = _events(quiet)
     start = time.perf_counter()
-    try:
-        summary = apply_files(jobs, styles, options, report_file, events, device=dev)
-    finally:
-        events.close()
-        report_file.close()
+    with interrupts.raising():  # from here on files are written: a signal unwinds cleanly
+        try:
+            summary = apply_files(jobs, styles, options, report_file, events, device=dev)
+        finally:
+            events.close()
+            report_file.close()
     if not quiet or summary.failed or report_file.lost:
         click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in "
                    f"{time.perf_counter() - start:.1f} s", err=True)

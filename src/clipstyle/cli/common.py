@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import signal
 import unicodedata
 from pathlib import Path
 
@@ -125,25 +124,22 @@ def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weig
                        vgg_weights=vgg_weights, device=dev, progress=progress)
 
 
-class _Terminated(KeyboardInterrupt):
-    pass
-
-
 def stop_on_sigterm(f):
-    """SIGTERM stops a command the way Ctrl-C does: cleanly, exit code 130."""
+    """Ctrl-C and SIGTERM stop a command cleanly, exit code 130 (clipstyle.interrupts).
+
+    In the clipstyle command, start-up ends at once on a signal and the command
+    switches to raising KeyboardInterrupt where its work begins
+    (``interrupts.raising()``); called in-process (click's test runner), the
+    whole command raises.
+    """
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        def handler(signum, frame):
-            raise _Terminated()
+        from clipstyle import interrupts
 
-        try:
-            previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not in the main thread (tests)
+        if interrupts.installed():
             return f(*args, **kwargs)
-        try:
+        with interrupts.raising():
             return f(*args, **kwargs)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     return wrapper

@@ -25,6 +25,7 @@ D = Settings()  # every default below is read from config (Settings and its cons
 
 
 def _progress(quiet: bool, steps: int, per_step: bool = True):
+    from clipstyle import interrupts
     from clipstyle.batch import Events
 
     class Progress(Events):
@@ -32,6 +33,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             self.bar = None
 
         def started(self, pairs, done, total):
+            interrupts.check()  # a signal that a library swallowed
             self.close()
             if quiet or not per_step:
                 return
@@ -43,6 +45,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                             file=sys.stderr, dynamic_ncols=True)
 
         def progress(self, pair, info):
+            interrupts.check()
             if self.bar is None or info.pair != 0:
                 return
             self.bar.update(1)
@@ -148,6 +151,7 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     reported and the run goes on. Exit code 0 when every pair is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
+    from clipstyle import interrupts
     from clipstyle.config import settings_for
     from clipstyle.device import resolve_device
     from clipstyle.inputs import check_outputs, collect_inputs
@@ -194,20 +198,21 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     report_file = Report(report, warn=lambda message: echo_warning(report, message))
     events = _progress(quiet, settings.steps, per_step=not devices)
     start = time.perf_counter()
-    try:
-        if device_names:
-            from clipstyle.workers import run_on_devices
+    with interrupts.raising():  # from here on files are written: a signal unwinds cleanly
+        try:
+            if device_names:
+                from clipstyle.workers import run_on_devices
 
-            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
-                                       vgg_weights, progress=False)
-            summary = run_on_devices(pairs, device_names, loader, settings, options, report_file, events)
-        else:
-            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
-                                       vgg_weights, device=device)
-            summary = run_pairs(pairs, loader, settings, options, report_file, events)
-    finally:
-        events.close()
-        report_file.close()
+                loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                           vgg_weights, progress=False)
+                summary = run_on_devices(pairs, device_names, loader, settings, options, report_file, events)
+            else:
+                loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                           vgg_weights, device=device)
+                summary = run_pairs(pairs, loader, settings, options, report_file, events)
+        finally:
+            events.close()
+            report_file.close()
     elapsed = time.perf_counter() - start
     if not quiet or summary.failed or report_file.lost:
         click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {elapsed:.1f} s", err=True)
