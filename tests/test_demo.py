@@ -51,12 +51,13 @@ def test_only_the_missing_weights_are_named(tmp_path, offline, monkeypatch):
     import clipstyle.loading as loading
 
     monkeypatch.setattr(loading, "load_clip", lambda *a, **k: pytest.fail("a model was built"))
-    clip = tmp_path / "clip.pt"
-    clip.write_bytes(b"not read before the check")
+    cached_vgg = tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
+    cached_vgg.parent.mkdir(parents=True)
+    cached_vgg.write_bytes(b"cached")
     with pytest.raises(WeightsError) as info:
-        load_models(clip_weights=clip, cache_dir=str(tmp_path / "hf"))
-    assert "CLIP" not in str(info.value) and "Pass --vgg-weights FILE " in str(info.value)
-    assert offline == ["vgg"]
+        load_models(cache_dir=str(tmp_path / "hf"))
+    assert "VGG" not in str(info.value) and "--clip-weights FILE" in str(info.value)
+    assert offline == ["clip"]
 
 
 def test_make_demo_says_how_to_pass_weights_and_leaves_no_report(tmp_path):

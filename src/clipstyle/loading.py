@@ -259,37 +259,29 @@ def load_vgg(weights: str | Path | None = None, device: torch.device | str = "cp
     return VggEncoder(features).to(device)
 
 def _fetch_missing(clip_model: str, clip_pretrained: str | None, clip_weights, vgg_weights,
-                   cache_dir: str | None, progress: bool) -> None:
-    """Before building either model: download whichever weights are neither given nor
-    cached, and if any cannot be had, say so for both at once (one WeightsError)."""
+                   cache_dir: str | None) -> None:
+    """Before building either model: fetch CLIP's weights if they are neither given nor
+    cached; if that fails, name every missing weight at once (one WeightsError), without
+    waiting for a second download (VGG-19's) to time out as well."""
     import open_clip
 
-    missing: list[str] = []
-    if clip_weights is None and clip_pretrained:
-        cfg = open_clip.get_pretrained_cfg(clip_model, clip_pretrained) or {}
-        if cfg and not _cached_pretrained_file(cfg, cache_dir):
-            try:
-                with _quiet_logging():
-                    _pretrained_file(clip_model, clip_pretrained, cfg, cache_dir)
-            except WeightsError:
-                missing.append(f"CLIP {clip_model}/{clip_pretrained} (looked for in {_clip_cache_hint(cache_dir)})")
-    if vgg_weights is None and not os.path.isfile(_vgg_cache_file()):
-        if missing:  # offline: trying VGG-19 too would only wait for another timeout
-            missing.append(f"VGG-19 ImageNet ({VGG_FILE}, looked for in {os.path.dirname(_vgg_cache_file())})")
-        else:
-            from torchvision.models import VGG19_Weights
-
-            try:
-                os.makedirs(os.path.dirname(_vgg_cache_file()), exist_ok=True)
-                torch.hub.download_url_to_file(VGG19_Weights.IMAGENET1K_V1.url, _vgg_cache_file(),
-                                               hash_prefix=VGG_FILE.split("-")[1].split(".")[0], progress=progress)
-            except Exception:  # noqa: BLE001 - URLError, hash mismatch, disk errors
-                missing.append(f"VGG-19 ImageNet ({VGG_FILE}, looked for in {os.path.dirname(_vgg_cache_file())})")
-    if missing:
-        flags = " and ".join(f for f, m in (("--clip-weights FILE", "CLIP"), ("--vgg-weights FILE", "VGG"))
-                             if any(x.startswith(m) for x in missing))
-        raise WeightsError(f"weights not cached and not downloadable: {'; '.join(missing)}. Pass {flags} "
-                           "(local files; no network is used), or run once with network access")
+    if clip_weights is not None or not clip_pretrained:
+        return  # a given file is read (and checked) first, as before
+    cfg = open_clip.get_pretrained_cfg(clip_model, clip_pretrained) or {}
+    if not cfg or _cached_pretrained_file(cfg, cache_dir):
+        return
+    try:
+        with _quiet_logging():
+            _pretrained_file(clip_model, clip_pretrained, cfg, cache_dir)
+        return
+    except WeightsError:
+        if vgg_weights is not None or os.path.isfile(_vgg_cache_file()):
+            raise
+    raise WeightsError(
+        f"weights not cached and not downloadable: CLIP {clip_model}/{clip_pretrained} (looked for in "
+        f"{_clip_cache_hint(cache_dir)}) and VGG-19 ImageNet ({VGG_FILE}, looked for in "
+        f"{os.path.dirname(_vgg_cache_file())}). Pass --clip-weights FILE and --vgg-weights FILE (local files; no "
+        "network is used), or run once with network access")
 
 
 def load_models(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP_PRETRAINED,
@@ -298,10 +290,11 @@ def load_models(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP
                 progress: bool = False, cache_dir: str | None = None) -> Models:
     """Load CLIP and VGG-19 once. ``random_init`` skips all weights (benchmarks).
 
-    Weights that are neither given nor cached are downloaded first, both before
-    either model is built, so that missing weights are all named in one error."""
+    Both weights are looked for before either model is built: CLIP's, if
+    neither given nor cached, are downloaded first, and if they cannot be while
+    VGG-19's are missing too, one error names both."""
     if not random_init:
-        _fetch_missing(clip_model, clip_pretrained, clip_weights, vgg_weights, cache_dir, progress)
+        _fetch_missing(clip_model, clip_pretrained, clip_weights, vgg_weights, cache_dir)
     clip = load_clip(clip_model, None if random_init else clip_pretrained,
                      None if random_init else clip_weights, device, cache_dir)
     vgg = load_vgg(vgg_weights, device, progress=progress, random_init=random_init)
