@@ -32,11 +32,14 @@ format: install
 	$(VENV)/bin/ruff format src tests
 
 # On a machine without a GPU the demo uses the draft preset (100 steps, 256 px).
+# DEMO_ARGS goes to clipstyle run, e.g. local weight files without network:
+#   make demo DEMO_ARGS='--clip-weights ViT-B-32.pt --vgg-weights vgg19-dcbb9e9d.pth'
 demo: install
 	@mkdir -p out
 	$(VENV)/bin/clipstyle run -p "$(DEMO_PROMPT)" "$(DEMO_IMAGE)" -o out/ --report out/demo.jsonl \
 		$$($(PY) -c "import torch; print('' if torch.cuda.is_available() or torch.backends.mps.is_available() else '--preset draft')") \
-		$(DEMO_ARGS)
+		$(DEMO_ARGS) \
+		|| { echo "make demo: with local weight files, run make demo DEMO_ARGS='--clip-weights ViT-B-32.pt --vgg-weights vgg19-dcbb9e9d.pth'" >&2; exit 1; }
 
 bench: install
 	$(VENV)/bin/clipstyle bench --size 256 --crops 16 --device cpu

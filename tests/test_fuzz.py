@@ -1,4 +1,4 @@
-"""Mutated JPEG, PNG and WebP files through the real ``clipstyle run`` path.
+"""Mutated JPEG, PNG, WebP, GIF and TIFF files through the real ``clipstyle run`` path.
 
 Every mutated file must end either in a valid PNG or in one error line: no
 exception escapes, no traceback, no partial output. Files are mutated with a
@@ -17,7 +17,7 @@ import conftest
 from conftest import invoke
 
 TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
-PER_FORMAT = 80  # mutated files per format: 240 in all
+PER_FORMAT = 64  # mutated files per format: 320 in all
 
 
 def _seed_images() -> dict[str, bytes]:
@@ -25,7 +25,8 @@ def _seed_images() -> dict[str, bytes]:
     ImageDraw.Draw(img).ellipse([4, 2, 18, 14], fill=(250, 200, 20))
     out = {}
     for ext, kwargs in ((".jpg", {"format": "JPEG", "quality": 90}), (".png", {"format": "PNG"}),
-                        (".webp", {"format": "WEBP", "quality": 80})):
+                        (".webp", {"format": "WEBP", "quality": 80}), (".gif", {"format": "GIF"}),
+                        (".tif", {"format": "TIFF", "compression": "tiff_lzw"})):
         buf = io.BytesIO()
         img.save(buf, **kwargs)
         out[ext] = buf.getvalue()

@@ -20,6 +20,7 @@ from clipstyle.batch import Events, Summary, Work, run_jobs
 from clipstyle.config import MAX_PIXELS, TILE_OVERLAP
 from clipstyle.errors import ClipstyleError
 from clipstyle.inputs import InputFile, mirrored_output, output_file
+from clipstyle.memory import check_fits, render_bytes
 from clipstyle.rendering import (
     WHOLE_IMAGE_PIXELS,
     count_tiles,
@@ -137,6 +138,8 @@ class _RenderFiles(Work):
             for note in loaded.notes:
                 events.note(job, note)
             size = target_size(*loaded.image.size, options.size)
+            check_fits(render_bytes(*size), self.device, f"rendering at {size[0]}x{size[1]} px", "lower --size",
+                       job.input.path)
             x = io.to_tensor(loaded.image, size)
             mask = masks.photo_mask(options.region, loaded.image, options.region_clip)
             del loaded

@@ -120,7 +120,8 @@ class Work:
         raise NotImplementedError
 
     def out_of_memory(self, batch: list[tuple]) -> str:
-        """The message of a batch that ran out of memory: what to lower."""
+        """The message of a batch that ran out of memory: what to lower. A job that ran
+        out while being prepared comes as ``[(job, None)]``."""
         return "out of memory"
 
     def free_memory(self) -> None:
@@ -159,6 +160,12 @@ def _each_job(jobs: list, work: Work, events: Events, runner: _Loop) -> None:
             prepared = work.prepare(job, events)
         except ClipstyleError as exc:
             runner.finish(job, work.record(job, "failed", str(exc)))
+            continue
+        except Exception as exc:  # an allocation failure while preparing is the job's, like one while processing
+            if not is_out_of_memory(exc):
+                raise
+            work.free_memory()
+            runner.finish(job, work.record(job, "failed", f"{job.input.path}: {work.out_of_memory([(job, None)])}"))
             continue
         pending.append((job, prepared))
         if len(pending) >= max(1, work.batch_size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -54,10 +55,20 @@ def require_file(path: Path, what: str, error: type[ClipstyleError]) -> None:
         raise error(f"cannot read: {exc.strerror or exc}", path) from None
 
 
+# How allocation failures read where they are not a MemoryError or torch's OutOfMemoryError:
+# CUDA and MPS ("... out of memory"), torch's CPU allocator ("[enforce fail at alloc_cpu.cpp]
+# DefaultCPUAllocator: can't allocate memory"), and the OS (ENOMEM).
+_OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation failure (torch's OutOfMemoryError, or a RuntimeError saying so)."""
-    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            or "out of memory" in str(exc).lower())
+    """Whether ``exc`` is an allocation failure, on any device."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in _OUT_OF_MEMORY_WORDS)
 
 
 def format_error(exc: BaseException) -> str:

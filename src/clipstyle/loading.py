@@ -261,11 +261,43 @@ def load_vgg(weights: str | Path | None = None, device: torch.device | str = "cp
     load_into(features, trunk, path, "torchvision vgg19")
     return VggEncoder(features).to(device)
 
+def _fetch_missing(clip_model: str, clip_pretrained: str | None, clip_weights, vgg_weights,
+                   cache_dir: str | None) -> None:
+    """Before building either model: fetch CLIP's weights if they are neither given nor
+    cached; if that fails, name every missing weight at once (one WeightsError), without
+    waiting for a second download (VGG-19's) to time out as well."""
+    import open_clip
+
+    if clip_weights is not None or not clip_pretrained:
+        return  # a given file is read (and checked) first, as before
+    cfg = open_clip.get_pretrained_cfg(clip_model, clip_pretrained) or {}
+    if not cfg or _cached_pretrained_file(cfg, cache_dir):
+        return
+    try:
+        with _quiet_logging():
+            _pretrained_file(clip_model, clip_pretrained, cfg, cache_dir)
+        return
+    except WeightsError:
+        if vgg_weights is not None or os.path.isfile(_vgg_cache_file()):
+            raise
+    raise WeightsError(
+        f"weights not cached and not downloadable: CLIP {clip_model}/{clip_pretrained} (looked for in "
+        f"{_clip_cache_hint(cache_dir)}) and VGG-19 ImageNet ({VGG_FILE}, looked for in "
+        f"{os.path.dirname(_vgg_cache_file())}). Pass --clip-weights FILE and --vgg-weights FILE (local files; no "
+        "network is used), or run once with network access")
+
+
 def load_models(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP_PRETRAINED,
                 clip_weights: str | Path | None = None, vgg_weights: str | Path | None = None,
                 device: torch.device | str = "cpu", random_init: bool = False,
                 progress: bool = False, cache_dir: str | None = None) -> Models:
-    """Load CLIP and VGG-19 once. ``random_init`` skips all weights (benchmarks)."""
+    """Load CLIP and VGG-19 once. ``random_init`` skips all weights (benchmarks).
+
+    Both weights are looked for before either model is built: CLIP's, if
+    neither given nor cached, are downloaded first, and if they cannot be while
+    VGG-19's are missing too, one error names both."""
+    if not random_init:
+        _fetch_missing(clip_model, clip_pretrained, clip_weights, vgg_weights, cache_dir)
     clip = load_clip(clip_model, clip_pretrained, None if random_init else clip_weights, device, cache_dir,
                      random_init=random_init)
     vgg = load_vgg(vgg_weights, device, progress=progress, random_init=random_init)

@@ -10,29 +10,80 @@ from clipstyle.errors import ClipstyleError, OutputError
 
 
 class Report:
-    """JSON lines, one record per pair, appended and flushed as each pair ends. ``path=None``: no file."""
+    """JSON lines, one record per pair, appended and flushed as each pair ends. ``path=None``: no file.
 
-    def __init__(self, path: str | Path | None):
+    The file is created with the first record, so a run that stops before any
+    pair ends leaves none. A record that cannot be written (a full disk) does
+    not stop the run: it is kept, and written before the next one or at
+    :meth:`close`; ``warn(message)`` hears of it once. A record is appended
+    whole or not at all, so the file never holds half a line. Records still
+    unwritten at the end are in ``lost``, an OutputError naming the file.
+    """
+
+    def __init__(self, path: str | Path | None, warn=None):
         self.path = None if path is None else Path(path)
-        self._fh = None
+        self.lost: OutputError | None = None
+        self._fd: int | None = None
+        self._pending: list[bytes] = []
+        self._warn, self._warned = warn, False
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                # file names that are not valid UTF-8 are written with backslash escapes
-                self._fh = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
             except OSError as exc:
                 raise OutputError(f"cannot open the report: {exc.strerror}", self.path) from None
+            target = self.path if self.path.exists() else self.path.parent
+            if self.path.is_dir() or not os.access(target, os.W_OK):
+                reason = "is a folder" if self.path.is_dir() else "permission denied"
+                raise OutputError(f"cannot open the report: {reason}", self.path)
 
     def write(self, record: dict) -> None:
-        if self._fh is not None:
-            self._fh.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+        if self.path is None:
+            return
+        # file names that are not valid UTF-8 are written with backslash escapes
+        line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+        self._pending.append(line.encode("utf-8", "backslashreplace"))
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            while self._pending:
+                _append(self._fd, self._pending[0])
+                self._pending.pop(0)
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.lost = OutputError(f"{len(self._pending)} report records could not be written "
+                                    f"({exc.strerror or exc}); the outputs are kept: rerun to record them", self.path)
+            if self._warn is not None and not self._warned:
+                self._warned = True
+                self._warn(f"cannot write the report ({exc.strerror or exc}): the run goes on, and its records "
+                           "are written when there is room again, at the latest at the end")
+        else:
+            self.lost = None
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        """Write what is still kept, and close the file. Never raises: see ``lost``."""
+        if self._pending:
+            self._flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Append ``data`` whole, or leave the file as it was (a full disk can take part of a write)."""
+    start = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:  # not a regular file (/dev/full), or truncating failed as well
+            pass
+        raise
 
 
 def escape_undecodable(text: str) -> str:

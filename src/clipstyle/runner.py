@@ -16,8 +16,9 @@ from clipstyle import __version__
 from clipstyle import images as io
 from clipstyle.batch import Events, Summary, Work, run_jobs
 from clipstyle.config import MAX_PIXELS
-from clipstyle.errors import ClipstyleError
+from clipstyle.errors import ClipstyleError, is_out_of_memory
 from clipstyle.masks import Regions
+from clipstyle.memory import check_fits, render_bytes, run_bytes
 from clipstyle.optimize import check_prompt, stylize_many
 from clipstyle.pairs import RunJob
 from clipstyle.rendering import render, target_size
@@ -197,6 +198,10 @@ class _StylizePairs(Work):
             return exc
         for note in loaded.notes:
             events.note(job, note)
+        try:  # before allocating: a size that cannot fit fails here, with the number
+            self._check_memory(job, *loaded.image.size)
+        except ClipstyleError as exc:
+            return exc
         tensor = io.prepare_content(loaded.image, self.settings.size)
         try:
             self._regions.prepare(str(job.input.path), loaded.image)
@@ -204,10 +209,22 @@ class _StylizePairs(Work):
             return exc
         return _Content(tensor, loaded.image if self.options.output_size else None)
 
+    def _check_memory(self, job: RunJob, width: int, height: int) -> None:
+        """Refuse an image whose training (or output) size cannot fit in the device's memory."""
+        s, device = self.settings, self.models.device
+        w, h = io.fit_size(width, height, s.size)
+        check_fits(run_bytes(w, h, s.crops, s.crop_batch), device, f"optimising at {w}x{h} px with {s.crops} crops",
+                   "lower --size or --crops", job.input.path)
+        if self.options.output_size:
+            w, h = target_size(width, height, self.options.output_longest)
+            check_fits(render_bytes(w, h), device, f"rendering at {w}x{h} px", "lower --output-size", job.input.path)
+
     def out_of_memory(self, batch: list[tuple]) -> str:
-        h, w = batch[0][1].tensor.shape[-2:]
+        content = batch[0][1]
+        h, w = content.tensor.shape[-2:] if content is not None else (self.settings.size,) * 2
         several = len(batch) > 1
-        return (f"out of memory at {w}x{h} px with {self.settings.crops} crops"
+        where = f"at {w}x{h} px" if content is not None else f"preparing the image for --size {self.settings.size}"
+        return (f"out of memory {where} with {self.settings.crops} crops"
                 f"{f' and {len(batch)} pairs per batch' if several else ''}; lower --size,"
                 f" --crops{' or --batch' if several else ''}, or encode crops in chunks with --crop-batch 8")
 
@@ -261,6 +278,12 @@ class _StylizePairs(Work):
                 record["style"] = str(job.style)
         except ClipstyleError as exc:
             record.update(status="failed", error=str(exc))
+        except Exception as exc:  # out of memory while rendering or saving fails this pair only
+            if not is_out_of_memory(exc):
+                raise
+            self.free_memory()
+            record.update(status="failed", error=f"{job.input.path}: out of memory rendering the final image; "
+                                                 "lower --output-size")
         return record
 
     def _final_image(self, content: _Content, result):

@@ -9,8 +9,10 @@ depend on which worker ran a pair: every pair carries its own seed.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_module
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -38,9 +40,39 @@ class _Forward(Events):
         self.results.put(("note", self.worker, (None if job is None else str(job.input.path), message)))
 
 
-def _worker(index: int, device: str, loader, settings, options: RunOptions, tasks, results,
+def _stop_with(parent: int) -> None:
+    """Stop this worker cleanly on SIGTERM, and send it SIGTERM when ``parent`` dies.
+
+    A parent killed with SIGKILL cannot stop its workers, and an orphan would
+    write images that no report records. On Linux the kernel sends the signal
+    (a parent-death signal); elsewhere a thread watches the parent's pid. The
+    handler raises SystemExit, so a file being written is removed on the way out.
+    """
+
+    def stop(signum, frame):
+        raise SystemExit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            raise OSError
+    except (OSError, AttributeError):  # not Linux: poll
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was set up
+        raise SystemExit(1)
+
+
+def _worker(index: int, device: str, loader, settings, options: RunOptions, tasks, results, parent: int,
             models_info: dict | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    _stop_with(parent)
     try:
         models = loader(device=device)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
@@ -91,7 +123,8 @@ def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, op
             tasks.put(todo[i:i + size])
         for _ in devices:
             tasks.put(None)
-        procs = [ctx.Process(target=_worker, args=(i, d, loader, settings, options, tasks, results, models_info),
+        procs = [ctx.Process(target=_worker, args=(i, d, loader, settings, options, tasks, results, os.getpid(),
+                                                   models_info),
                              daemon=True) for i, d in enumerate(devices)]
         for proc in procs:
             proc.start()

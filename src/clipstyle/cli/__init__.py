@@ -48,6 +48,11 @@ class LazyGroup(click.Group):
             click.echo("clipstyle: interrupted", err=True)
             raise click.exceptions.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+            from clipstyle import interrupts
+
+            if interrupts.requested():  # an interrupt that a library turned into another error
+                click.echo("clipstyle: interrupted", err=True)
+                raise click.exceptions.Exit(130) from None
             if (ctx.obj or {}).get("debug"):
                 raise
             from clipstyle.cli.common import UserError
@@ -75,4 +80,9 @@ def cli(ctx, debug):
     ctx.obj["debug"] = debug
 
 
-main = cli
+def main(args=None) -> None:
+    """The command, with signals handled from here on (clipstyle.interrupts)."""
+    from clipstyle import interrupts
+
+    interrupts.install()
+    cli(args)

@@ -47,6 +47,7 @@ def mix_from_options(n_styles: int, mix: tuple[float, ...]) -> list[float] | Non
 
 
 def _events(quiet: bool):
+    from clipstyle import interrupts
     from clipstyle.batch import Events
 
     class Progress(Events):
@@ -54,6 +55,7 @@ def _events(quiet: bool):
             self.bar = None
 
         def progress(self, job, info):
+            interrupts.check()  # a signal that a library swallowed
             done, total = info.done, info.total
             if quiet or total <= 1:
                 return
@@ -139,10 +141,12 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     """
     import time
 
+    from clipstyle import interrupts
     from clipstyle.applier import ApplyOptions, apply_files, plan_outputs
     from clipstyle.batch import Summary
     from clipstyle.device import resolve_device
     from clipstyle.inputs import check_outputs, collect_inputs
+    from clipstyle.memory import check_render_size
     from clipstyle.rendering import plan_tiles
     from clipstyle.report import Report
     from clipstyle.stylefile import load_style
@@ -159,6 +163,8 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--tile'/'--overlap'") from None
     dev = resolve_device(device)
+    if size:
+        check_render_size(size, dev)  # a size that cannot fit in memory, before anything is allocated
     clip = region_clip(dev)  # CLIP for --where only
     options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
                            overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats, region=region,
@@ -169,15 +175,16 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
         raise UserError("no input images found")
     jobs = plan_outputs(inputs, styles, output)
     check_outputs(jobs, report)
-    report_file = Report(report)
+    report_file = Report(report, warn=lambda message: echo_warning(report, message))
     events = _events(quiet)
     summary, interrupted = Summary(), False
     start = time.perf_counter()
-    try:
-        apply_files(jobs, styles, options, report_file, events, device=dev, summary=summary)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        events.close()
-        report_file.close()
-    end_of_run(summary, time.perf_counter() - start, quiet, interrupted)
+    with interrupts.raising():  # from here on files are written: a signal unwinds cleanly
+        try:
+            apply_files(jobs, styles, options, report_file, events, device=dev, summary=summary)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            events.close()
+            report_file.close()
+    end_of_run(summary, time.perf_counter() - start, quiet, interrupted, report_file.lost)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import signal
 import unicodedata
 from pathlib import Path
 
@@ -74,15 +73,18 @@ def echo_outcome(record: dict, quiet: bool, wrote: str) -> None:
         click.echo(one_line(f"clipstyle: error: {record['error']}"), err=True)
 
 
-def end_of_run(summary, seconds: float, quiet: bool, interrupted: bool = False) -> None:
+def end_of_run(summary, seconds: float, quiet: bool, interrupted: bool = False, lost: str | None = None) -> None:
     """The summary line that ends every run, interrupted ones too, and the exit code:
-    130 when interrupted, 1 when any job failed."""
+    130 when interrupted, 1 when any job failed or report records were lost
+    (``lost``: the report's one line about records a full disk kept from it)."""
     line = f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {seconds:.1f} s"
     if interrupted:
         click.echo(f"clipstyle: interrupted: {line}", err=True)
         raise click.exceptions.Exit(130)
-    if not quiet or summary.failed:
+    if not quiet or summary.failed or lost:
         click.echo(line, err=True)
+    if lost is not None:  # the run went on; the report is missing what the line says
+        raise UserError(lost)
     if summary.failed:
         raise click.exceptions.Exit(1)
 
@@ -138,25 +140,22 @@ def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weig
                        vgg_weights=vgg_weights, device=dev, progress=progress)
 
 
-class _Terminated(KeyboardInterrupt):
-    pass
-
-
 def stop_on_sigterm(f):
-    """SIGTERM stops a command the way Ctrl-C does: cleanly, exit code 130."""
+    """Ctrl-C and SIGTERM stop a command cleanly, exit code 130 (clipstyle.interrupts).
+
+    In the clipstyle command, start-up ends at once on a signal and the command
+    switches to raising KeyboardInterrupt where its work begins
+    (``interrupts.raising()``); called in-process (click's test runner), the
+    whole command raises.
+    """
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        def handler(signum, frame):
-            raise _Terminated()
+        from clipstyle import interrupts
 
-        try:
-            previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not in the main thread (tests)
+        if interrupts.installed():
             return f(*args, **kwargs)
-        try:
+        with interrupts.raising():
             return f(*args, **kwargs)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     return wrapper

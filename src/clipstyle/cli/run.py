@@ -27,6 +27,7 @@ D = Settings()  # every default below is read from config (Settings and its cons
 
 
 def _progress(quiet: bool, steps: int, per_step: bool = True):
+    from clipstyle import interrupts
     from clipstyle.batch import Events
 
     class Progress(Events):
@@ -34,6 +35,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             self.bar = None
 
         def started(self, pairs, done, total):
+            interrupts.check()  # a signal that a library swallowed
             self.close()
             if quiet or not per_step:
                 return
@@ -45,6 +47,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                             file=sys.stderr, dynamic_ncols=True)
 
         def progress(self, pair, info):
+            interrupts.check()
             if self.bar is None or info.pair != 0:
                 return
             self.bar.update(1)
@@ -164,11 +167,14 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     --overwrite; a file that fails is reported and the run goes on. Exit code 0 when every pair is ok or
     skipped, 1 when any failed, 130 when interrupted.
     """
+    from clipstyle import interrupts
     from clipstyle.batch import Summary
     from clipstyle.cli.cluster import check_executor
     from clipstyle.config import settings_for
+    from clipstyle.device import resolve_device
     from clipstyle.inputs import check_outputs, collect_inputs
     from clipstyle.loading import models_info
+    from clipstyle.memory import check_render_size, check_run_size
     from clipstyle.pairs import parse_shard, plan_pairs
     from clipstyle.prompts import choose_templates, is_blank
     from clipstyle.report import Report
@@ -202,12 +208,16 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     device_names = _device_list(devices, "--devices") if devices is not None else None
     if executor == "local" and not device_names:
         device = str(_device_list(device, "--device")[0])  # an absent device fails here, before anything is written
+    for name in (device_names or [device]) if executor == "local" else []:  # sizes that cannot fit in memory
+        check_run_size(settings, resolve_device(name))
+        if options.output_longest:
+            check_render_size(options.output_longest, resolve_device(name), "--output-size")
     inputs = collect_inputs(list(images), recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:
         raise UserError("no input images found")
     pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn, save_style)
     check_outputs(pairs, report)
-    report_file = Report(report)
+    report_file = Report(report, warn=lambda message: echo_warning(report, message))
     if executor == "ray":
         from clipstyle.cli.cluster import Overall
 
@@ -217,31 +227,32 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
     info = models_info(clip_model, clip_pretrained, clip_weights, vgg_weights)  # outputs record it; reruns compare
     summary, interrupted = Summary(), False
     start = time.perf_counter()
-    try:
-        if executor == "ray":
-            from clipstyle.ray_executor import run_with_ray
+    with interrupts.raising():  # from here on files are written: a signal unwinds cleanly
+        try:
+            if executor == "ray":
+                from clipstyle.ray_executor import run_with_ray
 
-            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
-                                       vgg_weights, progress=False)
-            summary = run_with_ray(pairs, loader, settings, options, report_file, events, address=ray_address,
-                                   workers=ray_workers, cpus_per_worker=ray_cpus or 1, device=device,
-                                   models_info=info)
-        elif device_names:
-            from clipstyle.workers import run_on_devices
+                loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                           vgg_weights, progress=False)
+                summary = run_with_ray(pairs, loader, settings, options, report_file, events, address=ray_address,
+                                       workers=ray_workers, cpus_per_worker=ray_cpus or 1, device=device,
+                                       models_info=info)
+            elif device_names:
+                from clipstyle.workers import run_on_devices
 
-            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
-                                       vgg_weights, progress=False)
-            run_on_devices(pairs, device_names, loader, settings, options, report_file, events, info, summary)
-        else:
-            loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
-                                       vgg_weights, device=device)
-            run_pairs(pairs, loader, settings, options, report_file, events, info, summary)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        events.close()
-        report_file.close()
-    end_of_run(summary, time.perf_counter() - start, quiet, interrupted)
+                loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                           vgg_weights, progress=False)
+                run_on_devices(pairs, device_names, loader, settings, options, report_file, events, info, summary)
+            else:
+                loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
+                                           vgg_weights, device=device)
+                run_pairs(pairs, loader, settings, options, report_file, events, info, summary)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            events.close()
+            report_file.close()
+    end_of_run(summary, time.perf_counter() - start, quiet, interrupted, report_file.lost)
 
 
 def _device_list(devices: str, option: str) -> list[str]:

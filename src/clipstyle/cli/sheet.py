@@ -47,6 +47,7 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
     thumbnail links to its full image by a relative path. Exit code 1 when an
     image could not be read (its tile is grey).
     """
+    from clipstyle import interrupts
     from clipstyle import sheet as sheets
     from clipstyle.images import save_png, write_atomic
     from clipstyle.report import escape_undecodable, read_json_lines, read_report
@@ -75,9 +76,10 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
     sheets.mark_missing(cells)
     result = sheets.build(cells, tile=tile, title=title, html_dir=html_path.parent,
                           max_pixels=max_pixels)
-    save_png(result.image, output, overwrite=overwrite)
     page = escape_undecodable(result.html).encode("utf-8")  # names that are not UTF-8, escaped
-    write_atomic(html_path, lambda fh: fh.write(page), overwrite=overwrite)
+    with interrupts.raising():  # a signal while writing unwinds, removing the temporary files
+        save_png(result.image, output, overwrite=overwrite)
+        write_atomic(html_path, lambda fh: fh.write(page), overwrite=overwrite)
     for error in result.errors:
         click.echo(f"clipstyle: error: {error}", err=True)
     missing = sum(c.status != "ok" for c in cells)

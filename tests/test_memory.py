@@ -1,0 +1,133 @@
+"""Memory: sizes that cannot fit are refused before allocating; any allocation failure is
+that pair's out-of-memory failure (issue 16, item 6)."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from clipstyle.errors import is_out_of_memory
+from clipstyle.stylefile import save_style
+from clipstyle.unet import StyleNet
+
+from conftest import counting_loader, invoke
+
+TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    return counting_loader(monkeypatch, "run")
+
+
+@pytest.fixture
+def three(tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"in{i}.png"
+        Image.new("RGB", (24, 16), (80 * i, 50, 50)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def eight_gb(monkeypatch):
+    monkeypatch.setattr("clipstyle.memory.host_memory", lambda: 8_000_000_000)
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("exc, oom", [
+    (RuntimeError(CPU_ALLOCATOR), True), (MemoryError(), True), (OSError(errno.ENOMEM, "Cannot allocate memory"), True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True), (ValueError("bad value"), False),
+    (OSError(errno.ENOSPC, "No space left on device"), False),
+])
+def test_allocation_failures_are_recognised_on_every_device(exc, oom):
+    assert is_out_of_memory(exc) == oom
+
+
+@pytest.mark.parametrize("failure", [MemoryError, lambda: RuntimeError(CPU_ALLOCATOR)],
+                         ids=["MemoryError", "alloc_cpu"])
+def test_running_out_while_preparing_an_image_fails_only_that_pair(tmp_path, three, loads, monkeypatch, failure):
+    import clipstyle.images as io
+
+    real = io.prepare_content
+
+    def prepare(image, size):
+        if image.getpixel((0, 0))[0] == 80:  # in1.png
+            raise failure()
+        return real(image, size)
+
+    monkeypatch.setattr(io, "prepare_content", prepare)
+    out, report = tmp_path / "out", tmp_path / "r.jsonl"
+    result = invoke("run", *three, "-p", "x", "-o", out, "--report", report, *TINY)
+    assert result.exit_code == 1 and "internal error" not in result.stderr, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
+    assert line.startswith(f"clipstyle: error: {three[1]}: out of memory preparing the image for --size 32")
+    assert "lower --size" in line
+    assert sorted(p.name for p in out.iterdir()) == ["in0-x.png", "in2-x.png"]
+    assert [r["status"] for r in records(report)] == ["ok", "failed", "ok"]
+
+
+def test_the_cpu_allocators_error_while_optimising_is_out_of_memory(tmp_path, three, loads, monkeypatch):
+    import clipstyle.runner as R
+
+    real, calls = R.stylize_many, []
+
+    def stylize_many(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(CPU_ALLOCATOR)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "stylize_many", stylize_many)
+    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY)
+    assert result.exit_code == 1 and "internal error" not in result.stderr, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
+    assert line.startswith(f"clipstyle: error: {three[0]}: out of memory at 32x24 px with 2 crops; lower --size")
+    assert len(list((tmp_path / "out").iterdir())) == 2
+
+
+def test_a_size_no_image_can_fit_is_refused_before_anything(tmp_path, three, loads, eight_gb):
+    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY, "--size", "100000")
+    assert result.exit_code == 1, result.stderr
+    assert result.stderr.startswith("clipstyle: error: --size 100000: optimising even the thinnest image "
+                                    "(100000x5000 px) with 2 crops needs at least 2.0 TB of memory, more than the "
+                                    "8.0 GB this machine has; lower --size"), result.stderr
+    assert loads == [] and not (tmp_path / "out").exists()
+
+
+def test_an_image_too_large_at_its_size_fails_alone_before_allocating(tmp_path, three, loads, eight_gb, monkeypatch):
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (300, 15)).save(wide)  # 1:20: at 4096 px it needs 4096x208 px, which fits
+    import clipstyle.images as io
+
+    sizes = []
+    monkeypatch.setattr(io, "prepare_content", lambda image, size: sizes.append(size) or torch.rand(1, 3, 16, 16))
+    result = invoke("run", three[0], wide, "-p", "x", "-o", tmp_path / "out", *TINY, "--size", "4096", "--steps", "1")
+    assert result.exit_code == 1
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
+    assert line == (f"clipstyle: error: {three[0]}: optimising at 4096x2728 px with 2 crops needs at least 44.7 GB "
+                    "of memory, more than the 8.0 GB this machine has; lower --size or --crops")
+    assert len(sizes) == 1  # only the image that fits was prepared
+
+
+def test_apply_refuses_a_size_that_cannot_fit_before_allocating(tmp_path, three, eight_gb):
+    style = tmp_path / "ink.style"
+    save_style(style, StyleNet(), {"prompt": "ink"})
+    result = invoke("apply", style, *three, "--size", "40000", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1 and "internal error" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
+    assert lines == [f"clipstyle: error: {p}: rendering at 40000x26667 px needs at least 42.7 GB of memory, more "
+                     "than the 8.0 GB this machine has; lower --size" for p in three]
+    assert not list((tmp_path / "out").glob("*"))
+    up_front = invoke("apply", style, *three, "--size", "400000", "-o", tmp_path / "out", "-q")
+    assert up_front.exit_code == 1 and "--size 400000: rendering even the thinnest image" in up_front.stderr

@@ -1,0 +1,83 @@
+"""--devices workers whose parent is killed with SIGKILL stop, leaving no file (issue 16, item 9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+TESTS, SRC = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "src"
+
+PARENT = """
+import os, pathlib, sys
+
+sys.path.insert(0, {tests!r})
+import conftest
+
+def loader(device="cpu", **kwargs):
+    models = conftest.tiny_models()
+    pathlib.Path({marks!r}, str(os.getpid())).touch()  # this worker is about to optimise
+    return models
+
+if __name__ == "__main__":
+    from clipstyle.config import Settings
+    from clipstyle.inputs import collect_inputs
+    from clipstyle.pairs import plan_pairs
+    from clipstyle.prompts import NO_TEMPLATES
+    from clipstyle.report import Report
+    from clipstyle.runner import RunOptions
+    from clipstyle.workers import run_on_devices
+
+    pairs = plan_pairs(collect_inputs([{inputs!r}]), ["ink"], pathlib.Path({out!r}), 0)
+    endless = Settings(steps=10_000_000, size=16, crops=1, crop_size=8, templates=NO_TEMPLATES)
+    run_on_devices(pairs, ["cpu"], loader, endless, RunOptions(), Report(None))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
+def test_workers_stop_when_their_parent_is_killed(tmp_path):
+    inputs, marks, out = tmp_path / "in", tmp_path / "marks", tmp_path / "out"
+    inputs.mkdir()
+    marks.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (100 * i, 50, 50)).save(inputs / f"{i}.png")
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT.format(tests=str(TESTS), marks=str(marks), inputs=str(inputs), out=str(out)))
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        end = time.monotonic() + 120
+        while not workers:
+            assert parent.poll() is None, parent.stderr.read().decode()
+            assert time.monotonic() < end, "no worker started"
+            workers = [int(p.name) for p in marks.iterdir()]
+            time.sleep(0.05)
+        time.sleep(0.5)  # optimising now
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        end = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers), "the worker outlived its parent"
+        assert not out.exists() or list(out.iterdir()) == []  # no image, no temporary file
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
