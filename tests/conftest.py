@@ -93,6 +93,30 @@ def photo(tmp_path):
     return path
 
 
+def three_photos(tmp_path) -> list:
+    """Three small PNGs of different colours, in0.png .. in2.png."""
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"in{i}.png"
+        Image.new("RGB", (24, 16), (80 * i, 50, 50)).save(p)
+        paths.append(p)
+    return paths
+
+
+def photo_folder(tmp_path):
+    """A folder of four good images of different sizes and one broken JPEG."""
+    from PIL import Image
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i, size in enumerate([(40, 30), (30, 40), (32, 32), (50, 20)]):
+        Image.new("RGB", size, (60 * i, 100, 200 - 40 * i)).save(d / f"img{i}.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return d
+
+
 def tiny_loader(*args, device="cpu", **kwargs):
     """A picklable stand-in for the CLI's model loader (worker processes import it)."""
     models = tiny_models()

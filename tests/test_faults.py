@@ -8,7 +8,6 @@ import signal
 
 import pytest
 import torch
-from PIL import Image
 
 import conftest
 from conftest import invoke
@@ -19,12 +18,7 @@ TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--
 @pytest.fixture
 def three(tmp_path, monkeypatch):
     monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", conftest.tiny_loader)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"in{i}.png"
-        Image.new("RGB", (24, 16), (80 * i, 50, 50)).save(p)
-        paths.append(p)
-    return paths
+    return conftest.three_photos(tmp_path)
 
 
 def interrupt_second_call(monkeypatch, interrupt):

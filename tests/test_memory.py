@@ -14,6 +14,7 @@ from clipstyle.errors import is_out_of_memory
 from clipstyle.stylefile import save_style
 from clipstyle.unet import StyleNet
 
+import conftest
 from conftest import counting_loader, invoke
 
 TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
@@ -28,12 +29,7 @@ def loads(monkeypatch):
 
 @pytest.fixture
 def three(tmp_path):
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"in{i}.png"
-        Image.new("RGB", (24, 16), (80 * i, 50, 50)).save(p)
-        paths.append(p)
-    return paths
+    return conftest.three_photos(tmp_path)
 
 
 @pytest.fixture

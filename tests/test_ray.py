@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 import conftest
 from conftest import invoke
@@ -42,11 +41,7 @@ def loader(monkeypatch):
 @pytest.fixture
 def folder(tmp_path):
     """Four good images and one broken one."""
-    d = tmp_path / "photos"
-    d.mkdir()
-    for i, size in enumerate([(40, 30), (30, 40), (32, 32), (50, 20)]):
-        Image.new("RGB", size, (60 * i, 100, 200 - 40 * i)).save(d / f"img{i}.png")
-    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    d = conftest.photo_folder(tmp_path)
     return d
 
 

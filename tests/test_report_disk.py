@@ -8,8 +8,8 @@ import json
 import os
 
 import pytest
-from PIL import Image
 
+import conftest
 from conftest import counting_loader, invoke
 
 TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
@@ -18,12 +18,7 @@ TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--n
 @pytest.fixture
 def three(tmp_path, monkeypatch):
     counting_loader(monkeypatch, "run")
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"in{i}.png"
-        Image.new("RGB", (24, 16), (80 * i, 50, 50)).save(p)
-        paths.append(p)
-    return paths
+    return conftest.three_photos(tmp_path)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")

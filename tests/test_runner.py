@@ -27,11 +27,7 @@ def loader(monkeypatch):
 @pytest.fixture
 def folder(tmp_path):
     """Four good images, one broken image and a text file."""
-    d = tmp_path / "photos"
-    d.mkdir()
-    for i, size in enumerate([(40, 30), (30, 40), (32, 32), (50, 20)]):
-        Image.new("RGB", size, (60 * i, 100, 200 - 40 * i)).save(d / f"img{i}.png")
-    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    d = conftest.photo_folder(tmp_path)
     (d / "notes.txt").write_text("not an image")
     return d
 

@@ -129,6 +129,19 @@ class Work:
         gc.collect()
 
 
+def not_done(jobs: list, work: Work, finish) -> list:
+    """The jobs still to process. Each job already done, or refused by what is there
+    (:meth:`Work.existing`), is passed to ``finish(job, record)`` instead."""
+    todo = []
+    for job in jobs:
+        verdict = work.existing(job)
+        if verdict is None:
+            todo.append(job)
+        else:
+            finish(job, work.record(job, *verdict))
+    return todo
+
+
 def run_jobs(jobs: list, work: Work, report, events: Events | None = None, summary: Summary | None = None) -> Summary:
     """Process every job, skipping what is done and isolating failures. ``report``: a report.Report.
 

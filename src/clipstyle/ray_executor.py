@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipstyle import __version__
-from clipstyle.batch import Events, Summary
+from clipstyle.batch import Events, Summary, not_done
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import open_image, png_bytes, write_atomic
 from clipstyle.pairs import RunJob
@@ -232,13 +232,7 @@ def run_with_ray(pairs: list[RunJob], loader, settings, options: RunOptions, rep
         events.finished(pair, record)
 
     work = run_work(None, settings, options, models_info)  # decides, as locally, what is done
-    todo = []
-    for pair in pairs:
-        verdict = work.existing(pair)
-        if verdict is not None:
-            finish(pair, base_record(pair, settings, *verdict))
-        else:
-            todo.append(pair)
+    todo = not_done(pairs, work, finish)
     if job is None:
         job = functools.partial(stylize_batch, models_info=models_info)
     if todo:

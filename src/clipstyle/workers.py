@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from clipstyle.batch import Events, Summary
+from clipstyle.batch import Events, Summary, not_done
 from clipstyle.errors import format_error
 from clipstyle.pairs import RunJob
 from clipstyle.report import Report
@@ -106,14 +106,8 @@ def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, op
         report.write(record)
         events.finished(pair, record)
 
-    todo = []
     work = run_work(loader, settings, options, models_info)  # the skip decision; workers claim and compute
-    for pair in pairs:
-        verdict = work.existing(pair)
-        if verdict is not None:
-            finish(pair, base_record(pair, settings, *verdict))
-        else:
-            todo.append(pair)
+    todo = not_done(pairs, work, finish)
     by_output = {str(p.output): p for p in todo}
     if todo:
         ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
