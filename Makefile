@@ -26,6 +26,7 @@ test: install
 # ruff: lint rules and formatting, configured in pyproject.toml
 lint: install
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests

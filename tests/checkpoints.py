@@ -102,7 +102,7 @@ def _write_vgg(root: Path) -> tuple[Path, Path]:
             state[key] = torch.zeros(1).expand(shape)
     full, trunk = root / "vgg19-random.pth", root / "vgg19-trunk.pth"
     torch.save(state, full)
-    torch.save({k[len("features."):]: v.half() for k, v in state.items() if k.startswith("features.")}, trunk)
+    torch.save({k[len("features.") :]: v.half() for k, v in state.items() if k.startswith("features.")}, trunk)
     return full, trunk
 
 

@@ -53,8 +53,11 @@ def tiny_vgg(seed: int = 0):
 def tiny_models(seed: int = 0):
     from clipstyle.encoders import Models
 
-    return Models(tiny_clip(seed), tiny_vgg(seed), {"clip_model": "tiny", "clip_pretrained": "random",
-                                                   "clip_weights": None, "vgg_weights": "random"})
+    return Models(
+        tiny_clip(seed),
+        tiny_vgg(seed),
+        {"clip_model": "tiny", "clip_pretrained": "random", "clip_weights": None, "vgg_weights": "random"},
+    )
 
 
 @pytest.fixture

@@ -45,22 +45,27 @@ class PlantedClip(ClipEncoder):
     def __init__(self):
         from open_clip.transformer import VisionTransformer
 
-        visual = VisionTransformer(image_size=IMAGE, patch_size=PATCH, width=WIDTH, layers=1, heads=1, mlp_ratio=1,
-                                   output_dim=4)
+        visual = VisionTransformer(
+            image_size=IMAGE, patch_size=PATCH, width=WIDTH, layers=1, heads=1, mlp_ratio=1, output_dim=4
+        )
         with torch.no_grad():
             for p in visual.parameters():
                 p.zero_()
             centre = torch.eye(3) - 1 / 3  # colour minus its grey
-            visual.conv1.weight[:3] = centre.view(3, 3, 1, 1) / PATCH ** 2
+            visual.conv1.weight[:3] = centre.view(3, 3, 1, 1) / PATCH**2
             visual.positional_embedding[:, 3] = SHARED
             visual.positional_embedding[:, 4] = -SHARED
-            for norm in (visual.ln_pre, visual.ln_post, visual.transformer.resblocks[0].ln_1,
-                         visual.transformer.resblocks[0].ln_2):
+            for norm in (
+                visual.ln_pre,
+                visual.ln_post,
+                visual.transformer.resblocks[0].ln_1,
+                visual.transformer.resblocks[0].ln_2,
+            ):
                 norm.weight.fill_(1)
             attn = visual.transformer.resblocks[0].attn
             w = attn.in_proj_weight  # (3 * WIDTH, WIDTH): q, k, v
             w[:3, :3] = QUERY * torch.eye(3)  # queries: colour
-            w[2 * WIDTH:] = torch.eye(WIDTH)  # values: everything
+            w[2 * WIDTH :] = torch.eye(WIDTH)  # values: everything
             attn.out_proj.weight.copy_(GLOBAL * torch.eye(WIDTH))
             visual.proj.zero_()
             visual.proj[:3, :3] = torch.eye(3)
@@ -85,12 +90,13 @@ def scene(width: int = 96, height: int = 64, seed: int = 0):
     Returns (image (1, 3, H, W) in [0, 1], truth (H, W) bool: where it is red).
     """
     g = torch.Generator().manual_seed(seed)
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+    )
     ground = torch.stack([0.25 + 0.1 * xs / width, 0.7 - 0.2 * ys / height, 0.55 + 0.2 * xs / width])
     ground = ground + 0.04 * torch.randn(3, height, width, generator=g)
     # an ellipse and a bar joined: not aligned with any patch grid
-    truth = (((xs - 0.38 * width) / (0.2 * width)) ** 2 + ((ys - 0.45 * height) / (0.3 * height)) ** 2 <= 1)
+    truth = ((xs - 0.38 * width) / (0.2 * width)) ** 2 + ((ys - 0.45 * height) / (0.3 * height)) ** 2 <= 1
     truth |= (xs > 0.55 * width) & (xs < 0.85 * width) & (ys > 0.6 * height) & (ys < 0.8 * height)
     red = torch.tensor([0.85, 0.12, 0.1]).view(3, 1, 1) + 0.04 * torch.randn(3, height, width, generator=g)
     image = torch.where(truth, red, ground).clamp(0, 1)

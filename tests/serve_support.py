@@ -26,8 +26,9 @@ def running(queue, **options):
     sock.listen(16)
     server = None
     app = make_app(queue, closing=lambda: server is not None and server.should_exit, **options)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     queue.start()
     thread.start()
@@ -66,8 +67,12 @@ def post_json(url: str, data, method: str = "POST"):
 
 
 def upload(base: str, data: bytes, name: str = "photo.jpg"):
-    status, _, body = request("POST", f"{base}/api/uploads", data, {"X-Filename": urllib.request.quote(name),
-                                                                    "Content-Type": "application/octet-stream"})
+    status, _, body = request(
+        "POST",
+        f"{base}/api/uploads",
+        data,
+        {"X-Filename": urllib.request.quote(name), "Content-Type": "application/octet-stream"},
+    )
     return status, json.loads(body)
 
 

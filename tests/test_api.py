@@ -17,23 +17,43 @@ import torch
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC = ["stylize", "stylize_many", "load_models", "Settings", "load_style", "save_style", "render", "StepInfo",
-          "StylizeResult", "Models", "StyleNet", "Style", "open_image", "save_png", "to_tensor", "to_pil",
-          "ClipstyleError", "settings_for", "PRESETS"]
+PUBLIC = [
+    "stylize",
+    "stylize_many",
+    "load_models",
+    "Settings",
+    "load_style",
+    "save_style",
+    "render",
+    "StepInfo",
+    "StylizeResult",
+    "Models",
+    "StyleNet",
+    "Style",
+    "open_image",
+    "save_png",
+    "to_tensor",
+    "to_pil",
+    "ClipstyleError",
+    "settings_for",
+    "PRESETS",
+]
 
 
 def test_public_names_are_the_objects_in_a_fresh_interpreter():
-    code = ("import sys, inspect, clipstyle\n"
-            f"names = {PUBLIC!r}\n"
-            "assert set(names) <= set(dir(clipstyle)), set(names) - set(dir(clipstyle))\n"
-            "assert 'torch' not in sys.modules\n"  # import clipstyle alone stays light
-            "from clipstyle import stylize, stylize_many, load_models, Settings, render, load_style\n"
-            "for f in (stylize, stylize_many, load_models, render, load_style):\n"
-            "    assert inspect.isfunction(f), f\n"
-            "assert inspect.isclass(Settings)\n"
-            "import clipstyle.rendering, clipstyle.optimize\n"  # importing the modules shadows nothing
-            "from clipstyle import render, stylize\n"
-            "assert inspect.isfunction(render) and inspect.isfunction(stylize)\n")
+    code = (
+        "import sys, inspect, clipstyle\n"
+        f"names = {PUBLIC!r}\n"
+        "assert set(names) <= set(dir(clipstyle)), set(names) - set(dir(clipstyle))\n"
+        "assert 'torch' not in sys.modules\n"  # import clipstyle alone stays light
+        "from clipstyle import stylize, stylize_many, load_models, Settings, render, load_style\n"
+        "for f in (stylize, stylize_many, load_models, render, load_style):\n"
+        "    assert inspect.isfunction(f), f\n"
+        "assert inspect.isclass(Settings)\n"
+        "import clipstyle.rendering, clipstyle.optimize\n"  # importing the modules shadows nothing
+        "from clipstyle import render, stylize\n"
+        "assert inspect.isfunction(render) and inspect.isfunction(stylize)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
@@ -63,10 +83,16 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(checkpoints.vgg, tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth")
     shutil.copyfile(ROOT / "examples" / "images" / "chelsea.jpg", tmp_path / "photo.jpg")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "TORCH_HOME": str(tmp_path / "torch"),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     steps = [line.split()[0] for line in done.stdout.splitlines()]
     assert steps == ["1", "2", "3", "4"]
@@ -107,8 +133,9 @@ def test_a_device_that_disagrees_with_the_models_is_an_error(models, tiny_settin
     monkeypatch.setattr(optimize, "resolve_device", lambda name: torch.device(name))  # as if CUDA were here
     with pytest.raises(ClipstyleError, match="differs from the models' device"):
         optimize.stylize(torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings, device="cuda:1")
-    result = optimize.stylize(torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings,
-                              device="cpu")  # the models' own device is fine
+    result = optimize.stylize(
+        torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings, device="cpu"
+    )  # the models' own device is fine
     assert result.image is not None
 
 
@@ -125,8 +152,13 @@ def test_stylize_many_leaves_the_shared_models_as_they_were(models, tiny_setting
 
     before = {k: v.clone() for k, v in models.vgg.state_dict().items()}
     layout = models.vgg.channels_last
-    stylize_many([torch.rand(1, 3, 32, 32)], ["fire"], [0], models=models,
-                 settings=tiny_settings.replace(memory_format="channels_last"))
+    stylize_many(
+        [torch.rand(1, 3, 32, 32)],
+        ["fire"],
+        [0],
+        models=models,
+        settings=tiny_settings.replace(memory_format="channels_last"),
+    )
     assert models.vgg.channels_last == layout
     assert models.vgg.features[0].weight.is_contiguous()
     assert all(torch.equal(before[k], v) for k, v in models.vgg.state_dict().items())

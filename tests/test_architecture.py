@@ -41,8 +41,10 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 # "from clipstyle import losses" imports the submodule; other names come from the package
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                           for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                ]
             else:
                 continue
             edges |= {t for t in targets if t in modules and t != name}
@@ -55,10 +57,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     path: list[str] = []
 
     def visit(node: str) -> list[str] | None:
-        state[node], path[len(path):] = 1, [node]
+        state[node], path[len(path) :] = 1, [node]
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = 2
@@ -84,9 +86,11 @@ def test_no_import_cycle_anywhere():
 
 
 def test_the_library_never_imports_the_cli():
-    upward = {name: sorted(e for e in edges if e.startswith("clipstyle.cli"))
-              for name, edges in import_graph().items()
-              if not name.startswith("clipstyle.cli") and name != "clipstyle.__main__"}  # the entry point
+    upward = {
+        name: sorted(e for e in edges if e.startswith("clipstyle.cli"))
+        for name, edges in import_graph().items()
+        if not name.startswith("clipstyle.cli") and name != "clipstyle.__main__"
+    }  # the entry point
     assert {k: v for k, v in upward.items() if v} == {}
 
 
@@ -99,8 +103,10 @@ def test_no_public_name_is_shadowed_by_a_submodule():
 
 @pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["apply", "--help"], ["sheet", "--help"]])
 def test_help_never_imports_torch(command):
-    code = ("import sys; from clipstyle.cli import cli\n"
-            f"try:\n    cli({command!r})\nexcept SystemExit:\n    pass\n"
-            "sys.stderr.write(str('torch' in sys.modules))")
+    code = (
+        "import sys; from clipstyle.cli import cli\n"
+        f"try:\n    cli({command!r})\nexcept SystemExit:\n    pass\n"
+        "sys.stderr.write(str('torch' in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stderr.strip().endswith("False"), done.stderr

@@ -15,8 +15,9 @@ def coordinate_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
     Bilinear sampling of a linear ramp returns the sampled coordinate itself,
     so a crop tells where in the image it came from.
     """
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32),
-                            torch.arange(width, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+    )
     noise = torch.rand(height, width, generator=torch.Generator().manual_seed(seed))
     return torch.stack([xs, ys, noise]).unsqueeze(0)
 
@@ -45,7 +46,7 @@ def test_without_distortion_a_crop_is_a_bilinear_resize_of_its_window(crop, out)
         left = round(patches[k, 0, mid, mid].item() - t_mid)
         top = round(patches[k, 1, mid, mid].item() - t_mid)
         assert 0 <= left <= width - crop and 0 <= top <= height - crop
-        window = image[..., top:top + crop, left:left + crop]
+        window = image[..., top : top + crop, left : left + crop]
         expected = F.interpolate(window, size=(out, out), mode="bilinear", align_corners=False)[0]
         # away from the borders, where the resize clamps at the window's edge and
         # sampling the image reads the neighbouring pixels

@@ -46,8 +46,24 @@ def test_floor_uses_a_contiguous_vgg_and_needs_no_weight_gradients(shared_models
 
 def test_bench_command_prints_json(shared_models, monkeypatch):
     monkeypatch.setattr(B, "bench_models", lambda device, clip_model="ViT-B-32": shared_models)
-    args = ["bench", "--size", "32", "--crops", "2", "--crop-size", "16", "--repeats", "1", "--warmup", "0",
-            "--device", "cpu", "--threads", "1", "--json"]
+    args = [
+        "bench",
+        "--size",
+        "32",
+        "--crops",
+        "2",
+        "--crop-size",
+        "16",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--json",
+    ]
     result = invoke(*args, catch_exceptions=True)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -71,6 +87,7 @@ def test_gpu_script_is_valid_bash():
 
 def test_bench_cached_refuses_to_download_and_names_what_is_missing(monkeypatch, tmp_path):
     import huggingface_hub.constants
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     result = invoke("bench", "--cached", "--device", "cpu", catch_exceptions=True)
@@ -82,14 +99,32 @@ def test_bench_cached_refuses_to_download_and_names_what_is_missing(monkeypatch,
 def test_bench_cached_times_loading_from_warm_caches(checkpoints, monkeypatch, tmp_path):  # noqa: F811
     import huggingface_hub.constants
     import open_clip
+
     repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
     hub_cache(tmp_path / "hub", repo, "open_clip_pytorch_model.bin", checkpoints.clip)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(checkpoints.vgg, tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    args = ["bench", "--cached", "--size", "32", "--crops", "1", "--crop-size", "16", "--repeats", "1",
-            "--warmup", "0", "--device", "cpu", "--threads", "1", "--json"]
+    args = [
+        "bench",
+        "--cached",
+        "--size",
+        "32",
+        "--crops",
+        "1",
+        "--crop-size",
+        "16",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--json",
+    ]
     result = invoke(*args, catch_exceptions=True)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)

@@ -69,8 +69,14 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, styles, odd):
 
 def test_mix_zero_and_one_give_each_style_and_strength_zero_the_input(tmp_path, styles, odd):
     a, b = styles
-    for name, args in (("a", [a]), ("b", [b]), ("m0", [a, b, "--mix", "0"]), ("m1", [a, b, "--mix", "1"]),
-                       ("m3", [a, b, "--mix", "0.3"]), ("s0", [a, "--strength", "0"])):
+    for name, args in (
+        ("a", [a]),
+        ("b", [b]),
+        ("m0", [a, b, "--mix", "0"]),
+        ("m1", [a, b, "--mix", "1"]),
+        ("m3", [a, b, "--mix", "0.3"]),
+        ("s0", [a, "--strength", "0"]),
+    ):
         result = invoke("apply", *args, odd, "-o", tmp_path / f"{name}.png", "-q")
         assert result.exit_code == 0, result.output
     assert np.array_equal(pixels(tmp_path / "m0.png"), pixels(tmp_path / "a.png"))
@@ -92,7 +98,9 @@ def test_folder_with_a_broken_file_goes_on_and_fails_at_the_end(tmp_path, styles
     assert result.exit_code == 1
     assert "clipstyle: error: " in result.output and "broken.png" in result.output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
-        "f1-ink+fire.png", "sub/f2-ink+fire.png"]
+        "f1-ink+fire.png",
+        "sub/f2-ink+fire.png",
+    ]
 
 
 def test_a_hostile_style_is_refused_in_one_line_and_runs_nothing(tmp_path, odd):

@@ -51,6 +51,7 @@ def img(tmp_path):
 
 # --- error format ---------------------------------------------------------------------------------
 
+
 def test_missing_input_is_one_line(tmp_path, loads):
     result = invoke("run", tmp_path / "nope.jpg", "-p", "x", "-o", tmp_path / "out", *TINY)
     assert_one_error(result, tmp_path / "nope.jpg", "file not found")
@@ -73,6 +74,7 @@ def test_traceback_only_with_debug(tmp_path, img):
 
 
 # --- prompts --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("prompt", ["", "   ", "\t\n"])
 def test_empty_prompt_is_an_error(tmp_path, img, loads, prompt):
@@ -115,6 +117,7 @@ def test_unicode_prompts_give_safe_names_and_keep_the_full_prompt(tmp_path, img,
 
 
 # --- paths ----------------------------------------------------------------------------------------
+
 
 def test_missing_output_folders_are_created(tmp_path, img, loads):
     out = tmp_path / "a" / "b" / "c"
@@ -175,6 +178,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path, img, loads, monkeypatch):
 
 # --- images ---------------------------------------------------------------------------------------
 
+
 def _odd_folder(tmp_path):
     d = tmp_path / "odd"
     d.mkdir()
@@ -199,8 +203,7 @@ def _odd_folder(tmp_path):
     for name, data in bad.items():
         if data is not None:
             (d / name).write_bytes(data)
-    return d, {"thin.png": "20:1", "empty.jpg": "empty file", "notes.jpg": "not an image",
-               "half.jpg": "truncated"}
+    return d, {"thin.png": "20:1", "empty.jpg": "empty file", "notes.jpg": "not an image", "half.jpg": "truncated"}
 
 
 def test_odd_images_work_or_fail_with_one_line_each(tmp_path, loads):
@@ -230,6 +233,7 @@ def test_max_pixels_limit_is_settable(tmp_path, img, loads):
 
 
 # --- weight files, through the real loader (tiny architectures, no downloads) ---------------------
+
 
 @pytest.fixture
 def tiny_architectures(monkeypatch, tmp_path):
@@ -282,8 +286,17 @@ def test_weight_files_load_or_fail_with_one_line(tmp_path, img, tiny_architectur
     assert type(debug.exception).__name__ == "WeightsError" and debug.exit_code == 1
 
 
-@pytest.mark.parametrize("bad", [["--output-size", "bogus"], ["--strength", "2"], ["--device", "tpu"],
-                                 ["--shard", "3/2"], ["--lr", "-1"], ["--preset", "nope"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--output-size", "bogus"],
+        ["--strength", "2"],
+        ["--device", "tpu"],
+        ["--shard", "3/2"],
+        ["--lr", "-1"],
+        ["--preset", "nope"],
+    ],
+)
 def test_a_bad_option_creates_nothing(tmp_path, img, loads, bad, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -29,8 +29,20 @@ def test_run_writes_png_with_aspect_ratio_metadata_and_report(tmp_path, photo, f
     assert meta["settings"]["steps"] == 2 and meta["prompt"] == "starry night"
     (record,) = [json.loads(line) for line in report.read_text().splitlines()]
     assert record["status"] == "ok" and record["output"] == str(out)
-    for key in ("input", "prompt", "error", "seed", "steps", "size", "device", "seconds_total",
-                "seconds_per_step", "losses", "peak_memory_bytes", "rejected_fraction"):
+    for key in (
+        "input",
+        "prompt",
+        "error",
+        "seed",
+        "steps",
+        "size",
+        "device",
+        "seconds_total",
+        "seconds_per_step",
+        "losses",
+        "peak_memory_bytes",
+        "rejected_fraction",
+    ):
         assert key in record
     assert set(record["losses"]) == {"total", "patch", "dir", "content", "tv"}
 
@@ -77,8 +89,9 @@ def test_save_style_then_apply_reproduces_the_run_at_full_resolution(tmp_path, f
     src = tmp_path / "wide.png"
     Image.new("RGB", (101, 61), (30, 140, 90)).save(src)
     out, style = tmp_path / "out.png", tmp_path / "ink.style"
-    result = invoke("run", "-p", "ink", str(src), "-o", str(out), "--save-style", str(style),
-                    "--output-size", "full", *TINY)
+    result = invoke(
+        "run", "-p", "ink", str(src), "-o", str(out), "--save-style", str(style), "--output-size", "full", *TINY
+    )
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (101, 61)  # trained at 32 px, rendered at the input's resolution
     meta = load_style(style).metadata

@@ -27,6 +27,7 @@ def offline(tmp_path, monkeypatch):
         def fail(*args, **kwargs):
             tried.append(what)
             raise OSError("network is unreachable")
+
         return fail
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -73,14 +74,19 @@ def test_make_demo_says_how_to_pass_weights_and_leaves_no_report(tmp_path):
     python = venv / "bin" / "python"
     python.write_text("#!/bin/sh\necho ''\n")
     python.chmod(0o755)
-    result = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "demo", f"VENV={venv}", "-o",
-                             f"{venv}/.installed"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        ["make", "-s", "-f", str(ROOT / "Makefile"), "demo", f"VENV={venv}", "-o", f"{venv}/.installed"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "DEMO_ARGS='--clip-weights" in result.stderr and "--vgg-weights" in result.stderr, result.stderr
     assert not (tmp_path / "out" / "demo.jsonl").exists()
 
 
 # --- item 16: the example scripts ---------------------------------------------------------------
+
 
 @pytest.fixture
 def fake_path(tmp_path):
@@ -91,7 +97,8 @@ def fake_path(tmp_path):
     (bin_dir / "clipstyle").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> "$CALLS"\necho --- >> "$CALLS"\n')
     (bin_dir / "parallel").write_text(
         '#!/usr/bin/env bash\nwhile [ "${1#-}" != "$1" ]; do [ "$1" = -j ] && shift; shift; done\n'
-        'cmd="$1"\nwhile read -r arg; do bash -c "${cmd//\\{\\}/$arg}"; done\n')
+        'cmd="$1"\nwhile read -r arg; do bash -c "${cmd//\\{\\}/$arg}"; done\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
@@ -105,26 +112,40 @@ def calls(tmp_path) -> list[list[str]]:
 EXTRA = ["--clip-weights", "my weights/ViT-B-32.pt", "--steps", "300"]
 
 
-@pytest.mark.parametrize("task_id, task_min, count, shard", [("2", "2", "2", "1/2"), ("3", "2", "2", "2/2"),
-                                                             ("0", "0", "4", "1/4"), ("5", "1", "8", "5/8")])
+@pytest.mark.parametrize(
+    "task_id, task_min, count, shard",
+    [("2", "2", "2", "1/2"), ("3", "2", "2", "2/2"), ("0", "0", "4", "1/4"), ("5", "1", "8", "5/8")],
+)
 def test_slurm_array_shards_for_arrays_starting_anywhere(tmp_path, fake_path, task_id, task_min, count, shard):
-    env = {**fake_path, "SLURM_ARRAY_TASK_ID": task_id, "SLURM_ARRAY_TASK_MIN": task_min,
-           "SLURM_ARRAY_TASK_COUNT": count}
-    result = subprocess.run(["bash", str(ROOT / "examples" / "slurm-array.sh"), "photos/", "styled/",
-                             "a 'quoted' prompt", *EXTRA], env=env, capture_output=True, text=True)
+    env = {
+        **fake_path,
+        "SLURM_ARRAY_TASK_ID": task_id,
+        "SLURM_ARRAY_TASK_MIN": task_min,
+        "SLURM_ARRAY_TASK_COUNT": count,
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "examples" / "slurm-array.sh"), "photos/", "styled/", "a 'quoted' prompt", *EXTRA],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     (args,) = calls(tmp_path)
     assert args[args.index("--shard") + 1] == shard
     assert args[args.index("-p") + 1] == "a 'quoted' prompt"
-    assert args[-len(EXTRA):] == EXTRA
+    assert args[-len(EXTRA) :] == EXTRA
 
 
 def test_parallel_passes_the_prompt_and_options_through(tmp_path, fake_path):
-    result = subprocess.run(["bash", str(ROOT / "examples" / "parallel.sh"), "my photos/", "styled/", "3",
-                             "ink & wash $HOME", *EXTRA], env=fake_path, capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", str(ROOT / "examples" / "parallel.sh"), "my photos/", "styled/", "3", "ink & wash $HOME", *EXTRA],
+        env=fake_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     runs = calls(tmp_path)
     assert sorted(a[a.index("--shard") + 1] for a in runs) == ["1/3", "2/3", "3/3"]
     for args in runs:
         assert args[:2] == ["run", "my photos/"] and args[args.index("-p") + 1] == "ink & wash $HOME"
-        assert args[-len(EXTRA):] == EXTRA, shlex.join(args)
+        assert args[-len(EXTRA) :] == EXTRA, shlex.join(args)

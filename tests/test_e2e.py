@@ -27,12 +27,14 @@ def clipstyle_script() -> str:
 def offline_env(tmp_path: Path) -> dict[str, str]:
     """The environment with every model cache in an empty folder and the hubs offline."""
     env = dict(os.environ)
-    env.update({
-        "HF_HUB_OFFLINE": "1",
-        "TORCH_HOME": str(tmp_path / "torch"),
-        "HF_HOME": str(tmp_path / "hf"),
-        "XDG_CACHE_HOME": str(tmp_path / "cache"),
-    })
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TORCH_HOME": str(tmp_path / "torch"),
+            "HF_HOME": str(tmp_path / "hf"),
+            "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        }
+    )
     env.pop("HF_HUB_CACHE", None)
     return env
 
@@ -47,11 +49,40 @@ def test_run_writes_a_repeatable_png_with_metadata_and_a_report(checkpoints, pho
     runs = [
         subprocess.Popen(
             # --no-templates: encoding the 79 templates would cost more than the two steps
-            [clipstyle_script(), "run", "-p", "starry night", str(photo), "-o", str(out),
-             "--clip-weights", str(checkpoints.clip), "--vgg-weights", str(checkpoints.vgg),
-             "--size", "64", "--crops", "2", "--crop-size", "32", "--steps", "2", "--seed", "3",
-             "--no-templates", "--report", str(report), "--device", "cpu", "-q"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                clipstyle_script(),
+                "run",
+                "-p",
+                "starry night",
+                str(photo),
+                "-o",
+                str(out),
+                "--clip-weights",
+                str(checkpoints.clip),
+                "--vgg-weights",
+                str(checkpoints.vgg),
+                "--size",
+                "64",
+                "--crops",
+                "2",
+                "--crop-size",
+                "32",
+                "--steps",
+                "2",
+                "--seed",
+                "3",
+                "--no-templates",
+                "--report",
+                str(report),
+                "--device",
+                "cpu",
+                "-q",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for out, report in zip(outputs, reports)
     ]
     try:
@@ -84,8 +115,9 @@ def test_run_writes_a_repeatable_png_with_metadata_and_a_report(checkpoints, pho
 
 def imported_modules(*args: str) -> set[str]:
     """Modules that ``python -m clipstyle ARGS`` imports (from -X importtime)."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "clipstyle", *args],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "clipstyle", *args], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
     return {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}

@@ -82,8 +82,16 @@ def test_openai_torchscript_file_loads_without_running_its_code(checkpoints, mon
     monkeypatch.setattr(torch.jit, "load", refuse)
     # the archive holds what OpenAI's files hold: top-level names, and the three scalars
     names = read_torchscript_tensors(checkpoints.clip_openai_pt)
-    for key in ("visual.conv1.weight", "positional_embedding", "text_projection", "logit_scale",
-                "transformer.resblocks.0.attn.in_proj_weight", "input_resolution", "context_length", "vocab_size"):
+    for key in (
+        "visual.conv1.weight",
+        "positional_embedding",
+        "text_projection",
+        "logit_scale",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "input_resolution",
+        "context_length",
+        "vocab_size",
+    ):
         assert key in names
     assert names["visual.conv1.weight"].dtype == torch.float16
     with warnings.catch_warnings(record=True) as caught:
@@ -94,8 +102,11 @@ def test_openai_torchscript_file_loads_without_running_its_code(checkpoints, mon
     assert not [w for w in caught if "QuickGELU" in str(w.message)]
 
 
-def test_openai_tag_loads_from_the_cache_with_quick_gelu_and_no_mismatch_warning(checkpoints, monkeypatch,  # noqa: F811
-                                                                                  recwarn):
+def test_openai_tag_loads_from_the_cache_with_quick_gelu_and_no_mismatch_warning(
+    checkpoints,
+    monkeypatch,  # noqa: F811
+    recwarn,
+):
     import open_clip.factory
 
     # the tag's weights are "in the cache": open_clip's own download step returns our file
@@ -155,8 +166,13 @@ def test_a_corrupt_file_in_the_hub_cache_is_named_in_one_line(monkeypatch, tmp_p
 def test_clip_weights_of_another_architecture_are_refused_naming_the_file(tmp_path):
     # ViT-B-16's patch embedding and position table, and nothing else
     path = tmp_path / "vit-b-16.pt"
-    torch.save({"visual.conv1.weight": torch.zeros(768, 3, 16, 16, dtype=torch.float16),
-                "visual.positional_embedding": torch.zeros(197, 768, dtype=torch.float16)}, path)
+    torch.save(
+        {
+            "visual.conv1.weight": torch.zeros(768, 3, 16, 16, dtype=torch.float16),
+            "visual.positional_embedding": torch.zeros(197, 768, dtype=torch.float16),
+        },
+        path,
+    )
     with pytest.raises(WeightsError) as err:
         load_clip("ViT-B-32", "openai", weights=path)
     message = str(err.value)
@@ -253,8 +269,14 @@ def test_vgg_weights_neither_cached_nor_reachable_explain_themselves(monkeypatch
 
 def test_vgg_weights_of_another_network_are_refused(tmp_path):
     path = tmp_path / "vgg16.pth"
-    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3), "features.0.bias": torch.zeros(64),
-                "features.28.weight": torch.zeros(512, 512, 3, 3)}, path)
+    torch.save(
+        {
+            "features.0.weight": torch.zeros(64, 3, 3, 3),
+            "features.0.bias": torch.zeros(64),
+            "features.28.weight": torch.zeros(512, 512, 3, 3),
+        },
+        path,
+    )
     with pytest.raises(WeightsError) as err:
         load_vgg(path)
     assert str(path) in str(err.value) and "vgg19" in str(err.value)

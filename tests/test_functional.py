@@ -80,8 +80,8 @@ def scene(size: int = 24) -> torch.Tensor:
     """A cool-coloured picture with structure: gradients, a square, a bright band. (1, 3, size, size)"""
     ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     image = torch.stack([0.25 + 0.2 * xs, 0.35 + 0.3 * ys, 0.6 - 0.2 * xs])
-    image[:, size // 4:size * 5 // 8, size // 3:size * 2 // 3] = torch.tensor([0.15, 0.6, 0.7]).view(3, 1, 1)
-    image[:, size * 3 // 4:size * 7 // 8, :] = 0.9
+    image[:, size // 4 : size * 5 // 8, size // 3 : size * 2 // 3] = torch.tensor([0.15, 0.6, 0.7]).view(3, 1, 1)
+    image[:, size * 3 // 4 : size * 7 // 8, :] = 0.9
     return image.unsqueeze(0)
 
 
@@ -155,13 +155,17 @@ def _unnormalised_image(real):
     return loss
 
 
-@pytest.mark.parametrize("name,breakage,fails", [
-    ("directional_loss", _flipped_sign, "redder than the picture"),  # it turns away from red
-    ("text_direction", _reversed_direction, "redder than the picture"),
-    ("directional_loss", _detached_image, "redder than without the prompt"),  # nothing but the control
-    # maximises the projection on red instead of aligning the change: it saturates and the picture is lost
-    ("directional_loss", _unnormalised_image, "structure holds"),
-], ids=["flipped-sign", "reversed-text-direction", "detached-image-embedding", "unnormalised-image-embedding"])
+@pytest.mark.parametrize(
+    "name,breakage,fails",
+    [
+        ("directional_loss", _flipped_sign, "redder than the picture"),  # it turns away from red
+        ("text_direction", _reversed_direction, "redder than the picture"),
+        ("directional_loss", _detached_image, "redder than without the prompt"),  # nothing but the control
+        # maximises the projection on red instead of aligning the change: it saturates and the picture is lost
+        ("directional_loss", _unnormalised_image, "structure holds"),
+    ],
+    ids=["flipped-sign", "reversed-text-direction", "detached-image-embedding", "unnormalised-image-embedding"],
+)
 def test_a_broken_loss_fails_the_same_criteria(control, monkeypatch, name, breakage, fails):
     monkeypatch.setattr(L, name, breakage(getattr(L, name)))
     out = stylized("red")

@@ -24,17 +24,29 @@ def _seed_images() -> dict[str, bytes]:
     img = Image.new("RGB", (24, 16), (30, 90, 200))
     ImageDraw.Draw(img).ellipse([4, 2, 18, 14], fill=(250, 200, 20))
     out = {}
-    for ext, kwargs in ((".jpg", {"format": "JPEG", "quality": 90}), (".png", {"format": "PNG"}),
-                        (".webp", {"format": "WEBP", "quality": 80}), (".gif", {"format": "GIF"}),
-                        (".tif", {"format": "TIFF", "compression": "tiff_lzw"})):
+    for ext, kwargs in (
+        (".jpg", {"format": "JPEG", "quality": 90}),
+        (".png", {"format": "PNG"}),
+        (".webp", {"format": "WEBP", "quality": 80}),
+        (".gif", {"format": "GIF"}),
+        (".tif", {"format": "TIFF", "compression": "tiff_lzw"}),
+    ):
         buf = io.BytesIO()
         img.save(buf, **kwargs)
         out[ext] = buf.getvalue()
     return out
 
 
-HEADERS = [b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x00\x00\x00WEBPVP8 ",
-           b"GIF89a\x10\x00\x10\x00", b"BM", b"II*\x00", b"%!PS-Adobe-3.0 EPSF-3.0\n", b"P6\n4 4\n255\n"]
+HEADERS = [
+    b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+    b"\x89PNG\r\n\x1a\n",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+    b"GIF89a\x10\x00\x10\x00",
+    b"BM",
+    b"II*\x00",
+    b"%!PS-Adobe-3.0 EPSF-3.0\n",
+    b"P6\n4 4\n255\n",
+]
 
 
 def mutate(data: bytes, rng: random.Random, others: list[bytes]) -> bytes:
@@ -52,10 +64,10 @@ def mutate(data: bytes, rng: random.Random, others: list[bytes]) -> bytes:
             b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     if kind == "splice":  # another format's header, or another file's head, over this file's body
         head = rng.choice(HEADERS + [o[: rng.randint(8, 64)] for o in others])
-        b = bytearray(head) + b[rng.randrange(len(b)):]
+        b = bytearray(head) + b[rng.randrange(len(b)) :]
     if kind == "overwrite":  # a run of 0x00 or 0xFF, e.g. over a length field
         i = rng.randrange(len(b))
-        b[i:i + rng.randint(1, 8)] = bytes([rng.choice([0, 255])]) * rng.randint(1, 8)
+        b[i : i + rng.randint(1, 8)] = bytes([rng.choice([0, 255])]) * rng.randint(1, 8)
     return bytes(b)
 
 

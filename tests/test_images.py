@@ -52,6 +52,7 @@ def one_line_error(excinfo, path, *words):
 
 # --- modes ----------------------------------------------------------------------------------------------
 
+
 def test_greyscale_and_bilevel_become_grey_rgb(tmp_path):
     assert load(tmp_path, Image.new("L", (4, 3), 77), "l.png").getpixel((1, 1)) == (77, 77, 77)
     assert load(tmp_path, Image.new("1", (4, 3), 1), "one.png").getpixel((0, 0)) == (255, 255, 255)
@@ -133,6 +134,7 @@ def test_32_bit_integer_and_float_tiffs(tmp_path):
 
 # --- orientation, frames --------------------------------------------------------------------------------
 
+
 def _exif(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -181,6 +183,7 @@ def test_phone_mpo_jpeg_uses_the_main_picture_without_a_note(tmp_path):
 
 
 # --- refusals: one line naming the file and the reason --------------------------------------------------
+
 
 @pytest.fixture
 def jpeg_bytes():
@@ -232,7 +235,7 @@ def test_corrupt_png_data(tmp_path):
     Image.effect_noise((32, 32), 50).save(buf, format="PNG")
     data = bytearray(buf.getvalue())
     start = data.index(b"IDAT") + 4
-    data[start:start + 40] = bytes(40)  # zeroed compressed data: checksum and stream broken
+    data[start : start + 40] = bytes(40)  # zeroed compressed data: checksum and stream broken
     path = tmp_path / "corrupt.png"
     path.write_bytes(bytes(data))
     with pytest.raises(ImageError) as e:
@@ -299,6 +302,7 @@ def test_fit_size_keeps_aspect_multiples_of_8_and_a_usable_short_side():
 
 # --- names ------------------------------------------------------------------------------------------------
 
+
 def test_slugify_examples():
     assert slugify("Starry Night") == "starry-night"
     assert slugify("ink/wash\\painting") == "ink-wash-painting"
@@ -325,7 +329,7 @@ def test_slugify_always_gives_a_safe_file_name(text):
     s = slugify(text)
     assert s and not s.startswith((".", "-"))
     assert len(s.encode("utf-8")) <= 60
-    assert not any(c in s for c in "/\\:*?\"<>|\0\n\r\t ")
+    assert not any(c in s for c in '/\\:*?"<>|\0\n\r\t ')
     assert all(c.isalnum() or c == "-" for c in s)
     assert s not in (".", "..")
     assert slugify(text) == s
@@ -333,6 +337,7 @@ def test_slugify_always_gives_a_safe_file_name(text):
 
 
 # --- writing ----------------------------------------------------------------------------------------------
+
 
 def test_full_disk_leaves_no_file_and_no_temp_file(tmp_path):
     target = tmp_path / "out.png"

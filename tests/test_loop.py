@@ -68,8 +68,13 @@ def batched(shared_models, fast):
     finally:
         S.make_network, torch.optim.Adam = real_net, real_adam
     grads = [opt.first_grad for opt in RecordingAdam.made]
-    return {"together": together, "alone": alone, "chunked": chunked, "made": made,
-            "grads": {"together": grads[0:2], "alone": grads[2:4], "chunked": grads[4:6]}}
+    return {
+        "together": together,
+        "alone": alone,
+        "chunked": chunked,
+        "made": made,
+        "grads": {"together": grads[0:2], "alone": grads[2:4], "chunked": grads[4:6]},
+    }
 
 
 def assert_same_gradient(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -81,8 +86,9 @@ def assert_same_gradient(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_runs_exactly_steps_steps_and_reports_losses_every_log_every(shared_models, fast):
     settings = fast.replace(steps=3, log_every=2)
     infos = []
-    (result,) = stylize_many([content(0)], ["fire"], [1], models=shared_models, settings=settings,
-                             callback=infos.append)
+    (result,) = stylize_many(
+        [content(0)], ["fire"], [1], models=shared_models, settings=settings, callback=infos.append
+    )
     assert [i.step for i in infos] == [1, 2, 3]
     assert all(i.steps == 3 and i.pair == 0 for i in infos)
     # losses are read back every log_every steps and at the last step only
@@ -95,8 +101,12 @@ def test_runs_exactly_steps_steps_and_reports_losses_every_log_every(shared_mode
     assert result.tensor.shape == (1, 3, 24, 32) and result.image.size == (32, 24)
     torch.testing.assert_close(result.tensor, infos[-1].output)
     s = result.losses
-    total = (settings.lambda_patch * s["patch"] + settings.lambda_dir * s["dir"]
-             + settings.lambda_content * s["content"] + settings.lambda_tv * s["tv"])
+    total = (
+        settings.lambda_patch * s["patch"]
+        + settings.lambda_dir * s["dir"]
+        + settings.lambda_content * s["content"]
+        + settings.lambda_tv * s["tv"]
+    )
     assert s["total"] == pytest.approx(total, rel=1e-4)
 
 
@@ -110,8 +120,7 @@ def test_lr_is_halved_at_the_middle_of_the_run(shared_models, fast, monkeypatch)
 
     monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
     lr = 1e-3
-    stylize_many([content(0)], ["fire"], [1], models=shared_models,
-                 settings=fast.replace(steps=5, lr=lr, crops=1))
+    stylize_many([content(0)], ["fire"], [1], models=shared_models, settings=fast.replace(steps=5, lr=lr, crops=1))
     # the paper: halved at step 100 of 200; the last step's image is the output,
     # so its update (never seen) is not made
     assert seen == [lr, lr, lr / 2, lr / 2]
@@ -204,8 +213,9 @@ def test_memory_format_does_not_change_the_result(shared_models, tiny_settings):
     content = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(2))
     out = {}
     for fmt in ("contiguous", "channels_last"):
-        (r,) = stylize_many([content], ["fire"], [4], models=shared_models,
-                            settings=tiny_settings.replace(memory_format=fmt, steps=1))
+        (r,) = stylize_many(
+            [content], ["fire"], [4], models=shared_models, settings=tiny_settings.replace(memory_format=fmt, steps=1)
+        )
         out[fmt] = r
     torch.testing.assert_close(out["channels_last"].tensor, out["contiguous"].tensor, atol=1e-4, rtol=0)
     for name, value in out["contiguous"].losses.items():
@@ -220,8 +230,9 @@ def test_step_seconds_leave_out_the_callbacks_time(shared_models, tiny_settings)
         infos.append(info)
         time.sleep(pause)  # a progress bar or a snapshot that takes its time
 
-    stylize_many([torch.rand(1, 3, 32, 32)], ["fire"], [1], models=shared_models, settings=tiny_settings,
-                 callback=slow_callback)
+    stylize_many(
+        [torch.rand(1, 3, 32, 32)], ["fire"], [1], models=shared_models, settings=tiny_settings, callback=slow_callback
+    )
     assert [i.step for i in infos] == list(range(1, tiny_settings.steps + 1))
     assert all(i.step_seconds > 0 for i in infos)
     # seconds since the start include the callbacks of every step before the last;

@@ -22,7 +22,7 @@ def test_tv_of_a_2x2_image_is_the_sum_of_four_plain_l2_norms():
     # [[a, b], [c, d]]: horizontal (a-b, c-d), vertical (a-c, b-d), diagonals (c-b) and (a-d).
     a, b, c, d = 0.1, 0.2, 0.3, 0.5
     image = torch.tensor([[a, b], [c, d]]).view(1, 1, 2, 2)
-    expected = (math.hypot(a - b, c - d) + math.hypot(a - c, b - d) + abs(c - b) + abs(a - d))
+    expected = math.hypot(a - b, c - d) + math.hypot(a - c, b - d) + abs(c - b) + abs(a - d)
     assert L.total_variation(image).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -69,7 +69,7 @@ def test_directional_loss_is_one_value_per_row_with_broadcast_source_and_directi
     images = torch.tensor([[1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [1.0, 0.0, 1.0]])
     per_row = L.directional_loss(images, source, text_dir)
     assert per_row.shape == (3,)
-    one_by_one = torch.cat([L.directional_loss(images[i:i + 1], source, text_dir) for i in range(3)])
+    one_by_one = torch.cat([L.directional_loss(images[i : i + 1], source, text_dir) for i in range(3)])
     torch.testing.assert_close(per_row, one_by_one)
     # per-row sources and directions give the same as broadcast ones
     torch.testing.assert_close(L.directional_loss(images, source.expand(3, -1), text_dir.expand(3, -1)), per_row)

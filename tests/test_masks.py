@@ -31,7 +31,7 @@ def half(width: int, height: int, left: int = 255, right: int = 0) -> np.ndarray
 def _expected_half(t: torch.Tensor, hi: float = 1.0) -> None:
     w = t.shape[-1]
     assert torch.allclose(t[:, : w // 2], torch.full_like(t[:, : w // 2], hi), atol=1 / 255)
-    assert torch.allclose(t[:, w // 2:], torch.zeros_like(t[:, w // 2:]), atol=1 / 255)
+    assert torch.allclose(t[:, w // 2 :], torch.zeros_like(t[:, w // 2 :]), atol=1 / 255)
 
 
 @pytest.mark.parametrize("mode", ["L", "1", "P", "RGB", "CMYK", "I;16", "I", "F"])
@@ -104,8 +104,10 @@ def test_resized_to_the_photo_and_aspect_checked():
         M.fit_mask(mask, 40, 21, "m.png")  # 5 % off
 
 
-@pytest.mark.parametrize("content,reason", [(None, "mask file not found"), (b"", "empty mask file"),
-                                            (b"not an image at all", "not an image")])
+@pytest.mark.parametrize(
+    "content,reason",
+    [(None, "mask file not found"), (b"", "empty mask file"), (b"not an image at all", "not an image")],
+)
 def test_missing_empty_and_unreadable_mask_files_are_refused(tmp_path, content, reason):
     path = tmp_path / "m.png"
     if content is not None:
@@ -188,8 +190,11 @@ def test_out_of_gamut_keeps_luminance_and_hue():
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     assert torch.allclose(luma(out), luma(styled), atol=1e-6)
     offset_out, offset_photo = out - luma(out), photo - luma(photo)
-    assert torch.allclose(torch.nn.functional.normalize(offset_out.flatten(), dim=0),
-                          torch.nn.functional.normalize(offset_photo.flatten(), dim=0), atol=1e-5)
+    assert torch.allclose(
+        torch.nn.functional.normalize(offset_out.flatten(), dim=0),
+        torch.nn.functional.normalize(offset_photo.flatten(), dim=0),
+        atol=1e-5,
+    )
 
 
 def test_ycbcr_is_jpegs():
@@ -263,8 +268,23 @@ def test_run_with_a_hard_half_mask_composites_exactly(scene, monkeypatch):
 
     counting_loader(monkeypatch)
     out, style = scene / "out.png", scene / "s.style"
-    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", out, *TINY, "--mask", scene / "half.png",
-               "--feather", "0", "--save-style", style, "--report", scene / "r.jsonl")
+    r = invoke(
+        "run",
+        "-p",
+        "fire",
+        scene / "photo.png",
+        "-o",
+        out,
+        *TINY,
+        "--mask",
+        scene / "half.png",
+        "--feather",
+        "0",
+        "--save-style",
+        style,
+        "--report",
+        scene / "r.jsonl",
+    )
     assert r.exit_code == 0, r.output
     result = np.asarray(Image.open(out), dtype=np.int16)
     photo = Image.open(scene / "photo.png")
@@ -272,10 +292,10 @@ def test_run_with_a_hard_half_mask_composites_exactly(scene, monkeypatch):
     expected_photo = np.asarray(io.to_pil(resized), dtype=np.int16)
     w = result.shape[1]
     # outside: the photo (the column at the edge is mixed by resizing the mask)
-    assert np.abs(result[:, w // 2 + 1:] - expected_photo[:, w // 2 + 1:]).max() <= 1
+    assert np.abs(result[:, w // 2 + 1 :] - expected_photo[:, w // 2 + 1 :]).max() <= 1
     styled = np.asarray(io.to_pil(render(load_style(style).network, resized)), dtype=np.int16)
     assert np.abs(result[:, : w // 2 - 1] - styled[:, : w // 2 - 1]).max() <= 1  # inside: the stylized image
-    assert np.abs(styled[:, w // 2:] - expected_photo[:, w // 2:]).max() > 5  # and the two differ
+    assert np.abs(styled[:, w // 2 :] - expected_photo[:, w // 2 :]).max() > 5  # and the two differ
 
     region = json.loads(Image.open(out).text["clipstyle"])["region"]
     assert region["mask"] == "half.png" and len(region["mask_sha256"]) == 64
@@ -287,29 +307,43 @@ def test_run_with_a_hard_half_mask_composites_exactly(scene, monkeypatch):
 def test_run_with_full_output_size_composites_at_full_resolution(scene, monkeypatch):
     counting_loader(monkeypatch)
     out = scene / "full.png"
-    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", out, *TINY, "--mask", scene / "half.png",
-               "--output-size", "full", "--contrast")
+    r = invoke(
+        "run",
+        "-p",
+        "fire",
+        scene / "photo.png",
+        "-o",
+        out,
+        *TINY,
+        "--mask",
+        scene / "half.png",
+        "--output-size",
+        "full",
+        "--contrast",
+    )
     assert r.exit_code == 0, r.output
     result = np.asarray(Image.open(out), dtype=np.int16)
     photo = np.asarray(Image.open(scene / "photo.png"), dtype=np.int16)
     assert result.shape == photo.shape
-    assert np.abs(result[:, 24 + 3:] - photo[:, 24 + 3:]).max() <= 1  # beyond the feather: the photo
+    assert np.abs(result[:, 24 + 3 :] - photo[:, 24 + 3 :]).max() <= 1  # beyond the feather: the photo
 
 
-@pytest.mark.parametrize("args,reason", [
-    (["--mask", "{d}/none.png"], "mask file not found"),
-    (["--mask", "{d}/black.png"], "selects nothing"),
-    (["--mask", "{d}/wide.png"], "aspect ratios differ"),
-    (["--where", " "], "phrase is empty"),
-    (["--invert-mask"], "needs --mask or --where"),
-])
+@pytest.mark.parametrize(
+    "args,reason",
+    [
+        (["--mask", "{d}/none.png"], "mask file not found"),
+        (["--mask", "{d}/black.png"], "selects nothing"),
+        (["--mask", "{d}/wide.png"], "aspect ratios differ"),
+        (["--where", " "], "phrase is empty"),
+        (["--invert-mask"], "needs --mask or --where"),
+    ],
+)
 def test_bad_masks_are_one_line_and_write_nothing(scene, monkeypatch, args, reason):
     counting_loader(monkeypatch)
     Image.new("L", (48, 32), 0).save(scene / "black.png")
     Image.new("L", (64, 32), 255).save(scene / "wide.png")
     out = scene / "o" / "x.png"
-    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", out, *TINY,
-               *[a.format(d=scene) for a in args])
+    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", out, *TINY, *[a.format(d=scene) for a in args])
     assert r.exit_code != 0
     lines = [ln for ln in r.output.splitlines() if ln.startswith("clipstyle: error")]
     assert len(lines) == 1 and reason in lines[0], r.output
@@ -326,8 +360,19 @@ def test_apply_with_a_mask_and_preserved_colour(scene, monkeypatch):
     # moderate colours, so that the style's luminance keeps them in gamut (test_out_of_gamut... for the rest)
     moderate = np.random.default_rng(1).integers(90, 170, (32, 48, 3), dtype=np.uint8)
     Image.fromarray(moderate).save(scene / "moderate.png")
-    r = invoke("apply", scene / "s.style", scene / "moderate.png", "-o", out, "-q", "--mask", scene / "half.png",
-               "--feather", "0", "--preserve-color")
+    r = invoke(
+        "apply",
+        scene / "s.style",
+        scene / "moderate.png",
+        "-o",
+        out,
+        "-q",
+        "--mask",
+        scene / "half.png",
+        "--feather",
+        "0",
+        "--preserve-color",
+    )
     assert r.exit_code == 0, r.output
     result, photo = Image.open(out), Image.open(scene / "moderate.png")
     a, p = np.asarray(result, dtype=np.int16), np.asarray(photo, dtype=np.int16)
@@ -353,5 +398,5 @@ def test_the_library_recipe_in_the_docs(scene, models, tiny_settings):
     result = stylize_many([content], ["fire"], [0], models=models, settings=tiny_settings, masks=[train])[0]
     image = M.finish(result.tensor, content, region, full)
     w = image.shape[-1]
-    assert torch.equal(image[..., w // 2 + 1:], content[..., w // 2 + 1:])
+    assert torch.equal(image[..., w // 2 + 1 :], content[..., w // 2 + 1 :])
     assert not torch.equal(image[..., : w // 2 - 1], content[..., : w // 2 - 1])

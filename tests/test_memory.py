@@ -18,8 +18,10 @@ import conftest
 from conftest import counting_loader, invoke
 
 TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
-CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
-                 "to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+CPU_ALLOCATOR = (
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+    "to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
+)
 
 
 @pytest.fixture
@@ -41,17 +43,24 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("exc, oom", [
-    (RuntimeError(CPU_ALLOCATOR), True), (MemoryError(), True), (OSError(errno.ENOMEM, "Cannot allocate memory"), True),
-    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True), (ValueError("bad value"), False),
-    (OSError(errno.ENOSPC, "No space left on device"), False),
-])
+@pytest.mark.parametrize(
+    "exc, oom",
+    [
+        (RuntimeError(CPU_ALLOCATOR), True),
+        (MemoryError(), True),
+        (OSError(errno.ENOMEM, "Cannot allocate memory"), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (ValueError("bad value"), False),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+    ],
+)
 def test_allocation_failures_are_recognised_on_every_device(exc, oom):
     assert is_out_of_memory(exc) == oom
 
 
-@pytest.mark.parametrize("failure", [MemoryError, lambda: RuntimeError(CPU_ALLOCATOR)],
-                         ids=["MemoryError", "alloc_cpu"])
+@pytest.mark.parametrize(
+    "failure", [MemoryError, lambda: RuntimeError(CPU_ALLOCATOR)], ids=["MemoryError", "alloc_cpu"]
+)
 def test_running_out_while_preparing_an_image_fails_only_that_pair(tmp_path, three, loads, monkeypatch, failure):
     import clipstyle.images as io
 
@@ -95,9 +104,11 @@ def test_the_cpu_allocators_error_while_optimising_is_out_of_memory(tmp_path, th
 def test_a_size_no_image_can_fit_is_refused_before_anything(tmp_path, three, loads, eight_gb):
     result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY, "--size", "100000")
     assert result.exit_code == 1, result.stderr
-    assert result.stderr.startswith("clipstyle: error: --size 100000: optimising even the thinnest image "
-                                    "(100000x5000 px) with 2 crops needs at least 2.0 TB of memory, more than the "
-                                    "8.0 GB this machine has; lower --size"), result.stderr
+    assert result.stderr.startswith(
+        "clipstyle: error: --size 100000: optimising even the thinnest image "
+        "(100000x5000 px) with 2 crops needs at least 2.0 TB of memory, more than the "
+        "8.0 GB this machine has; lower --size"
+    ), result.stderr
     assert loads == [] and not (tmp_path / "out").exists()
 
 
@@ -111,8 +122,10 @@ def test_an_image_too_large_at_its_size_fails_alone_before_allocating(tmp_path, 
     result = invoke("run", three[0], wide, "-p", "x", "-o", tmp_path / "out", *TINY, "--size", "4096", "--steps", "1")
     assert result.exit_code == 1
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
-    assert line == (f"clipstyle: error: {three[0]}: optimising at 4096x2728 px with 2 crops needs at least 44.7 GB "
-                    "of memory, more than the 8.0 GB this machine has; lower --size or --crops")
+    assert line == (
+        f"clipstyle: error: {three[0]}: optimising at 4096x2728 px with 2 crops needs at least 44.7 GB "
+        "of memory, more than the 8.0 GB this machine has; lower --size or --crops"
+    )
     assert len(sizes) == 1  # only the image that fits was prepared
 
 
@@ -122,8 +135,11 @@ def test_apply_refuses_a_size_that_cannot_fit_before_allocating(tmp_path, three,
     result = invoke("apply", style, *three, "--size", "40000", "-o", tmp_path / "out", "-q")
     assert result.exit_code == 1 and "internal error" not in result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
-    assert lines == [f"clipstyle: error: {p}: rendering at 40000x26667 px needs at least 42.7 GB of memory, more "
-                     "than the 8.0 GB this machine has; lower --size" for p in three]
+    assert lines == [
+        f"clipstyle: error: {p}: rendering at 40000x26667 px needs at least 42.7 GB of memory, more "
+        "than the 8.0 GB this machine has; lower --size"
+        for p in three
+    ]
     assert not list((tmp_path / "out").glob("*"))
     up_front = invoke("apply", style, *three, "--size", "400000", "-o", tmp_path / "out", "-q")
     assert up_front.exit_code == 1 and "--size 400000: rendering even the thinnest image" in up_front.stderr

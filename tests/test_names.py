@@ -50,6 +50,7 @@ def test_score_json_writes_valid_utf8(tmp_path, monkeypatch):
 
 # --- item 14: lines that stay lines, hints and reasons that are true -----------------------------
 
+
 @pytest.fixture
 def loads(monkeypatch):
     return counting_loader(monkeypatch, "run")
@@ -83,25 +84,34 @@ def test_a_newline_in_a_file_name_does_not_break_the_lines(tmp_path, loads):
 
 
 @pytest.mark.parametrize("precision, suggested", [("fp32", False), ("bf16", True)])
-def test_the_divergence_hint_suggests_fp32_only_when_not_fp32(shared_models, tiny_settings, monkeypatch,
-                                                               precision, suggested):
+def test_the_divergence_hint_suggests_fp32_only_when_not_fp32(
+    shared_models, tiny_settings, monkeypatch, precision, suggested
+):
     import torch
 
     import clipstyle.losses as L
     from clipstyle.optimize import stylize_many
 
     monkeypatch.setattr(L, "total_variation", lambda x: x.float().sum(dim=(1, 2, 3)) * float("nan"))
-    (result,) = stylize_many([torch.rand(1, 3, 16, 16)], ["x"], [0], models=shared_models,
-                             settings=tiny_settings.replace(precision=precision))
+    (result,) = stylize_many(
+        [torch.rand(1, 3, 16, 16)],
+        ["x"],
+        [0],
+        models=shared_models,
+        settings=tiny_settings.replace(precision=precision),
+    )
     assert "diverged" in result.error.reason and "--lr" in result.error.reason
     assert ("--precision fp32" in result.error.reason) == suggested
 
 
-@pytest.mark.parametrize("header, reason", [
-    ({"clipstyle.metadata": "[" * 100_000 + "]" * 100_000}, "nested too deeply"),
-    ({"clipstyle.metadata": '{"seed": ' + "7" * 5000 + "}"}, "5000-digit number"),
-    ({"clipstyle.width": "1" * 5000}, "5000-character value"),
-])
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        ({"clipstyle.metadata": "[" * 100_000 + "]" * 100_000}, "nested too deeply"),
+        ({"clipstyle.metadata": '{"seed": ' + "7" * 5000 + "}"}, "5000-digit number"),
+        ({"clipstyle.width": "1" * 5000}, "5000-character value"),
+    ],
+)
 def test_absurd_style_metadata_gets_the_true_reason(tmp_path, header, reason):
     from safetensors.torch import save
 

@@ -126,8 +126,12 @@ def test_rerun_skips_only_what_was_made_with_the_same_settings(tmp_path, photo, 
     assert same.exit_code == 0 and records(report)[-1]["status"] == "skipped"
     # options that change speed or memory, not the result, still find it done
     assert invoke("run", photo, "-p", "fire", "-o", out, "--crop-batch", "1", *TINY).exit_code == 0
-    for change, named in ((["--seed", "1"], "seed"), (["--steps", "3"], "steps"), (["--contrast"], "contrast"),
-                          (["--strength", "0.5"], "strength")):
+    for change, named in (
+        (["--seed", "1"], "seed"),
+        (["--steps", "3"], "steps"),
+        (["--contrast"], "contrast"),
+        (["--strength", "0.5"], "strength"),
+    ):
         result = invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY, *change)  # last wins
         assert result.exit_code == 1, change
         lines = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
@@ -240,8 +244,14 @@ def launch(tmp_path: Path, *args, **popen) -> subprocess.Popen:
 
     source = Path(clipstyle.__file__).resolve().parents[1]  # the clipstyle these tests import
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(source), str(ROOT / "tests")]))
-    return subprocess.Popen([sys.executable, str(launcher), *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, str(launcher), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def test_two_runs_on_one_folder_at_once_share_the_work(tmp_path):
@@ -249,8 +259,24 @@ def test_two_runs_on_one_folder_at_once_share_the_work(tmp_path):
     for i in range(6):
         image(photos / f"p{i}.png", (40 * i, 90, 200 - 30 * i))
     out = tmp_path / "out"
-    args = ["run", photos, "-p", "fire", "-o", out, "--size", "32", "--steps", "20", "--crops", "2",
-            "--crop-size", "16", "--no-templates", "-q"]
+    args = [
+        "run",
+        photos,
+        "-p",
+        "fire",
+        "-o",
+        out,
+        "--size",
+        "32",
+        "--steps",
+        "20",
+        "--crops",
+        "2",
+        "--crop-size",
+        "16",
+        "--no-templates",
+        "-q",
+    ]
     runs = [launch(tmp_path, *args, "--report", tmp_path / f"r{k}.jsonl") for k in (1, 2)]
     try:
         ends = [run.communicate(timeout=300) for run in runs]
@@ -275,16 +301,31 @@ def test_report_into_an_input_or_an_output_is_refused_before_any_work(tmp_path, 
     out = tmp_path / "o.png"
     link = tmp_path / "link.jsonl"
     link.symlink_to(photo)
-    for report, what in ((photo, "an input image"), (link, "an input image"), (out, "an output"),
-                         (tmp_path / "styled" / "photo-fire.png", "an output")):
+    for report, what in (
+        (photo, "an input image"),
+        (link, "an input image"),
+        (out, "an output"),
+        (tmp_path / "styled" / "photo-fire.png", "an output"),
+    ):
         target = tmp_path / "styled" if report.parent.name == "styled" else out
         result = invoke("run", photo, "-p", "fire", "-o", target, "--report", report, *TINY)
         assert result.exit_code == 1, report
         assert f"clipstyle: error: {report}: the report would be written into {what}" in result.stderr
         assert photo.read_bytes() == before and not out.exists()
         assert not (tmp_path / "styled" / "photo-fire.png").exists()
-    result = invoke("run", photo, "-p", "fire", "-o", out, "--save-style", tmp_path / "s.style",
-                    "--report", tmp_path / "s.style", *TINY)
+    result = invoke(
+        "run",
+        photo,
+        "-p",
+        "fire",
+        "-o",
+        out,
+        "--save-style",
+        tmp_path / "s.style",
+        "--report",
+        tmp_path / "s.style",
+        *TINY,
+    )
     assert result.exit_code == 1 and "into an output" in result.stderr
 
 
@@ -328,8 +369,24 @@ def test_an_interrupted_run_ends_with_its_summary_line(tmp_path, loader, monkeyp
 
 def test_a_real_interrupt_ends_with_the_summary_line(tmp_path):
     inputs = [image(tmp_path / f"in{i}.png", (60 * i, 50, 50)) for i in range(3)]
-    run = launch(tmp_path, "run", *inputs, "-p", "x", "-o", tmp_path / "out", "--size", "32", "--steps", "30",
-                 "--crops", "2", "--crop-size", "16", "--no-templates")
+    run = launch(
+        tmp_path,
+        "run",
+        *inputs,
+        "-p",
+        "x",
+        "-o",
+        tmp_path / "out",
+        "--size",
+        "32",
+        "--steps",
+        "30",
+        "--crops",
+        "2",
+        "--crop-size",
+        "16",
+        "--no-templates",
+    )
     try:
         for line in run.stderr:  # the first pair is done: the run is at work
             if "wrote " in line:

@@ -31,8 +31,10 @@ def img(tmp_path):
 
 # --- item 11: float options -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["threshold", "lr", "lambda_patch", "lambda_dir", "lambda_content", "lambda_tv",
-                                  "distortion"])
+
+@pytest.mark.parametrize(
+    "name", ["threshold", "lr", "lambda_patch", "lambda_dir", "lambda_content", "lambda_tv", "distortion"]
+)
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_settings_refuse_values_that_are_not_numbers(name, value):
     with pytest.raises(ClipstyleError, match=f"{name.replace('_', ' ')} must be a number"):
@@ -48,11 +50,17 @@ def test_threshold_must_be_in_the_patch_loss_range(threshold, ok):
             Settings(threshold=threshold)
 
 
-@pytest.mark.parametrize("option, value, words", [
-    ("--lr", "nan", "must be a number"), ("--threshold", "nan", "must be a number"),
-    ("--lambda-tv", "nan", "must be a number"), ("--strength", "nan", "must be a number"),
-    ("--lr", "inf", "must be a number"), ("--threshold", "2", "0<=x<2"),
-])
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--lr", "nan", "must be a number"),
+        ("--threshold", "nan", "must be a number"),
+        ("--lambda-tv", "nan", "must be a number"),
+        ("--strength", "nan", "must be a number"),
+        ("--lr", "inf", "must be a number"),
+        ("--threshold", "2", "0<=x<2"),
+    ],
+)
 def test_run_refuses_bad_floats_before_anything(tmp_path, img, loads, option, value, words):
     result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", *TINY, option, value)
     assert result.exit_code == 2 and option in result.stderr and words in result.stderr, result.stderr
@@ -74,6 +82,7 @@ def test_zero_crops_warns_that_the_patch_loss_is_off(tmp_path, img, loads):
 
 
 # --- item 12: lists, outputs, folders, prompts, globs ---------------------------------------------
+
 
 @pytest.mark.parametrize("option, value", [("--devices", ","), ("--devices", ""), ("--device", " , ")])
 def test_a_device_list_naming_no_device_is_a_usage_error(tmp_path, img, loads, option, value):
@@ -126,7 +135,8 @@ def test_a_recursive_glob_never_enters_a_folder_twice(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     found = collect_inputs(["photos/**/*.jpg"], recursive=True)
     assert sorted(str(f.path) for f in found) == sorted(
-        f"photos/{n}" for n in ["a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg", "sub/deeper/e.jpg"])
+        f"photos/{n}" for n in ["a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg", "sub/deeper/e.jpg"]
+    )
 
 
 def test_globs_match_what_glob_matches_in_a_tree_without_links(tmp_path, monkeypatch):
@@ -138,7 +148,16 @@ def test_globs_match_what_glob_matches_in_a_tree_without_links(tmp_path, monkeyp
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    for pattern in ["p/*.jpg", "p/**/*.jpg", "p/*/x?.jpg", "p/.*", "p/**/*", "**/*.png", "p/[ab]*", "p/s/*/d.png",
-                    str(tmp_path / "p" / "**" / "*.jpg")]:
+    for pattern in [
+        "p/*.jpg",
+        "p/**/*.jpg",
+        "p/*/x?.jpg",
+        "p/.*",
+        "p/**/*",
+        "**/*.png",
+        "p/[ab]*",
+        "p/s/*/d.png",
+        str(tmp_path / "p" / "**" / "*.jpg"),
+    ]:
         for recursive in (True, False):
             assert sorted(expand_glob(pattern, recursive)) == sorted(glob.glob(pattern, recursive=recursive))

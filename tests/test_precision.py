@@ -31,8 +31,9 @@ def test_channels_last_auto_decision():
 
 def _run(models, settings, precision, callback=None):
     content = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    return stylize_many([content], ["fire"], [5], models=models, settings=settings.replace(precision=precision),
-                        callback=callback)[0]
+    return stylize_many(
+        [content], ["fire"], [5], models=models, settings=settings.replace(precision=precision), callback=callback
+    )[0]
 
 
 def test_autocast_covers_clip_and_vgg_only(tiny_settings):

@@ -63,19 +63,47 @@ def test_shards_on_ray_write_the_local_bytes_once_then_a_rerun_skips(tmp_path, f
     expected = invoke("run", *args, "-o", local, "--save-style", local / "styles", "--report", tmp_path / "l.jsonl")
     assert expected.exit_code == 1  # broken.jpg and missing.png
     for k in (1, 2):
-        result = invoke("run", *args, "-o", out, "--save-style", out / "styles", "--report", report,
-                        "--executor", "ray", "--ray-workers", "1", "--shard", f"{k}/2")
+        result = invoke(
+            "run",
+            *args,
+            "-o",
+            out,
+            "--save-style",
+            out / "styles",
+            "--report",
+            report,
+            "--executor",
+            "ray",
+            "--ray-workers",
+            "1",
+            "--shard",
+            f"{k}/2",
+        )
         assert result.exit_code in (0, 1), result.stderr
     recs = records(report)
-    assert sorted(r["output"] for r in recs) == sorted(r["output"].replace(str(local), str(out))
-                                                       for r in records(tmp_path / "l.jsonl"))  # each pair once
+    assert sorted(r["output"] for r in recs) == sorted(
+        r["output"].replace(str(local), str(out)) for r in records(tmp_path / "l.jsonl")
+    )  # each pair once
     assert len(list(out.glob("*.png"))) == 8 and len(list((out / "styles").glob("*.style"))) == 8
     assert files(out) == files(local)  # PNGs and style files, byte for byte
     local_errors = sorted(r["error"] for r in records(tmp_path / "l.jsonl") if r["status"] == "failed")
     assert sorted(r["error"] for r in recs if r["status"] == "failed") == local_errors  # bad files: as locally
     assert len(local_errors) == 4 and all(r["status"] == "ok" for r in recs if "img" in r["input"])
-    again = invoke("run", folder / "img*.png", "-p", "ink", "-p", "mosaic", *TINY, "-o", out,
-                   "--report", tmp_path / "again.jsonl", "--executor", "ray")
+    again = invoke(
+        "run",
+        folder / "img*.png",
+        "-p",
+        "ink",
+        "-p",
+        "mosaic",
+        *TINY,
+        "-o",
+        out,
+        "--report",
+        tmp_path / "again.jsonl",
+        "--executor",
+        "ray",
+    )
     assert again.exit_code == 0, again.stderr
     assert [r["status"] for r in records(tmp_path / "again.jsonl")] == ["skipped"] * 8
 
@@ -113,8 +141,16 @@ def test_a_killed_worker_is_replaced_and_every_pair_ends_once(tmp_path, folder, 
     out, marker = tmp_path / "out", tmp_path / "died"
     pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b", "c"], out, 0)
     report, events = Report(tmp_path / "r.jsonl"), Notes()
-    summary = run_with_ray(pairs, no_model, tiny_settings, RunOptions(batch=2), report, events, workers=2,
-                           job=functools.partial(die_once, str(marker)))
+    summary = run_with_ray(
+        pairs,
+        no_model,
+        tiny_settings,
+        RunOptions(batch=2),
+        report,
+        events,
+        workers=2,
+        job=functools.partial(die_once, str(marker)),
+    )
     report.close()
     assert marker.exists() and any("worker stopped" in n for n in events.notes)  # one did die
     recs = records(tmp_path / "r.jsonl")
@@ -136,8 +172,12 @@ def test_more_workers_than_the_cluster_can_place_still_finish(tmp_path, folder, 
     (folder / "broken.jpg").unlink()
     pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b", "c"], tmp_path / "out", 0)
     done = []
-    run = threading.Thread(target=lambda: done.append(run_with_ray(
-        pairs, no_model, tiny_settings, RunOptions(), Report(None), workers=4, job=instant_batch)), daemon=True)
+    run = threading.Thread(
+        target=lambda: done.append(
+            run_with_ray(pairs, no_model, tiny_settings, RunOptions(), Report(None), workers=4, job=instant_batch)
+        ),
+        daemon=True,
+    )
     run.start()
     run.join(timeout=60)
     assert done and done[0].ok == len(pairs) == 12
@@ -159,8 +199,9 @@ def test_workers_whose_models_do_not_load_fail_every_pair_with_the_reason(tmp_pa
     pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b"], tmp_path / "out", 0)
     summary = run_with_ray(pairs, missing_weights, tiny_settings, RunOptions(), Report(None), workers=2)
     assert summary.failed == len(pairs) == 10
-    assert all(r["error"].endswith("not processed (nowhere/ViT-B-32.pt: weights file not found)")
-               for r in summary.records)
+    assert all(
+        r["error"].endswith("not processed (nowhere/ViT-B-32.pt: weights file not found)") for r in summary.records
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -176,8 +217,9 @@ def test_ray_missing_is_one_line_saying_how_to_install_it(tmp_path, folder, load
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     result = invoke("run", folder, "-p", "x", "-o", tmp_path / "out", "--executor", "ray", *TINY)
     assert result.exit_code == 1
-    assert result.stderr.strip() == "clipstyle: error: Ray is not installed; install it with: " \
-                                    "pip install 'clipstyle[ray]'"
+    assert (
+        result.stderr.strip() == "clipstyle: error: Ray is not installed; install it with: pip install 'clipstyle[ray]'"
+    )
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
@@ -196,8 +238,9 @@ def test_a_cluster_address_nothing_answers_at_is_one_line(tmp_path, folder, load
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--ray-address", address,
-                    *TINY)
+    result = invoke(
+        "run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--ray-address", address, *TINY
+    )
     assert result.exit_code == 1
     assert result.stderr.strip() == f"clipstyle: error: {address}: cannot reach the Ray cluster: Connection refused"
     assert not (tmp_path / "o").exists()
@@ -227,9 +270,28 @@ def test_sigterm_stops_a_ray_run_cleanly_with_exit_130(tmp_path, folder, cluster
     (folder / "broken.jpg").unlink()
     script, out, report = tmp_path / "driver.py", tmp_path / "out", tmp_path / "r.jsonl"
     script.write_text(textwrap.dedent(DRIVER))
-    proc = subprocess.Popen([sys.executable, str(script), "run", str(folder), *(f"-p{p}" for p in "abcde"),
-                             "-o", str(out), "--report", str(report), "--executor", "ray", "--ray-address", cluster,
-                             "--ray-workers", "1", *TINY], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            "run",
+            str(folder),
+            *(f"-p{p}" for p in "abcde"),
+            "-o",
+            str(out),
+            "--report",
+            str(report),
+            "--executor",
+            "ray",
+            "--ray-address",
+            cluster,
+            "--ray-workers",
+            "1",
+            *TINY,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (report.exists() and report.read_text()) and time.monotonic() < deadline:

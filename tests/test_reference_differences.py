@@ -34,8 +34,13 @@ def test_the_output_has_seen_steps_minus_one_adam_updates(tiny_settings):
     steps, lr = 9, 1e-3
     handle = register_optimizer_step_post_hook(record)
     try:
-        (result,) = stylize_many([torch.rand(1, 3, 32, 32)], ["fire"], [0], models=tiny_models(),
-                                 settings=tiny_settings.replace(steps=steps, lr=lr))
+        (result,) = stylize_many(
+            [torch.rand(1, 3, 32, 32)],
+            ["fire"],
+            [0],
+            models=tiny_models(),
+            settings=tiny_settings.replace(steps=steps, lr=lr),
+        )
     finally:
         handle.remove()
     assert result.error is None
@@ -62,5 +67,5 @@ def test_random_init_models_use_the_activation_of_the_tags_weights():
 def test_run_help_says_the_papers_figures_use_contrast():
     result = invoke("run", "--help")
     text = " ".join(result.output.split())  # click wraps the help
-    contrast = text[text.index("--contrast"):]
+    contrast = text[text.index("--contrast") :]
     assert "The paper's figures use it" in contrast[:300]

@@ -92,10 +92,14 @@ def test_forced_rejection_is_the_same_on_both_paths_and_counts_the_first_crops(s
 
 def test_the_whole_image_row_is_never_rejected(shared_models, fast, monkeypatch):
     """Every patch rejected (threshold above any loss, or forced): the global term still pulls."""
-    for rejection, threshold in ((Rejection("single"), 1.999), (Rejection("two"), 1.999),
-                                 (Rejection("two", force=1.0), fast.threshold)):
-        grads, results, infos = first_gradients(shared_models, fast.replace(threshold=threshold), rejection,
-                                                monkeypatch)
+    for rejection, threshold in (
+        (Rejection("single"), 1.999),
+        (Rejection("two"), 1.999),
+        (Rejection("two", force=1.0), fast.threshold),
+    ):
+        grads, results, infos = first_gradients(
+            shared_models, fast.replace(threshold=threshold), rejection, monkeypatch
+        )
         assert {i.rejected for i in infos} == {1.0}
         for g, r in zip(grads, results):
             assert r.losses["patch"] == 0.0 and r.losses["dir"] > 0.0
@@ -119,8 +123,9 @@ def test_auto_takes_the_two_pass_path_from_the_rejected_fraction_of_the_step_bef
     settings = fast.replace(steps=4)
     for rate, expected in ((0.0, [False] * 4), (0.3, [False] * 4), (0.9, [False, True, True, True])):
         infos = []
-        stylize_many(*PAIRS, models=shared_models, settings=settings, callback=infos.append,
-                     rejection=Rejection(force=rate))
+        stylize_many(
+            *PAIRS, models=shared_models, settings=settings, callback=infos.append, rejection=Rejection(force=rate)
+        )
         assert [i.two_pass for i in infos if i.pair == 0] == expected
 
 
@@ -160,9 +165,28 @@ def test_run_report_records_the_mean_rejected_fraction(tmp_path, photo, monkeypa
 
     conftest.counting_loader(monkeypatch)
     report = tmp_path / "r.jsonl"
-    result = conftest.invoke("run", "-p", "fire", str(photo), "-o", str(tmp_path / "o.png"), "--report", str(report),
-                             "--size", "32", "--steps", "2", "--crops", "4", "--crop-size", "16", "--no-templates",
-                             "--threshold", "1.999", "-q")
+    result = conftest.invoke(
+        "run",
+        "-p",
+        "fire",
+        str(photo),
+        "-o",
+        str(tmp_path / "o.png"),
+        "--report",
+        str(report),
+        "--size",
+        "32",
+        "--steps",
+        "2",
+        "--crops",
+        "4",
+        "--crop-size",
+        "16",
+        "--no-templates",
+        "--threshold",
+        "1.999",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     (record,) = [json.loads(line) for line in report.read_text().splitlines()]
     assert record["rejected_fraction"] == 1.0

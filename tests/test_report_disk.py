@@ -30,9 +30,11 @@ def test_a_report_on_a_full_disk_does_not_stop_the_run(tmp_path, three):
     lines = result.stderr.splitlines()
     warnings = [ln for ln in lines if ln.startswith("clipstyle: warning: /dev/full: cannot write the report")]
     assert len(warnings) == 1 and "the run goes on" in warnings[0]
-    assert lines[-2] == "3 ok, 0 skipped, 0 failed" + lines[-2][len("3 ok, 0 skipped, 0 failed"):]
-    assert lines[-1].startswith("clipstyle: error: /dev/full: 3 report records could not be written "
-                                "(No space left on device); the outputs are kept: rerun to record them")
+    assert lines[-2] == "3 ok, 0 skipped, 0 failed" + lines[-2][len("3 ok, 0 skipped, 0 failed") :]
+    assert lines[-1].startswith(
+        "clipstyle: error: /dev/full: 3 report records could not be written "
+        "(No space left on device); the outputs are kept: rerun to record them"
+    )
 
 
 def test_records_kept_on_a_full_disk_are_written_whole_when_there_is_room(tmp_path, three, monkeypatch):

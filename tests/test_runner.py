@@ -89,8 +89,17 @@ def test_inputs_sorted_recursive_from_file_and_glob(tmp_path, folder):
 
 def test_pair_seed_depends_on_identity_not_order():
     assert pair_seed(0, "a.png", "x") == pair_seed(0, "a.png", "x")
-    assert len({pair_seed(0, "a.png", "x"), pair_seed(0, "b.png", "x"), pair_seed(0, "a.png", "y"),
-                pair_seed(1, "a.png", "x")}) == 4
+    assert (
+        len(
+            {
+                pair_seed(0, "a.png", "x"),
+                pair_seed(0, "b.png", "x"),
+                pair_seed(0, "a.png", "y"),
+                pair_seed(1, "a.png", "x"),
+            }
+        )
+        == 4
+    )
 
 
 def test_output_does_not_depend_on_order_or_batch(tmp_path, folder, loader):
@@ -116,8 +125,10 @@ def test_batch_matches_single_pairs_in_the_library(models, tiny_settings):
     settings = tiny_settings.replace(steps=2, log_every=1)
     contents = [torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     together = stylize_many(contents, ["red", "blue"], [5, 6], models=models, settings=settings)
-    alone = [stylize_many([c], [p], [s], models=models, settings=settings)[0]
-             for c, p, s in zip(contents, ["red", "blue"], [5, 6])]
+    alone = [
+        stylize_many([c], [p], [s], models=models, settings=settings)[0]
+        for c, p, s in zip(contents, ["red", "blue"], [5, 6])
+    ]
     for t, a in zip(together, alone):
         assert torch.allclose(t.tensor, a.tensor, atol=1e-2)
         assert t.losses["total"] == pytest.approx(a.losses["total"], rel=1e-3)

@@ -43,17 +43,17 @@ def reference_ssim(a, b, window=11, sigma=1.5):
     x = np.tensordot(w, a[0].double().numpy(), axes=1)
     y = np.tensordot(w, b[0].double().numpy(), axes=1)
     r = np.arange(window) - (window - 1) / 2
-    g = np.exp(-r ** 2 / (2 * sigma ** 2))
+    g = np.exp(-(r**2) / (2 * sigma**2))
     k = np.outer(g, g) / np.outer(g, g).sum()
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     values = []
     for i in range(x.shape[0] - window + 1):
         for j in range(x.shape[1] - window + 1):
-            px, py = x[i:i + window, j:j + window], y[i:i + window, j:j + window]
+            px, py = x[i : i + window, j : j + window], y[i : i + window, j : j + window]
             mx, my = (k * px).sum(), (k * py).sum()
             vx, vy = (k * (px - mx) ** 2).sum(), (k * (py - my) ** 2).sum()
             cov = (k * (px - mx) * (py - my)).sum()
-            values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+            values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
     return float(np.mean(values))
 
 
@@ -120,8 +120,9 @@ def test_directional_similarity_is_one_minus_the_loss_and_antisymmetric(models):
     from clipstyle import losses as L
 
     out, content = structured(seed=1), structured(seed=2)
-    text_dir = L.text_direction(text_embedding(models, "neon", NO_TEMPLATES),
-                                text_embedding(models, "a Photo", NO_TEMPLATES))
+    text_dir = L.text_direction(
+        text_embedding(models, "neon", NO_TEMPLATES), text_embedding(models, "a Photo", NO_TEMPLATES)
+    )
     forward = metrics.directional_similarity(models.clip, out, content, text_dir)
     backward = metrics.directional_similarity(models.clip, content, out, text_dir)
     assert forward == pytest.approx(-backward, abs=1e-5)
@@ -200,8 +201,9 @@ def fake_loader(monkeypatch):
 def test_score_json_self_score_and_different_sizes(tmp_path, photo, fake_loader):
     small = tmp_path / "styled.png"
     Image.open(photo).resize((32, 24)).rotate(180).save(small)  # another size than the content
-    result = invoke("score", str(photo), str(small), "-p", "starry night", "--content", str(photo), "--json",
-                    "--patch-crops", "4")
+    result = invoke(
+        "score", str(photo), str(small), "-p", "starry night", "--content", str(photo), "--json", "--patch-crops", "4"
+    )
     assert result.exit_code == 0, result.output
     own, styled = [json.loads(line) for line in result.output.splitlines()]
     assert len(fake_loader) == 1
@@ -210,8 +212,12 @@ def test_score_json_self_score_and_different_sizes(tmp_path, photo, fake_loader)
             assert math.isfinite(record[name])
         assert record["lpips"] is None and "lpips" in record["notes"][0]
         assert record["templates"] == "imagenet-79" and record["prompt"] == "starry night"
-        assert record["models"] == {"clip_model": "tiny", "clip_pretrained": "random", "clip_weights": None,
-                                    "vgg_weights": "random"}
+        assert record["models"] == {
+            "clip_model": "tiny",
+            "clip_pretrained": "random",
+            "clip_weights": None,
+            "vgg_weights": "random",
+        }
     assert own["content_distance"] == 0.0 and own["ssim"] == pytest.approx(1.0)
     assert styled["size"] == [32, 24] and styled["content_distance"] > 0 and styled["ssim"] < 0.9
 
@@ -230,8 +236,7 @@ def test_templates_choose_the_text_embedding(tmp_path, photo, fake_loader):
 def test_bad_files_are_reported_one_line_each_and_the_rest_scored(tmp_path, photo, fake_loader):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    result = invoke("score", broken, photo, tmp_path / "gone.png", "-p", "x", "--content", photo,
-                    "--patch-crops", "2")
+    result = invoke("score", broken, photo, tmp_path / "gone.png", "-p", "x", "--content", photo, "--patch-crops", "2")
     assert result.exit_code == 1
     lines = result.output.splitlines()
     # one line per bad file, naming it (the reasons are clipstyle.images' to word)

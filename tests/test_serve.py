@@ -120,8 +120,27 @@ def test_the_seed_is_derived_as_the_cli_derives_it(tmp_path, server, queue, phot
     job = wait_for(server, job_id)
     counting_loader(monkeypatch)
     out = tmp_path / "cli.png"
-    result = invoke("run", "-p", "fire", photo, "-o", out, "--preset", "draft", "--steps", 3, "--size", 32,
-                    "--crops", 2, "--crop-size", 16, "--seed", 3, "-q")
+    result = invoke(
+        "run",
+        "-p",
+        "fire",
+        photo,
+        "-o",
+        out,
+        "--preset",
+        "draft",
+        "--steps",
+        3,
+        "--size",
+        32,
+        "--crops",
+        2,
+        "--crop-size",
+        16,
+        "--seed",
+        3,
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     assert Image.open(out).tobytes() == Image.open(queue.results / job["png"]).tobytes()
     cli_text, web_text = Image.open(out).text, get_json(f"{server}/api/jobs/{job_id}")[1]["metadata"]
@@ -135,7 +154,7 @@ def test_one_worker_runs_jobs_first_in_first_out_and_shows_positions(server, que
     _, ids = start(server, prompts=("one", "two", "three"), form={**TINY, "steps": 6})
     _, state = get_json(f"{server}/api/state")
     waiting = [i for i in ids if i != state["running"]]
-    assert state["queue"] == waiting[-len(state["queue"]):]  # in order; the first may already run
+    assert state["queue"] == waiting[-len(state["queue"]) :]  # in order; the first may already run
     seen_running = []
     while True:
         _, state = get_json(f"{server}/api/state")
@@ -236,15 +255,29 @@ def test_files_come_only_from_the_servers_own_folder(server, queue, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
     upload_id = job["upload"]
-    for path in [f"/files/results/{job_id}.json", f"/files/uploads/{upload_id}.bin", f"/files/uploads/{upload_id}.json",
-                 "/files/results/..%2F..%2Fsecret.txt", "/files/..%2Fsecret.txt/x", "/files/results/%2e%2e",
-                 f"/files/results/..%2Fuploads%2F{upload_id}.bin", "/files/etc/passwd", "/static/..%2Fjobs.py",
-                 "/static/../jobs.py", "/files/results/" + job["png"].upper()]:
+    for path in [
+        f"/files/results/{job_id}.json",
+        f"/files/uploads/{upload_id}.bin",
+        f"/files/uploads/{upload_id}.json",
+        "/files/results/..%2F..%2Fsecret.txt",
+        "/files/..%2Fsecret.txt/x",
+        "/files/results/%2e%2e",
+        f"/files/results/..%2Fuploads%2F{upload_id}.bin",
+        "/files/etc/passwd",
+        "/static/..%2Fjobs.py",
+        "/static/../jobs.py",
+        "/files/results/" + job["png"].upper(),
+    ]:
         status, _, body = request("GET", server + path)
         assert status == 404, path
         assert b"secret" not in body and b"import" not in body
-    for path in [f"/files/results/{job['png']}", f"/files/results/{job['style']}", f"/files/uploads/{upload_id}.jpg",
-                 "/static/app.js", f"/api/jobs/{job_id}/preview"]:
+    for path in [
+        f"/files/results/{job['png']}",
+        f"/files/results/{job['style']}",
+        f"/files/uploads/{upload_id}.jpg",
+        "/static/app.js",
+        f"/api/jobs/{job_id}/preview",
+    ]:
         assert request("GET", server + path)[0] == 200, path
 
 
@@ -363,5 +396,9 @@ def test_cli_serve_warns_on_open_hosts_and_refuses_a_busy_port(tmp_path, monkeyp
         port = busy.getsockname()[1]
         result = invoke("serve", "--port", port, "--folder", tmp_path / "c")
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [(f"clipstyle: error: 127.0.0.1:{port}: cannot listen there "
-                                                  "(Address already in use); choose another --port or --host")]
+    assert result.output.strip().splitlines() == [
+        (
+            f"clipstyle: error: 127.0.0.1:{port}: cannot listen there "
+            "(Address already in use); choose another --port or --host"
+        )
+    ]

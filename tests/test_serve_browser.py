@@ -19,8 +19,10 @@ from PIL import Image, ImageDraw
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+    pytest.skip(
+        "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
 pytest.importorskip("starlette")
 
 from selenium import webdriver
@@ -53,13 +55,22 @@ def photo(path: Path) -> Path:
 def browser(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1100,1000", "--no-first-run", "--disable-extensions", "--lang=en"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,1000",
+        "--no-first-run",
+        "--disable-extensions",
+        "--lang=en",
+    ):
         options.add_argument(arg)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.downloads = downloads
     try:
@@ -110,8 +121,12 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
             new MutationObserver(() => window.seen.push(document.getElementById('live').src))
               .observe(document.getElementById('live'), {attributes: true, attributeFilter: ['src']});""")
         find(By.ID, "start").click()
-        wait.until(lambda d: len(set(d.execute_script("return window.seen"))) >= 3
-                   and d.find_elements(By.CSS_SELECTOR, "#curve polyline"))
+        wait.until(
+            lambda d: (
+                len(set(d.execute_script("return window.seen"))) >= 3
+                and d.find_elements(By.CSS_SELECTOR, "#curve polyline")
+            )
+        )
         seen = browser.execute_script("return window.seen")
         assert all("/preview?v=" in src for src in seen)
         assert "about" in find(By.ID, "progress-text").text  # an estimate of the time left
@@ -137,6 +152,8 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
         # Reuse: the settings go back into the form; a shorter run finishes and keeps its style
         find(By.ID, "prompts").clear()
         find(By.CSS_SELECTOR, "#cards .card button.use").click()
+        # the page fetches the job's settings first: wait for the form to fill
+        wait.until(lambda d: find(By.ID, "prompts").get_attribute("value"))
         assert find(By.ID, "prompts").get_attribute("value") == "ink wash painting"
         assert find(By.ID, "f-steps").get_attribute("value") == "400"
         assert find(By.ID, "f-size").get_attribute("value") == str(SIZE)
@@ -147,8 +164,11 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cards .card button.apply")) == 1)
         find(By.CSS_SELECTOR, "#cards .card button.apply").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cards .card")) == 3)
-        wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#cards img')].every(i => i.complete && i.naturalWidth > 0)"))
+        wait.until(
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#cards img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
+        )
         assert find(By.ID, "message").text == ""
         find(By.CSS_SELECTOR, "#cards .card:last-child details summary").click()  # the stopped run's metadata
         wait.until(lambda d: "stopped_at_step" in find(By.CSS_SELECTOR, "#cards .card:last-child pre").text)

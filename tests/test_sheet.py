@@ -33,8 +33,12 @@ def grid(tmp_path):
     a, b = solid(tmp_path / "a.png", RED), solid(tmp_path / "b.png", GREEN)
     cells = [
         sheets.Cell(a, "fire", solid(tmp_path / "a-fire.png", BLUE), scores={"clip_score": 0.25, "ssim": 0.5}),
-        sheets.Cell(a, "<b>ink</b> & \"wash\"", solid(tmp_path / "a-ink.png", YELLOW, (30, 40)),
-                    scores={"clip_score": 0.21, "ssim": 0.7, "lpips": None}),
+        sheets.Cell(
+            a,
+            '<b>ink</b> & "wash"',
+            solid(tmp_path / "a-ink.png", YELLOW, (30, 40)),
+            scores={"clip_score": 0.21, "ssim": 0.7, "lpips": None},
+        ),
         sheets.Cell(b, "fire", str(tmp_path / "b-fire.png"), status="failed", error="diverged <nan>"),
     ]
     return cells
@@ -62,6 +66,7 @@ def test_png_grid_puts_each_image_in_its_row_and_column(grid, tmp_path):
 
     assert near(centre(0, 0), RED) and near(centre(0, 1), BLUE) and near(centre(0, 2), YELLOW)
     assert near(centre(1, 0), GREEN)
+
     def corner(row, col):  # away from the tile's "failed" / "not run" label
         return img.getpixel((pad + col * cell_w + 2, header + row * cell_h + 2))
 
@@ -92,7 +97,9 @@ def test_html_escapes_text_shows_scores_and_links_relatively(grid, tmp_path):
 
 def test_score_lines_skip_absent_metrics():
     assert sheets.score_lines({"clip_score": 0.2612, "patch_clip_score": 0.25, "ssim": 0.5, "lpips": None}) == [
-        "CLIP 0.261  patch 0.250", "SSIM 0.500"]
+        "CLIP 0.261  patch 0.250",
+        "SSIM 0.500",
+    ]
     assert sheets.score_lines({}) == []
 
 
@@ -121,15 +128,26 @@ def test_report_keeps_the_finished_record_and_resolves_paths_beside_it(tmp_path,
         read_report(report)
 
 
-
 def test_sheet_command_from_a_report_and_scores(tmp_path):
     content = solid(tmp_path / "photo.png", RED)
     out = solid(tmp_path / "photo-fire.png", BLUE)
     report = tmp_path / "runs.jsonl"
     report.write_text(json.dumps({"input": content, "prompt": "fire", "output": out, "status": "ok"}) + "\n")
     scores = tmp_path / "scores.jsonl"
-    scores.write_text(json.dumps({"image": out, "content": content, "prompt": "fire", "clip_score": 0.3,
-                                  "patch_clip_score": 0.28, "content_distance": 1.5, "ssim": 0.4}) + "\n")
+    scores.write_text(
+        json.dumps(
+            {
+                "image": out,
+                "content": content,
+                "prompt": "fire",
+                "clip_score": 0.3,
+                "patch_clip_score": 0.28,
+                "content_distance": 1.5,
+                "ssim": 0.4,
+            }
+        )
+        + "\n"
+    )
     target = tmp_path / "sheet" / "s.png"
     result = invoke("sheet", "--report", str(report), "--scores", str(scores), "-o", str(target), "--tile", "48")
     assert result.exit_code == 0, result.output
@@ -148,8 +166,9 @@ def test_sheet_command_from_images_and_prompts_finds_run_outputs(tmp_path):
     solid(styled / "cat-ink-wash.png", BLUE)  # the name 'clipstyle run -o styled' gives
     broken = styled / "cat-mosaic.png"
     broken.write_bytes(b"not a png")
-    result = invoke("sheet", content, "-p", "ink wash", "-p", "mosaic", "-d", str(styled),
-                    "-o", str(tmp_path / "s.png"))
+    result = invoke(
+        "sheet", content, "-p", "ink wash", "-p", "mosaic", "-d", str(styled), "-o", str(tmp_path / "s.png")
+    )
     assert result.exit_code == 1
     assert f"clipstyle: error: {broken}: " in result.output
     page = (tmp_path / "s.html").read_text()
@@ -183,12 +202,24 @@ def test_evaluation_protocol_runs_end_to_end_on_tiny_models(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# styles\nink <wash>\n\nstone wall\n")
     out = tmp_path / "eval"
-    env = dict(os.environ, CLIPSTYLE=f"{sys.executable} {launcher}", OUT=str(out), IMAGES=str(images),
-               PROMPTS_FILE=str(prompts), PYTHON=sys.executable,
-               RUN_FLAGS="--size 32 --steps 1 --crops 2 --crop-size 16 --no-templates -q",
-               SCORE_FLAGS="--no-templates --patch-crops 4")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "evaluate.sh"), "--device", "cpu"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    env = dict(
+        os.environ,
+        CLIPSTYLE=f"{sys.executable} {launcher}",
+        OUT=str(out),
+        IMAGES=str(images),
+        PROMPTS_FILE=str(prompts),
+        PYTHON=sys.executable,
+        RUN_FLAGS="--size 32 --steps 1 --crops 2 --crop-size 16 --no-templates -q",
+        SCORE_FLAGS="--no-templates --patch-crops 4",
+    )
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "evaluate.sh"), "--device", "cpu"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     styled = sorted(p.name for p in (out / "styled").iterdir())
     assert styled == ["coffee-ink-wash.png", "coffee-stone-wall.png"]

@@ -64,8 +64,13 @@ def test_a_signal_during_start_up_ends_the_run_at_once(tmp_path, signum):
     children = {}
     for name, moment in moments.items():  # all at once: the machine's cores share the imports
         mark, out = tmp_path / f"{len(children)}.loading", tmp_path / f"out{len(children)}"
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(mark), str(image), str(out)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(mark), str(image), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         children[name] = (proc, moment, mark, out)
     try:
         for name, (proc, moment, mark, out) in children.items():

@@ -25,7 +25,7 @@ def picture(h: int, w: int) -> torch.Tensor:
     """Gradients, a wave and a flat block: content whose statistics differ from tile to tile."""
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     img = torch.stack([xx, yy, 0.5 + 0.5 * torch.sin(12 * xx) * torch.cos(9 * yy)])[None]
-    img[..., h // 4:h // 2, w // 3:2 * w // 3] = torch.tensor([0.9, 0.9, 0.1])[:, None, None]
+    img[..., h // 4 : h // 2, w // 3 : 2 * w // 3] = torch.tensor([0.9, 0.9, 0.1])[:, None, None]
     return img
 
 
@@ -96,17 +96,20 @@ def _safetensors(path, tensors, header):
     save_file(tensors, str(path), metadata=header)
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing", "not found"),
-    ("empty", "empty"),
-    ("text", "not a clipstyle style file"),
-    ("foreign", "not a clipstyle style"),
-    ("future", "not supported"),
-    ("shapes", "another shape"),
-    ("missing tensors", "missing"),
-    ("nan", "NaN"),
-    ("truncated", "not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "not found"),
+        ("empty", "empty"),
+        ("text", "not a clipstyle style file"),
+        ("foreign", "not a clipstyle style"),
+        ("future", "not supported"),
+        ("shapes", "another shape"),
+        ("missing tensors", "missing"),
+        ("nan", "NaN"),
+        ("truncated", "not a readable safetensors file"),
+    ],
+)
 def test_foreign_or_broken_files_are_refused_with_one_line(tmp_path, case, expected):
     path = tmp_path / "bad.style"
     good = {k: v.clone() for k, v in net(0).state_dict().items()}

@@ -42,7 +42,7 @@ def test_each_image_of_a_batch_is_independent(net):
     # InstanceNorm, no batch statistics: batching pairs does not mix them.
     x = torch.rand(3, 3, 24, 40, generator=torch.Generator().manual_seed(1))
     together = net(x)
-    alone = torch.cat([net(x[i:i + 1]) for i in range(3)])
+    alone = torch.cat([net(x[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 

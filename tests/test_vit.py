@@ -27,9 +27,12 @@ def test_fast_vit_path_equals_open_clips_forward_and_input_gradient(image_size, 
     from clipstyle.encoders import ClipEncoder
 
     torch.manual_seed(0)
-    model = CLIP(embed_dim=16, quick_gelu=True,
-                 vision_cfg=CLIPVisionCfg(layers=3, width=32, head_width=8, patch_size=patch, image_size=image_size),
-                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    model = CLIP(
+        embed_dim=16,
+        quick_gelu=True,
+        vision_cfg=CLIPVisionCfg(layers=3, width=32, head_width=8, patch_size=patch, image_size=image_size),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
     clip = ClipEncoder(model, open_clip.SimpleTokenizer(), image_size)
     assert vit_fast_path_ok(clip.model.visual)
     x0 = torch.rand(5, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
@@ -41,8 +44,9 @@ def test_fast_vit_path_equals_open_clips_forward_and_input_gradient(image_size, 
     torch.testing.assert_close(fast[1], plain[1], atol=1e-6, rtol=1e-4)
     # and directly against open_clip's VisionTransformer
     normalised = (x0 - clip.mean) / clip.std
-    torch.testing.assert_close(vit_image_embedding(clip.model.visual, normalised),
-                               clip.model.visual(normalised), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        vit_image_embedding(clip.model.visual, normalised), clip.model.visual(normalised), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_models_the_fast_path_does_not_cover_take_open_clips_forward():

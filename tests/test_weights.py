@@ -19,8 +19,10 @@ from clipstyle.errors import WeightsError
 from clipstyle.unet import StyleNet
 from clipstyle.weights import is_torchscript_archive, load_into, read_state_dict
 
-pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+]
 
 
 class Payload:
@@ -98,8 +100,12 @@ def test_torchscript_like_archive_calling_os_system_is_refused(tmp_path, payload
 def test_torchscript_object_disguised_as_torch_class_runs_nothing(tmp_path):
     """A REDUCE on a class the restricted unpickler stands in for fails instead of calling anything."""
     marker = tmp_path / "pwned"
-    evil = (b"\x80\x02c__torch__.os\nsystem\nq\x00X" + len(f"touch {marker}").to_bytes(4, "little")
-            + f"touch {marker}".encode() + b"\x85R.")  # __torch__.os.system("touch marker")
+    evil = (
+        b"\x80\x02c__torch__.os\nsystem\nq\x00X"
+        + len(f"touch {marker}").to_bytes(4, "little")
+        + f"touch {marker}".encode()
+        + b"\x85R."
+    )  # __torch__.os.system("touch marker")
     path = tmp_path / "m.pt"
     _torchscript_like(path, evil)
     refused(path, "TorchScript")
@@ -144,15 +150,20 @@ def test_missing_empty_folder_text_truncated(tmp_path):
 
 
 def test_not_a_state_dict(tmp_path):
-    for name, obj in (("list.pt", [torch.ones(2)]), ("ints.pt", {1: torch.ones(2)}),
-                      ("mixed.pt", {"w": torch.ones(2), "epoch": 3}), ("tensor.pt", torch.ones(2))):
+    for name, obj in (
+        ("list.pt", [torch.ones(2)]),
+        ("ints.pt", {1: torch.ones(2)}),
+        ("mixed.pt", {"w": torch.ones(2), "epoch": 3}),
+        ("tensor.pt", torch.ones(2)),
+    ):
         torch.save(obj, tmp_path / name)
         refused(tmp_path / name, "expected a state dict")
 
 
 def test_checkpoint_wrappers_are_unwrapped(tmp_path):
-    torch.save({"state_dict": {"module.a": torch.ones(2), "module.b": torch.zeros(1)}, "epoch": 3},
-               tmp_path / "ckpt.pt")
+    torch.save(
+        {"state_dict": {"module.a": torch.ones(2), "module.b": torch.zeros(1)}, "epoch": 3}, tmp_path / "ckpt.pt"
+    )
     state = read_state_dict(tmp_path / "ckpt.pt")
     assert sorted(state) == ["a", "b"] and torch.equal(state["a"], torch.ones(2))
 
@@ -232,7 +243,7 @@ def test_torchscript_tensor_records_are_read_and_bounded(tmp_path):
     assert torch.equal(_read_w(ok), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     # stride 0 lets a 16-byte storage claim 2^40 elements: refused, nothing allocated
     bomb = tmp_path / "bomb.pt"
-    _archive_with_tensor_record(bomb, (2 ** 20, 2 ** 20), (0, 0))
+    _archive_with_tensor_record(bomb, (2**20, 2**20), (0, 0))
     refused(bomb, "larger than its storage")
 
 
@@ -255,6 +266,7 @@ def _read_w(path):
 
 def test_corrupted_torchscript_archives_fail_with_one_line(tmp_path):
     """Runs last: without the bounds tested above, a flipped byte can claim terabytes."""
+
     class Tiny(nn.Module):
         def __init__(self):
             super().__init__()

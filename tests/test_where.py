@@ -117,8 +117,10 @@ def red_photo(tmp_path):
 
 def _planted_clip_for_where(monkeypatch):
     planted = PlantedClip()
-    monkeypatch.setattr("clipstyle.cli.mask.load_where_clip",
-                        lambda region, *args: planted if region is not None and region.where else None)
+    monkeypatch.setattr(
+        "clipstyle.cli.mask.load_where_clip",
+        lambda region, *args: planted if region is not None and region.where else None,
+    )
 
 
 def test_mask_command_writes_a_greyscale_png_at_the_photos_size(red_photo, tmp_path, monkeypatch):
@@ -139,12 +141,34 @@ def test_mask_command_writes_a_greyscale_png_at_the_photos_size(red_photo, tmp_p
 def test_run_where_keeps_the_photo_outside_the_phrase(red_photo, tmp_path, monkeypatch):
     from clipstyle.encoders import Models
 
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options",
-                        lambda *a, **k: Models(PlantedClip(), tiny_vgg(), {"clip_model": "planted"}))
+    monkeypatch.setattr(
+        "clipstyle.cli.run.load_models_from_options",
+        lambda *a, **k: Models(PlantedClip(), tiny_vgg(), {"clip_model": "planted"}),
+    )
     path, truth = red_photo
     out = tmp_path / "out.png"
-    r = invoke("run", "-p", "blue", path, "-o", out, "--size", "96", "--steps", "2", "--crops", "2",
-               "--crop-size", "16", "--no-templates", "-q", "--where", "red", "--feather", "0")
+    r = invoke(
+        "run",
+        "-p",
+        "blue",
+        path,
+        "-o",
+        out,
+        "--size",
+        "96",
+        "--steps",
+        "2",
+        "--crops",
+        "2",
+        "--crop-size",
+        "16",
+        "--no-templates",
+        "-q",
+        "--where",
+        "red",
+        "--feather",
+        "0",
+    )
     assert r.exit_code == 0, r.output
     result = np.asarray(Image.open(out), np.int16)
     photo = np.asarray(Image.open(path), np.int16)
@@ -163,8 +187,21 @@ def test_apply_where(red_photo, tmp_path, monkeypatch):
     save_style(tmp_path / "s.style", StyleNet(), {"prompt": "fire"})
     path, truth = red_photo
     out = tmp_path / "a.png"
-    r = invoke("apply", tmp_path / "s.style", path, "-o", out, "-q", "--where", "red", "--invert-mask",
-               "--feather", "0", "--report", tmp_path / "r.jsonl")
+    r = invoke(
+        "apply",
+        tmp_path / "s.style",
+        path,
+        "-o",
+        out,
+        "-q",
+        "--where",
+        "red",
+        "--invert-mask",
+        "--feather",
+        "0",
+        "--report",
+        tmp_path / "r.jsonl",
+    )
     assert r.exit_code == 0, r.output
     result, photo = np.asarray(Image.open(out), np.int16), np.asarray(Image.open(path), np.int16)
     inside = torch.nn.functional.avg_pool2d(truth.float()[None, None], 9, stride=1, padding=4)[0, 0].numpy() == 1

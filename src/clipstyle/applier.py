@@ -79,10 +79,16 @@ def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptio
     meta = {
         "Software": f"clipstyle {__version__}",
         "clipstyle": {
-            "version": __version__, "input": job.input.path.name,
+            "version": __version__,
+            "input": job.input.path.name,
             "styles": [{"file": s.path.name, "prompt": s.metadata.get("prompt")} for s in styles],
-            "mix": mix_weights(len(styles), options.mix), "strength": options.strength, "size": list(size),
-            "tile": options.tile, "overlap": options.overlap, "tile_stats": options.tile_stats, **identity,
+            "mix": mix_weights(len(styles), options.mix),
+            "strength": options.strength,
+            "size": list(size),
+            "tile": options.tile,
+            "overlap": options.overlap,
+            "tile_stats": options.tile_stats,
+            **identity,
             **({"region": options.region.record()} if options.region is not None else {}),
         },
     }
@@ -106,17 +112,33 @@ class _RenderFiles(Work):
         options = self.options
         if self._style_hashes is None:
             self._style_hashes = [_sha256(s.path) for s in self.styles]
-        return {"input_sha256": _sha256(job.input.path), "style_sha256": self._style_hashes,
-                "mix": mix_weights(len(self.styles), options.mix), "strength": options.strength,
-                "longest_side": options.size, "tile": options.tile, "overlap": options.overlap,
-                "tile_stats": options.tile_stats, "whole_pixels": options.whole_pixels}
+        return {
+            "input_sha256": _sha256(job.input.path),
+            "style_sha256": self._style_hashes,
+            "mix": mix_weights(len(self.styles), options.mix),
+            "strength": options.strength,
+            "longest_side": options.size,
+            "tile": options.tile,
+            "overlap": options.overlap,
+            "tile_stats": options.tile_stats,
+            "whole_pixels": options.whole_pixels,
+        }
 
     def record(self, job: ApplyJob, status: str, error: str | None = None) -> dict:
         styles, options = self.styles, self.options
-        return {"input": str(job.input.path), "styles": [str(s.path) for s in styles], "output": str(job.output),
-                "status": status, "error": error, "seconds": None, "size": None,
-                "strength": options.strength, "mix": mix_weights(len(styles), options.mix) if styles else None,
-                "tiles": None, **({"region": options.region.record()} if options.region is not None else {})}
+        return {
+            "input": str(job.input.path),
+            "styles": [str(s.path) for s in styles],
+            "output": str(job.output),
+            "status": status,
+            "error": error,
+            "seconds": None,
+            "size": None,
+            "strength": options.strength,
+            "mix": mix_weights(len(styles), options.mix) if styles else None,
+            "tiles": None,
+            **({"region": options.region.record()} if options.region is not None else {}),
+        }
 
     def out_of_memory(self, batch: list[tuple]) -> str:
         return "out of memory; use smaller tiles (--tile 512) or a smaller --size"
@@ -138,16 +160,26 @@ class _RenderFiles(Work):
             for note in loaded.notes:
                 events.note(job, note)
             size = target_size(*loaded.image.size, options.size)
-            check_fits(render_bytes(*size), self.device, f"rendering at {size[0]}x{size[1]} px", "lower --size",
-                       job.input.path)
+            check_fits(
+                render_bytes(*size), self.device, f"rendering at {size[0]}x{size[1]} px", "lower --size", job.input.path
+            )
             x = io.to_tensor(loaded.image, size)
             mask = masks.photo_mask(options.region, loaded.image, options.region_clip)
             del loaded
             plan = plan_tiles(size[1], size[0], options.tile, options.overlap, options.whole_pixels)
             record["tiles"] = count_tiles(size[1], size[0], plan)
-            y = render(self.networks, x, tile=options.tile, overlap=options.overlap, strength=options.strength,
-                       mix=options.mix, max_pixels=options.whole_pixels, tile_stats=options.tile_stats,
-                       device=self.device, callback=lambda d, t: events.progress(job, TileProgress(d, t)))
+            y = render(
+                self.networks,
+                x,
+                tile=options.tile,
+                overlap=options.overlap,
+                strength=options.strength,
+                mix=options.mix,
+                max_pixels=options.whole_pixels,
+                tile_stats=options.tile_stats,
+                device=self.device,
+                callback=lambda d, t: events.progress(job, TileProgress(d, t)),
+            )
             y = masks.finish(y, x, options.region, mask)
             meta = _output_metadata(job, self.styles, options, size, self.identity(job, job.output))
             io.save_png(y, job.output, meta, overwrite=self.overwrite)
@@ -165,8 +197,15 @@ def _sha256(path: Path) -> str | None:
         return None  # unreadable: the job fails when the image is read
 
 
-def apply_files(jobs: list[ApplyJob], styles: Sequence[Style], options: ApplyOptions, report,
-                events: Events | None = None, device=None, summary: Summary | None = None) -> Summary:
+def apply_files(
+    jobs: list[ApplyJob],
+    styles: Sequence[Style],
+    options: ApplyOptions,
+    report,
+    events: Events | None = None,
+    device=None,
+    summary: Summary | None = None,
+) -> Summary:
     """Restyle every job's input with ``styles`` (on ``device``, default the CPU) through
     the shared batch loop: what is done skipped, failures isolated. ``report``: a report.Report;
     ``summary``: see batch.run_jobs."""

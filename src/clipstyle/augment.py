@@ -61,12 +61,14 @@ class CropDraw:
     crop: int
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CropDraw:
-        return CropDraw(self.hom.to(device, non_blocking=non_blocking),
-                        self.offset.to(device, non_blocking=non_blocking), self.crop)
+        return CropDraw(
+            self.hom.to(device, non_blocking=non_blocking), self.offset.to(device, non_blocking=non_blocking), self.crop
+        )
 
 
-def draw_crops(height: int, width: int, n: int, crop_size: int, distortion: float,
-               generator: torch.Generator) -> CropDraw:
+def draw_crops(
+    height: int, width: int, n: int, crop_size: int, distortion: float, generator: torch.Generator
+) -> CropDraw:
     """Draw ``n`` random crops of ``crop_size`` from an image of height x width (on the CPU).
 
     Each crop is perspective-warped as torchvision's RandomPerspective does:
@@ -110,8 +112,7 @@ def crop_grids(draw: CropDraw, height: int, width: int, out_size: int) -> CropGr
     # Crop pixels -> normalised image coordinates (grid_sample, align_corners=False).
     pixels = xy + offset[:, None, :] + 0.5
     grid = torch.stack([pixels[..., 0] * (2.0 / width), pixels[..., 1] * (2.0 / height)], dim=-1) - 1
-    return CropGrids(grid.view(n, out_size, out_size, 2),
-                     inside.view(n, 1, out_size, out_size).float())
+    return CropGrids(grid.view(n, out_size, out_size, 2), inside.view(n, 1, out_size, out_size).float())
 
 
 def random_crop_grids(

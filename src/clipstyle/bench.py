@@ -128,7 +128,6 @@ def bench_models(device: torch.device, clip_model: str = CLIP_MODEL) -> Models:
     """
     import open_clip
 
-
     name = clip_model
     if not name.endswith("-quickgelu") and f"{name}-quickgelu" in open_clip.list_models():
         name = f"{name}-quickgelu"
@@ -140,8 +139,9 @@ def bench_images(size: int, batch: int = 1, seed: int = 0) -> list[torch.Tensor]
     side = max(8, round(size / 8) * 8)
     g = torch.Generator().manual_seed(seed)
     ramp = torch.linspace(0, 1, side)
-    base = torch.stack([ramp.view(1, -1).expand(side, side), ramp.view(-1, 1).expand(side, side),
-                        torch.full((side, side), 0.5)])
+    base = torch.stack(
+        [ramp.view(1, -1).expand(side, side), ramp.view(-1, 1).expand(side, side), torch.full((side, side), 0.5)]
+    )
     return [(0.8 * base + 0.2 * torch.rand(3, side, side, generator=g)).unsqueeze(0) for _ in range(batch)]
 
 
@@ -217,10 +217,12 @@ class ReferenceStep:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr)
         side = models.clip.image_size[0]
         self.cropper = transforms.RandomCrop(min(settings.crop_size, *content.shape[-2:]))
-        self.augment = transforms.Compose([
-            transforms.RandomPerspective(fill=0, p=1, distortion_scale=settings.distortion),
-            transforms.Resize(side, antialias=True),
-        ])
+        self.augment = transforms.Compose(
+            [
+                transforms.RandomPerspective(fill=0, p=1, distortion_scale=settings.distortion),
+                transforms.Resize(side, antialias=True),
+            ]
+        )
         with torch.no_grad():
             style = text_embedding(models, PROMPT, settings.templates)
             source = text_embedding(models, settings.source, settings.templates)
@@ -249,9 +251,16 @@ class ReferenceStep:
         self.opt.step()
 
 
-def _time_steps(models: Models, settings: Settings, batch: int, warmup: int, repeats: int,
-                between: Callable[[], None] | None, rejection: Rejection | None = None,
-                steps_seen: list | None = None) -> tuple[Timing, float, int | None]:
+def _time_steps(
+    models: Models,
+    settings: Settings,
+    batch: int,
+    warmup: int,
+    repeats: int,
+    between: Callable[[], None] | None,
+    rejection: Rejection | None = None,
+    steps_seen: list | None = None,
+) -> tuple[Timing, float, int | None]:
     """Time ``repeats`` steps of stylize_many on ``batch`` pairs after ``warmup`` steps.
 
     ``between`` runs after every timed step (the floor, alternating with the
@@ -282,16 +291,24 @@ def _time_steps(models: Models, settings: Settings, batch: int, warmup: int, rep
         reset_peak_memory(device)
 
     contents = bench_images(settings.size, batch)
-    results = stylize_many(contents, [PROMPT] * batch, list(range(batch)), models=models,
-                           settings=run_settings, callback=on_step, rejection=rejection)
+    results = stylize_many(
+        contents,
+        [PROMPT] * batch,
+        list(range(batch)),
+        models=models,
+        settings=run_settings,
+        callback=on_step,
+        rejection=rejection,
+    )
     failed = [r.error for r in results if r.error is not None]
     if failed:
         raise failed[0]
     return timing, first[0], peak[0]
 
 
-def forced_rejection(models: Models, settings: Settings, rate: float, *, batch: int, warmup: int, repeats: int,
-                     floor: Floor) -> dict:
+def forced_rejection(
+    models: Models, settings: Settings, rate: float, *, batch: int, warmup: int, repeats: int, floor: Floor
+) -> dict:
     """Steps with ``rate`` of each pair's crops forced to count as rejected, before and after the two-pass path.
 
     One loop alternates the single pass ("before": every row through CLIP's
@@ -315,14 +332,18 @@ def forced_rejection(models: Models, settings: Settings, rate: float, *, batch: 
     after = [i.step_seconds for i in seen if i.step % 2 == 0]
     return {
         "rate": rate,
-        "before_seconds": statistics.median(before), "after_seconds": statistics.median(after),
+        "before_seconds": statistics.median(before),
+        "after_seconds": statistics.median(after),
         "after_over_before": statistics.median(a / b for a, b in zip(after, before)),
         "floor_seconds": floor_t.median,
         "before_over_floor": statistics.median(b / f for b, f in zip(before, floor_t.runs)),
         "after_over_floor": statistics.median(a / f for a, f in zip(after, floor_t.runs)),
-        "two_pass_steps": sum(i.two_pass for i in seen if i.step % 2 == 0), "after_steps": len(after),
+        "two_pass_steps": sum(i.two_pass for i in seen if i.step % 2 == 0),
+        "after_steps": len(after),
         "rejected_per_step": [i.rejected for i in seen],
-        "before_runs": before, "after_runs": after, "floor_runs": floor_t.runs,
+        "before_runs": before,
+        "after_runs": after,
+        "floor_runs": floor_t.runs,
     }
 
 
@@ -388,26 +409,48 @@ def run_bench(
     if batch > 1:
         say(f"timing {repeats} steps at batch 1")
         one_t, _, _ = _time_steps(models, settings, 1, warmup, repeats, None)
-        batch1 = {"seconds_per_step": one_t.median,
-                  "images_per_minute": 60.0 / (one_t.median * settings.steps),
-                  "step_runs": one_t.runs}
+        batch1 = {
+            "seconds_per_step": one_t.median,
+            "images_per_minute": 60.0 / (one_t.median * settings.steps),
+            "step_runs": one_t.runs,
+        }
 
     step = steps_t.median
     result = BenchResult(
-        device=str(device), processor=processor_name(device), threads=torch.get_num_threads(),
-        precision=precision_name(amp), memory_format="channels_last" if channels_last else "contiguous",
-        compile=settings.compile, size=(side, side), crops=settings.crops,
-        crop_size=min(settings.crop_size, side), crop_batch=settings.crop_batch, batch=batch,
-        steps=settings.steps, repeats=repeats, seconds_per_step=step, floor_seconds=floor_t.median,
-        floor_clip_seconds=clip_t.median, floor_vgg_seconds=vgg_t.median, ratio=step / floor_t.median,
+        device=str(device),
+        processor=processor_name(device),
+        threads=torch.get_num_threads(),
+        precision=precision_name(amp),
+        memory_format="channels_last" if channels_last else "contiguous",
+        compile=settings.compile,
+        size=(side, side),
+        crops=settings.crops,
+        crop_size=min(settings.crop_size, side),
+        crop_batch=settings.crop_batch,
+        batch=batch,
+        steps=settings.steps,
+        repeats=repeats,
+        seconds_per_step=step,
+        floor_seconds=floor_t.median,
+        floor_clip_seconds=clip_t.median,
+        floor_vgg_seconds=vgg_t.median,
+        ratio=step / floor_t.median,
         paired_ratio=statistics.median(a / b for a, b in zip(steps_t.runs, floor_t.runs)),
-        step_runs=steps_t.runs, floor_runs=floor_t.runs, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
-        images_per_minute=60.0 * batch / (step * settings.steps), first_step_seconds=first,
-        batch1=batch1, load_seconds=load_seconds, rejected_runs=[i.rejected for i in seen])
+        step_runs=steps_t.runs,
+        floor_runs=floor_t.runs,
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        images_per_minute=60.0 * batch / (step * settings.steps),
+        first_step_seconds=first,
+        batch1=batch1,
+        load_seconds=load_seconds,
+        rejected_runs=[i.rejected for i in seen],
+    )
     for rate in force_reject:
         say(f"timing {repeats} steps before and after the two-pass path, {rate:g} of the crops rejected")
-        result.forced.append(forced_rejection(models, settings, rate, batch=batch, warmup=warmup, repeats=repeats,
-                                              floor=floor))
+        result.forced.append(
+            forced_rejection(models, settings, rate, batch=batch, warmup=warmup, repeats=repeats, floor=floor)
+        )
     if reference is not None:
         result.baseline_seconds = base_t.median
         result.baseline_runs = base_t.runs

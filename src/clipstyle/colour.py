@@ -42,8 +42,11 @@ def preserve_colour(styled: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
     y = luma(styled).clamp(0, 1)  # (B, 1, H, W)
     offset = photo - luma(photo)  # (B, 3, H, W): the photo's colour, Y removed (Cb, Cr only)
     # Largest t <= 1 with 0 <= y + t * offset <= 1 in every channel (y itself is in gamut).
-    room = torch.where(offset > 0, (1 - y) / offset.clamp_min(1e-12),
-                       torch.where(offset < 0, y / (-offset).clamp_min(1e-12), torch.ones_like(offset)))
+    room = torch.where(
+        offset > 0,
+        (1 - y) / offset.clamp_min(1e-12),
+        torch.where(offset < 0, y / (-offset).clamp_min(1e-12), torch.ones_like(offset)),
+    )
     t = room.amin(dim=1, keepdim=True).clamp(0, 1)
     return (y + t * offset).clamp(0, 1)
 

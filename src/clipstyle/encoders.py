@@ -27,6 +27,7 @@ def _freeze(module: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     return module
 
+
 class ClipEncoder(nn.Module):
     """CLIP's image and text towers behind one interface.
 
@@ -35,8 +36,9 @@ class ClipEncoder(nn.Module):
     strings to a (N, context_length) tensor of token ids.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, image_size: int | tuple[int, int],
-                 mean=OPENAI_MEAN, std=OPENAI_STD):
+    def __init__(
+        self, model: nn.Module, tokenizer, image_size: int | tuple[int, int], mean=OPENAI_MEAN, std=OPENAI_STD
+    ):
         super().__init__()
         self.model = _freeze(model)
         self.tokenizer = tokenizer
@@ -59,8 +61,9 @@ class ClipEncoder(nn.Module):
         """
         if tuple(images.shape[-2:]) == self.image_size:
             return images
-        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False,
-                             antialias=self.antialias)
+        return F.interpolate(
+            images, size=self.image_size, mode="bicubic", align_corners=False, antialias=self.antialias
+        )
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unnormalised embeddings."""
@@ -116,8 +119,9 @@ def vgg19_features(width_divisor: int = 1) -> nn.Sequential:
 class VggEncoder(nn.Module):
     """VGG-19 features for the content loss, from [0, 1] images."""
 
-    def __init__(self, features: nn.Sequential, layers: dict[str, int] | None = None,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self, features: nn.Sequential, layers: dict[str, int] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    ):
         super().__init__()
         self.layers = dict(layers or VGG_CONTENT_LAYERS)
         last = max(self.layers.values())
@@ -149,6 +153,7 @@ class VggEncoder(nn.Module):
             if i in wanted:
                 out[wanted[i]] = x
         return out
+
 
 @dataclass
 class Models:

@@ -40,8 +40,15 @@ def expand_glob(pattern: str, recursive: bool = False) -> list[str]:
                 continue
             entered.add((st.st_dev, st.st_ino))
             yield folder
-            stack.extend(reversed([join(folder, name) for name in _names(folder)
-                                   if not name.startswith(".") and os.path.isdir(join(folder, name))]))
+            stack.extend(
+                reversed(
+                    [
+                        join(folder, name)
+                        for name in _names(folder)
+                        if not name.startswith(".") and os.path.isdir(join(folder, name))
+                    ]
+                )
+            )
 
     def visit(folder: str, i: int) -> None:
         part, last = parts[i], i == len(parts) - 1
@@ -55,8 +62,11 @@ def expand_glob(pattern: str, recursive: bool = False) -> list[str]:
         if not glob.has_magic(part):
             names = [part] if os.path.lexists(join(folder, part)) else []
         else:
-            names = [n for n in _names(folder)
-                     if fnmatch.fnmatch(n, part) and (part.startswith(".") or not n.startswith("."))]
+            names = [
+                n
+                for n in _names(folder)
+                if fnmatch.fnmatch(n, part) and (part.startswith(".") or not n.startswith("."))
+            ]
         for name in names:
             path = join(folder, name)
             if last:

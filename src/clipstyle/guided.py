@@ -36,8 +36,9 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
     return a * guide + b
 
 
-def guided_upsample(src: torch.Tensor, guide_small: torch.Tensor, guide: torch.Tensor, radius: int,
-                    eps: float) -> torch.Tensor:
+def guided_upsample(
+    src: torch.Tensor, guide_small: torch.Tensor, guide: torch.Tensor, radius: int, eps: float
+) -> torch.Tensor:
     """Edge-aware upsampling (the fast guided filter, He & Sun 2015): filter ``src`` at the small size
     with ``guide_small``, upsample the coefficients bilinearly, apply them to the full-size ``guide``.
     The result's edges follow the guide's. All (1, 1, h, w); returns guide's size, in [0, 1]."""

@@ -35,11 +35,33 @@ from pathlib import Path
 from clipstyle.config import MAX_PIXELS
 from clipstyle.errors import ImageError, OutputError
 
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".ico", ".dib", ".pcx", ".sgi",
-    ".heic", ".heif", ".avif",
-})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".png",
+        ".webp",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+        ".jp2",
+        ".j2k",
+        ".ico",
+        ".dib",
+        ".pcx",
+        ".sgi",
+        ".heic",
+        ".heif",
+        ".avif",
+    }
+)
 MAX_ASPECT = 20.0  # images thinner than 1:20 are refused
 
 # Pillow identifies files by content, not name, so these are excluded by format:
@@ -101,11 +123,13 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | Non
                 if w <= 0 or h <= 0:
                     raise ImageError("image has no pixels", path)
                 if w * h > max_pixels:
-                    raise ImageError(f"image has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}"
-                                     " (raise it with --max-pixels if the file is trusted)", path)
+                    raise ImageError(
+                        f"image has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}"
+                        " (raise it with --max-pixels if the file is trusted)",
+                        path,
+                    )
                 if max(w, h) / min(w, h) > MAX_ASPECT:  # before decoding; rotation keeps the ratio
-                    raise ImageError(f"image is {w}x{h}: aspect ratios beyond {MAX_ASPECT:g}:1 are not supported",
-                                     path)
+                    raise ImageError(f"image is {w}x{h}: aspect ratios beyond {MAX_ASPECT:g}:1 are not supported", path)
                 frames = getattr(img, "n_frames", 1)
                 # MPO: a phone's JPEG with extra pictures (depth map, preview) after the main one
                 if frames > 1 and img.format != "MPO":
@@ -129,8 +153,13 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | Non
 
 
 _ORIENTATION = {  # EXIF orientation -> the transpose that shows the image upright
-    2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
-    6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90",
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
 }
 
 

@@ -31,8 +31,9 @@ def _glob_chars(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def collect_inputs(items: list[str], recursive: bool = False, from_file: str | None = None,
-                   stdin=None) -> list[InputFile]:
+def collect_inputs(
+    items: list[str], recursive: bool = False, from_file: str | None = None, stdin=None
+) -> list[InputFile]:
     """Expand files, folders and globs into image files, in a stable order.
 
     Folders contribute only files with image extensions (sorted; with
@@ -43,13 +44,14 @@ def collect_inputs(items: list[str], recursive: bool = False, from_file: str | N
     listed = list(items)
     if from_file is not None:
         if from_file == "-":
-            text = (stdin.read() if stdin is not None else "")
+            text = stdin.read() if stdin is not None else ""
         else:
             try:
                 text = Path(from_file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                raise ClipstyleError(f"cannot read the list of inputs: {getattr(exc, 'strerror', None) or exc}",
-                                     from_file) from None
+                raise ClipstyleError(
+                    f"cannot read the list of inputs: {getattr(exc, 'strerror', None) or exc}", from_file
+                ) from None
         listed += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     found: list[InputFile] = []
     seen: set[str] = set()
@@ -64,9 +66,16 @@ def collect_inputs(items: list[str], recursive: bool = False, from_file: str | N
         p = Path(item)
         if p.is_dir():
             walker = p.rglob("*") if recursive else p.glob("*")
-            files = sorted((f for f in walker if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts)),
-                           key=lambda f: f.relative_to(p).as_posix())
+            files = sorted(
+                (
+                    f
+                    for f in walker
+                    if f.is_file()
+                    and f.suffix.lower() in IMAGE_EXTENSIONS
+                    and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                ),
+                key=lambda f: f.relative_to(p).as_posix(),
+            )
             if not files:
                 raise ClipstyleError(_no_images(p, recursive), p)
             for f in files:
@@ -210,5 +219,4 @@ def _check_report(report: Path, jobs, inputs: set[str], outputs: set[str]) -> No
             except OSError:
                 continue
             if same:
-                raise OutputError("the report would be written into an input image; give another --report file",
-                                  report)
+                raise OutputError("the report would be written into an input image; give another --report file", report)

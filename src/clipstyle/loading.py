@@ -51,7 +51,8 @@ def _clip_cache_hint(cache_dir: str | None) -> str:
     if cache_dir:
         return cache_dir
     hf = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
     return f"{hf} or {os.path.expanduser('~/.cache/clip')}"
 
 
@@ -156,9 +157,14 @@ def _load_clip_file(model_name: str, quick_gelu: bool, preprocess: dict, path: s
     return model
 
 
-def load_clip(model_name: str = CLIP_MODEL, pretrained: str | None = CLIP_PRETRAINED,
-              weights: str | Path | None = None, device: torch.device | str = "cpu",
-              cache_dir: str | None = None, random_init: bool = False) -> ClipEncoder:
+def load_clip(
+    model_name: str = CLIP_MODEL,
+    pretrained: str | None = CLIP_PRETRAINED,
+    weights: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    cache_dir: str | None = None,
+    random_init: bool = False,
+) -> ClipEncoder:
     """An open_clip model as a frozen ClipEncoder.
 
     ``weights``: a local file (open_clip state dict, safetensors, or OpenAI's
@@ -189,8 +195,12 @@ def load_clip(model_name: str = CLIP_MODEL, pretrained: str | None = CLIP_PRETRA
             except WeightsError as error:
                 # a tag whose file needs open_clip's conversions (another layout, numpy archives)
                 try:
-                    model = open_clip.create_model(model_name, pretrained=path, force_quick_gelu=quick_gelu,
-                                                   force_preprocess_cfg=preprocess or None)
+                    model = open_clip.create_model(
+                        model_name,
+                        pretrained=path,
+                        force_quick_gelu=quick_gelu,
+                        force_preprocess_cfg=preprocess or None,
+                    )
                 except Exception:  # noqa: BLE001 - open_clip could not read it either: say why we could not
                     raise error from None
         else:
@@ -211,8 +221,9 @@ def _vgg_cache_file() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG_FILE)
 
 
-def cached_weights(clip_model: str = CLIP_MODEL, clip_pretrained: str = CLIP_PRETRAINED,
-                   cache_dir: str | None = None) -> tuple[str | None, str | None]:
+def cached_weights(
+    clip_model: str = CLIP_MODEL, clip_pretrained: str = CLIP_PRETRAINED, cache_dir: str | None = None
+) -> tuple[str | None, str | None]:
     """The cached files that load_models would read for a tag, without any network request.
 
     (CLIP file or None, VGG-19 file or None); None means it would be downloaded.
@@ -224,8 +235,12 @@ def cached_weights(clip_model: str = CLIP_MODEL, clip_pretrained: str = CLIP_PRE
     return _cached_pretrained_file(cfg, cache_dir), vgg if os.path.isfile(vgg) else None
 
 
-def load_vgg(weights: str | Path | None = None, device: torch.device | str = "cpu",
-             progress: bool = False, random_init: bool = False) -> VggEncoder:
+def load_vgg(
+    weights: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    random_init: bool = False,
+) -> VggEncoder:
     """VGG-19 (ImageNet) up to relu5_2 as a frozen VggEncoder.
 
     ``weights``: a local torchvision vgg19 state dict; otherwise torchvision's
@@ -255,14 +270,19 @@ def load_vgg(weights: str | Path | None = None, device: torch.device | str = "cp
     # Accept torchvision's full vgg19 state dict ("features.N.*", "classifier.*")
     # or the trunk alone ("N.*"); only the trunk up to relu5_2 is used.
     if any(k.startswith("features.") for k in state):
-        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-    trunk = {k: v for k, v in state.items() if int(k.split(".")[0]) < len(features)} if all(
-        k.split(".")[0].isdigit() for k in state) else state
+        state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+    trunk = (
+        {k: v for k, v in state.items() if int(k.split(".")[0]) < len(features)}
+        if all(k.split(".")[0].isdigit() for k in state)
+        else state
+    )
     load_into(features, trunk, path, "torchvision vgg19")
     return VggEncoder(features).to(device)
 
-def _fetch_missing(clip_model: str, clip_pretrained: str | None, clip_weights, vgg_weights,
-                   cache_dir: str | None) -> None:
+
+def _fetch_missing(
+    clip_model: str, clip_pretrained: str | None, clip_weights, vgg_weights, cache_dir: str | None
+) -> None:
     """Before building either model: fetch CLIP's weights if they are neither given nor
     cached; if that fails, name every missing weight at once (one WeightsError), without
     waiting for a second download (VGG-19's) to time out as well."""
@@ -284,13 +304,20 @@ def _fetch_missing(clip_model: str, clip_pretrained: str | None, clip_weights, v
         f"weights not cached and not downloadable: CLIP {clip_model}/{clip_pretrained} (looked for in "
         f"{_clip_cache_hint(cache_dir)}) and VGG-19 ImageNet ({VGG_FILE}, looked for in "
         f"{os.path.dirname(_vgg_cache_file())}). Pass --clip-weights FILE and --vgg-weights FILE (local files; no "
-        "network is used), or run once with network access")
+        "network is used), or run once with network access"
+    )
 
 
-def load_models(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP_PRETRAINED,
-                clip_weights: str | Path | None = None, vgg_weights: str | Path | None = None,
-                device: torch.device | str = "cpu", random_init: bool = False,
-                progress: bool = False, cache_dir: str | None = None) -> Models:
+def load_models(
+    clip_model: str = CLIP_MODEL,
+    clip_pretrained: str | None = CLIP_PRETRAINED,
+    clip_weights: str | Path | None = None,
+    vgg_weights: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    random_init: bool = False,
+    progress: bool = False,
+    cache_dir: str | None = None,
+) -> Models:
     """Load CLIP and VGG-19 once. ``random_init`` skips all weights (benchmarks).
 
     Both weights are looked for before either model is built: CLIP's, if
@@ -298,15 +325,20 @@ def load_models(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP
     VGG-19's are missing too, one error names both."""
     if not random_init:
         _fetch_missing(clip_model, clip_pretrained, clip_weights, vgg_weights, cache_dir)
-    clip = load_clip(clip_model, clip_pretrained, None if random_init else clip_weights, device, cache_dir,
-                     random_init=random_init)
+    clip = load_clip(
+        clip_model, clip_pretrained, None if random_init else clip_weights, device, cache_dir, random_init=random_init
+    )
     vgg = load_vgg(vgg_weights, device, progress=progress, random_init=random_init)
     return Models(clip, vgg, models_info(clip_model, clip_pretrained, clip_weights, vgg_weights, random_init))
 
 
-def models_info(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP_PRETRAINED,
-                clip_weights: str | Path | None = None, vgg_weights: str | Path | None = None,
-                random_init: bool = False) -> dict:
+def models_info(
+    clip_model: str = CLIP_MODEL,
+    clip_pretrained: str | None = CLIP_PRETRAINED,
+    clip_weights: str | Path | None = None,
+    vgg_weights: str | Path | None = None,
+    random_init: bool = False,
+) -> dict:
     """What load_models with these arguments loads (Models.info), known without loading anything."""
     return {
         "clip_model": clip_model,

@@ -58,7 +58,9 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
         return d.flatten(1).norm(dim=1)
 
     x = images.float()
-    return (norm(x[..., :, :-1] - x[..., :, 1:])
-            + norm(x[..., :-1, :] - x[..., 1:, :])
-            + norm(x[..., 1:, :-1] - x[..., :-1, 1:])
-            + norm(x[..., :-1, :-1] - x[..., 1:, 1:]))
+    return (
+        norm(x[..., :, :-1] - x[..., :, 1:])
+        + norm(x[..., :-1, :] - x[..., 1:, :])
+        + norm(x[..., 1:, :-1] - x[..., :-1, 1:])
+        + norm(x[..., :-1, :-1] - x[..., 1:, 1:])
+    )

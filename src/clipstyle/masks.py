@@ -135,7 +135,6 @@ def _read_mask(path: str, _mtime: int, _size: int, max_pixels: int | None) -> to
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-
     limit = max_pixels or MAX_PIXELS
     pillow_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
@@ -158,8 +157,9 @@ def _read_mask(path: str, _mtime: int, _size: int, max_pixels: int | None) -> to
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) or exc.errno is not None:
             raise MaskError(f"cannot read: {exc.strerror or exc}", path) from None
-        raise MaskError(f"cannot decode the mask ({str(exc).splitlines()[0][:120] if str(exc) else 'OSError'})",
-                        path) from None
+        raise MaskError(
+            f"cannot decode the mask ({str(exc).splitlines()[0][:120] if str(exc) else 'OSError'})", path
+        ) from None
     except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes fail in many ways
         raise MaskError(f"cannot decode the mask ({type(exc).__name__})", path) from None
     finally:
@@ -191,8 +191,11 @@ def fit_mask(mask: torch.Tensor, width: int, height: int, path: str | Path | Non
     """(H, W) mask -> (1, 1, height, width), refusing an aspect ratio more than 2 % off the photo's."""
     mh, mw = mask.shape[-2:]
     if abs((mw / mh) / (width / height) - 1) > MAX_ASPECT_DIFFERENCE:
-        raise MaskError(f"the mask is {mw}x{mh} but the photo is {width}x{height}: their aspect ratios differ "
-                        f"by more than {MAX_ASPECT_DIFFERENCE:.0%}", path)
+        raise MaskError(
+            f"the mask is {mw}x{mh} but the photo is {width}x{height}: their aspect ratios differ "
+            f"by more than {MAX_ASPECT_DIFFERENCE:.0%}",
+            path,
+        )
     return resize(mask.view(1, 1, mh, mw).float(), height, width)
 
 
@@ -237,8 +240,10 @@ def photo_mask(region: Region | None, photo, clip=None, where_settings=None) -> 
     if float(mask.max()) < EMPTY:
         if region.where is not None and region.mask is None and not region.invert:
             raise MaskError(f"--where {region.where!r} selects nothing in this image")
-        raise MaskError("the mask selects nothing (it is black everywhere" +
-                        (", after --invert-mask)" if region.invert else ")"), region.mask)
+        raise MaskError(
+            "the mask selects nothing (it is black everywhere" + (", after --invert-mask)" if region.invert else ")"),
+            region.mask,
+        )
     return mask
 
 
@@ -249,7 +254,7 @@ def feather(mask: torch.Tensor, pixels: float) -> torch.Tensor:
     if r <= 0:
         return mask
     d = torch.arange(-r, r + 1, dtype=mask.dtype, device=mask.device)
-    k = (r + 1 - d.abs())
+    k = r + 1 - d.abs()
     k = k / k.sum()
     x = F.pad(mask, (r, r, 0, 0), mode="replicate")
     x = F.conv2d(x, k.view(1, 1, 1, -1))
@@ -268,8 +273,9 @@ def composite(styled: torch.Tensor, photo: torch.Tensor, mask: torch.Tensor) -> 
     return torch.lerp(photo, styled, mask.to(styled.dtype))
 
 
-def finish(styled: torch.Tensor, photo: torch.Tensor, region: Region | None, mask: torch.Tensor | None,
-           contrast: bool = False) -> torch.Tensor:
+def finish(
+    styled: torch.Tensor, photo: torch.Tensor, region: Region | None, mask: torch.Tensor | None, contrast: bool = False
+) -> torch.Tensor:
     """The image to save from the stylized one: optional contrast (the reference's post-processing,
     on the styled image only), colour preservation, then compositing over the photo.
 
@@ -313,8 +319,11 @@ def crop_sampler(mask: torch.Tensor, crop_size: int):
 
     def draw(height: int, width: int, n: int, crop_size: int, distortion: float, generator) -> CropDraw:
         base = draw_crops(height, width, n, crop_size, distortion, generator)  # the warps
-        index = (torch.multinomial(weights, n, replacement=True, generator=generator) if n
-                 else torch.zeros(0, dtype=torch.long))
+        index = (
+            torch.multinomial(weights, n, replacement=True, generator=generator)
+            if n
+            else torch.zeros(0, dtype=torch.long)
+        )
         offset = torch.stack([index % cols, index // cols], dim=-1).float()  # (n, 2) left, top
         return CropDraw(base.hom, offset, base.crop)
 
@@ -383,8 +392,13 @@ class _WriteMasks(Work):
         self.region, self.clip, self.overwrite, self.max_pixels = region, clip, overwrite, max_pixels
 
     def record(self, job, status: str, error: str | None = None) -> dict:
-        return {"input": str(job.input.path), "output": str(job.output), "status": status, "error": error,
-                "region": self.region.record()}
+        return {
+            "input": str(job.input.path),
+            "output": str(job.output),
+            "status": status,
+            "error": error,
+            "region": self.region.record(),
+        }
 
     def process(self, batch: list[tuple], events: Events) -> list[dict]:
         return [self._write(job) for job, _ in batch]
@@ -394,9 +408,14 @@ class _WriteMasks(Work):
         try:
             photo = open_image(job.input.path, self.max_pixels).image
             found = photo_mask(self.region, photo, self.clip)
-            meta = {"Software": f"clipstyle {__version__}",
-                    "clipstyle": {"version": __version__, "input": Path(job.input.rel).name,
-                                  "region": self.region.record()}}
+            meta = {
+                "Software": f"clipstyle {__version__}",
+                "clipstyle": {
+                    "version": __version__,
+                    "input": Path(job.input.rel).name,
+                    "region": self.region.record(),
+                },
+            }
             save_png(mask_image(found), job.output, meta, overwrite=self.overwrite)
             record["size"] = list(photo.size)
         except ClipstyleError as exc:
@@ -404,8 +423,15 @@ class _WriteMasks(Work):
         return record
 
 
-def write_masks(jobs, region: Region, clip, report, overwrite: bool = False, max_pixels: int = MAX_PIXELS,
-                events: Events | None = None) -> Summary:
+def write_masks(
+    jobs,
+    region: Region,
+    clip,
+    report,
+    overwrite: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    events: Events | None = None,
+) -> Summary:
     """Write each job's mask (``jobs``: anything with ``.input`` and ``.output``, e.g. pairs.RunJob) as an
     8-bit greyscale PNG at the input's own size, through the shared batch loop (batch.py): existing
     outputs skipped unless ``overwrite``, a photo that fails is a failed record. ``report``: report.Report."""

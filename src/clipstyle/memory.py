@@ -79,8 +79,11 @@ def check_fits(need: int, device, what: str, hint: str, path=None) -> None:
     """
     have = device_memory(device)
     if have is not None and need > have:
-        raise MemoryNeedError(f"{what} needs at least {_gb(need)} of memory, more than the {_gb(have)} "
-                              f"this {'GPU' if str(device).startswith('cuda') else 'machine'} has; {hint}", path)
+        raise MemoryNeedError(
+            f"{what} needs at least {_gb(need)} of memory, more than the {_gb(have)} "
+            f"this {'GPU' if str(device).startswith('cuda') else 'machine'} has; {hint}",
+            path,
+        )
 
 
 def _gb(n: int) -> str:
@@ -93,9 +96,12 @@ def check_run_size(settings, device) -> None:
     from clipstyle.images import MAX_ASPECT, fit_size
 
     w, h = fit_size(int(MAX_ASPECT), 1, settings.size)
-    check_fits(run_bytes(w, h, settings.crops, settings.crop_batch), device,
-               f"--size {settings.size}: optimising even the thinnest image ({w}x{h} px) with {settings.crops} crops",
-               "lower --size")
+    check_fits(
+        run_bytes(w, h, settings.crops, settings.crop_batch),
+        device,
+        f"--size {settings.size}: optimising even the thinnest image ({w}x{h} px) with {settings.crops} crops",
+        "lower --size",
+    )
 
 
 def check_render_size(longest: int, device, option: str = "--size") -> None:
@@ -104,5 +110,9 @@ def check_render_size(longest: int, device, option: str = "--size") -> None:
     from clipstyle.images import MAX_ASPECT
 
     w, h = longest, max(1, round(longest / MAX_ASPECT))
-    check_fits(render_bytes(w, h), device, f"{option} {longest}: rendering even the thinnest image ({w}x{h} px)",
-               f"lower {option}")
+    check_fits(
+        render_bytes(w, h),
+        device,
+        f"{option} {longest}: rendering even the thinnest image ({w}x{h} px)",
+        f"lower {option}",
+    )

@@ -61,8 +61,9 @@ def clip_score(clip, image: torch.Tensor, text_emb: torch.Tensor) -> float:
     return float(F.cosine_similarity(emb, text_emb.float(), dim=0))
 
 
-def patch_boxes(height: int, width: int, n: int = PATCH_CROPS, min_size: int = PATCH_MIN,
-                max_size: int = PATCH_MAX, seed: int = 0) -> list[tuple[int, int, int]]:
+def patch_boxes(
+    height: int, width: int, n: int = PATCH_CROPS, min_size: int = PATCH_MIN, max_size: int = PATCH_MAX, seed: int = 0
+) -> list[tuple[int, int, int]]:
     """``n`` random square crops (top, left, side) of an image of height x width.
 
     Sides are uniform integers in [min_size, max_size], capped by the image's
@@ -91,9 +92,16 @@ def resize_longest(image: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(image, size=new, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
 
 
-def patch_clip_score(clip, image: torch.Tensor, text_emb: torch.Tensor, n: int = PATCH_CROPS, seed: int = 0,
-                     image_size: int = PATCH_IMAGE_SIZE, min_size: int = PATCH_MIN,
-                     max_size: int = PATCH_MAX) -> float:
+def patch_clip_score(
+    clip,
+    image: torch.Tensor,
+    text_emb: torch.Tensor,
+    n: int = PATCH_CROPS,
+    seed: int = 0,
+    image_size: int = PATCH_IMAGE_SIZE,
+    min_size: int = PATCH_MIN,
+    max_size: int = PATCH_MAX,
+) -> float:
     """Mean cosine of the text embedding and ``n`` random crops of the image (appendix B.3).
 
     The image is first brought to ``image_size`` on its longest side, so an
@@ -105,8 +113,12 @@ def patch_clip_score(clip, image: torch.Tensor, text_emb: torch.Tensor, n: int =
     boxes = patch_boxes(x.shape[-2], x.shape[-1], n, min_size, max_size, seed)
     scores = []
     for start in range(0, len(boxes), _CLIP_CHUNK):
-        crops = torch.cat([clip.resize(x[..., top:top + side, left:left + side])
-                           for top, left, side in boxes[start:start + _CLIP_CHUNK]])  # (chunk, 3, S, S)
+        crops = torch.cat(
+            [
+                clip.resize(x[..., top : top + side, left : left + side])
+                for top, left, side in boxes[start : start + _CLIP_CHUNK]
+            ]
+        )  # (chunk, 3, S, S)
         emb = _image_embedding(clip, crops)  # (chunk, D)
         scores.append(emb @ text_emb.float())
     return float(torch.cat(scores).mean())
@@ -136,7 +148,7 @@ def content_distance(vgg, image: torch.Tensor, content: torch.Tensor) -> float:
 
 def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
     x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()  # (size,)
 
 
@@ -166,7 +178,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
         t = F.conv2d(t, g.view(1, 1, 1, -1))
         return F.conv2d(t, g.view(1, 1, -1, 1))
 
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     mx, my = blur(x), blur(y)
     sxx = blur(x * x) - mx * mx
     syy = blur(y * y) - my * my
@@ -200,8 +212,10 @@ def load_lpips(device: torch.device | str = "cpu") -> tuple[Callable | None, str
         return None, "lpips not computed: the optional 'lpips' package is not installed (pip install lpips)"
     weights = _alexnet_weights_file()
     if not os.path.isfile(weights):
-        return None, (f"lpips not computed: AlexNet weights are not in the cache ({weights}); "
-                      "they are downloaded once by torchvision's AlexNet_Weights.IMAGENET1K_V1")
+        return None, (
+            f"lpips not computed: AlexNet weights are not in the cache ({weights}); "
+            "they are downloaded once by torchvision's AlexNet_Weights.IMAGENET1K_V1"
+        )
     sink = io.StringIO()
     try:
         # the package prints while it loads; the library never prints
@@ -244,10 +258,20 @@ class ImageScores:
         return all(v is None or math.isfinite(v) for v in values)
 
 
-def score_image(models, image: torch.Tensor, content: torch.Tensor, prompt: str, *,
-                templates: tuple[str, ...], source: str = Settings.source, patch_crops: int = PATCH_CROPS,
-                patch_seed: int = 0, patch_image_size: int = PATCH_IMAGE_SIZE,
-                lpips_fn: Callable | None = None, lpips_note: str | None = None) -> ImageScores:
+def score_image(
+    models,
+    image: torch.Tensor,
+    content: torch.Tensor,
+    prompt: str,
+    *,
+    templates: tuple[str, ...],
+    source: str = Settings.source,
+    patch_crops: int = PATCH_CROPS,
+    patch_seed: int = 0,
+    patch_image_size: int = PATCH_IMAGE_SIZE,
+    lpips_fn: Callable | None = None,
+    lpips_note: str | None = None,
+) -> ImageScores:
     """All metrics of ``image`` (1, 3, H, W) in [0, 1] for ``prompt``, against ``content``.
 
     ``content`` must already have the image's size (the CLI resizes it). Text

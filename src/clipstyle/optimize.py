@@ -144,8 +144,10 @@ class _PairState:
         # output composited over the photo outside it (clipstyle.masks).
         self.mask = None if mask is None else mask.to(device)
         draw = draw_crops if mask is None else crop_sampler(mask, settings.crop_size)
-        draws = [draw(h, w, settings.crops, settings.crop_size, settings.distortion, self.generator)
-                 for _ in range(settings.steps)]
+        draws = [
+            draw(h, w, settings.crops, settings.crop_size, settings.distortion, self.generator)
+            for _ in range(settings.steps)
+        ]
         self.crop_hom = torch.stack([d.hom for d in draws]).to(device)  # (steps, n, 3, 3)
         self.crop_offset = torch.stack([d.offset for d in draws]).to(device)  # (steps, n, 2)
         self.crop_side = draws[0].crop
@@ -228,7 +230,7 @@ def _clip_rows(pairs: list[_PairState], n_crops: int | list[int], chunk: int):
     if chunk <= 0:
         chunk = len(items)
     for s in range(0, len(items), chunk):
-        part = items[s:s + chunk]
+        part = items[s : s + chunk]
         merged = []  # merge consecutive crops of one pair into one slice
         for p, kind, a, b in part:
             if merged and merged[-1][0] is p and merged[-1][1] == "c" == kind and merged[-1][3] == a:
@@ -272,8 +274,10 @@ def stylize_many(
     out_size = clip.image_size[0]
     reset_peak_memory(device)
     masks = masks or [None] * len(contents)
-    pairs = [_PairState(i, c, p, s, models, vgg, settings, amp, m)
-             for i, (c, p, s, m) in enumerate(zip(contents, prompts, seeds, masks))]
+    pairs = [
+        _PairState(i, c, p, s, models, vgg, settings, amp, m)
+        for i, (c, p, s, m) in enumerate(zip(contents, prompts, seeds, masks))
+    ]
     active = list(pairs)
     n = settings.crops
     start = time.perf_counter()
@@ -321,8 +325,9 @@ def stylize_many(
                     weight.append(torch.full((rows,), settings.lambda_patch / n, device=device))
                 is_crop.append(torch.full((rows,), kind == "c", device=device))
                 if rejection.force is not None:  # crop indices: forced rejection counts the first crops
-                    index.append(torch.arange(a, b, device=device) if kind == "c"
-                                 else torch.full((1,), -1, device=device))
+                    index.append(
+                        torch.arange(a, b, device=device) if kind == "c" else torch.full((1,), -1, device=device)
+                    )
                 src.append(p.source_emb.expand(rows, -1))
                 tdir.append(p.text_dir.expand(rows, -1))
                 owners.append((p, kind, rows))
@@ -342,13 +347,13 @@ def stylize_many(
             detached = per_row.detach()
             i = 0
             for p, kind, rows in owners:
-                part = detached[i:i + rows].sum()
+                part = detached[i : i + rows].sum()
                 if kind == "g":
                     p.sums["dir"] = p.sums["dir"] + part
                 else:
                     p.sums["patch"] = p.sums["patch"] + part / max(n, 1)
                     if rejected is not None:
-                        p.rejected[-1] = p.rejected[-1] + rejected[i:i + rows].sum()
+                        p.rejected[-1] = p.rejected[-1] + rejected[i : i + rows].sum()
                 i += rows
         if device.type == "cpu" or two_pass:  # the host knows the counts without waiting for a device
             chooser.observe(sum(float(p.rejected[-1]) for p in active), n * len(active))
@@ -380,8 +385,12 @@ def stylize_many(
                 p.opt.step()
             p.opt.zero_grad(set_to_none=True)
             s = p.sums
-            s["total"] = (settings.lambda_patch * s["patch"] + settings.lambda_dir * s["dir"]
-                          + settings.lambda_content * s["content"] + settings.lambda_tv * s["tv"])
+            s["total"] = (
+                settings.lambda_patch * s["patch"]
+                + settings.lambda_dir * s["dir"]
+                + settings.lambda_content * s["content"]
+                + settings.lambda_tv * s["tv"]
+            )
             p.output = p.leaf.detach()
 
         done = step + 1
@@ -401,8 +410,19 @@ def stylize_many(
                     active.remove(p)
             if callback is not None and p.error is None:
                 fraction = float(p.rejected[-1]) / n if read and n else None
-                callback(StepInfo(p.index, done, settings.steps, values, now - start, p.output, now - last,
-                                  rejected=fraction, two_pass=two_pass))
+                callback(
+                    StepInfo(
+                        p.index,
+                        done,
+                        settings.steps,
+                        values,
+                        now - start,
+                        p.output,
+                        now - last,
+                        rejected=fraction,
+                        two_pass=two_pass,
+                    )
+                )
         # The next step starts after the callbacks: their time (progress bars,
         # snapshots, a benchmark's own measurements) is not the step's.
         last = time.perf_counter()
@@ -414,9 +434,18 @@ def stylize_many(
     results = []
     for p in pairs:
         h, w = p.content.shape[-2:]
-        r = StylizeResult(prompt=p.prompt, seed=p.seed, steps=settings.steps, size=(w, h),
-                          seconds_total=total, peak_memory_bytes=peak, device=str(device),
-                          precision=precision_name(amp), error=p.error, losses=dict(p.losses))
+        r = StylizeResult(
+            prompt=p.prompt,
+            seed=p.seed,
+            steps=settings.steps,
+            size=(w, h),
+            seconds_total=total,
+            peak_memory_bytes=peak,
+            device=str(device),
+            precision=precision_name(amp),
+            error=p.error,
+            losses=dict(p.losses),
+        )
         r.seconds_per_step = statistics.median(p.step_times) if p.step_times else 0.0
         if n and p.rejected:
             r.rejected_fraction = sum(float(c) for c in p.rejected) / (n * len(p.rejected))
@@ -451,8 +480,9 @@ def stylize(
     if models is None:
         models = default_models(resolve_device("auto" if device is None else str(device)))
     elif device is not None and not same_device(resolve_device(str(device)), models.device):
-        raise ClipstyleError(f"device {device} differs from the models' device {models.device}; "
-                             "move the models or leave device out")
+        raise ClipstyleError(
+            f"device {device} differs from the models' device {models.device}; move the models or leave device out"
+        )
     check_prompt(models, prompt)
     content = prepare_content(image, settings.size)
     result = stylize_many([content], [prompt], [seed], models=models, settings=settings, callback=callback)[0]

@@ -59,8 +59,14 @@ def style_path(output: Path, save_style: Path | None, single: bool) -> Path | No
     return save_style / f"{output.stem}.style"
 
 
-def plan_pairs(inputs: list[InputFile], prompts: list[str], output: Path | None, base_seed: int,
-               shard: tuple[int, int] | None = None, save_style: Path | None = None) -> list[RunJob]:
+def plan_pairs(
+    inputs: list[InputFile],
+    prompts: list[str],
+    output: Path | None,
+    base_seed: int,
+    shard: tuple[int, int] | None = None,
+    save_style: Path | None = None,
+) -> list[RunJob]:
     """One RunJob per (image, prompt), with its output path and seed.
 
     ``output`` is a file when there is one image and one prompt and it ends in
@@ -82,8 +88,7 @@ def plan_pairs(inputs: list[InputFile], prompts: list[str], output: Path | None,
     for inp in inputs:
         for prompt in prompts:
             out = as_file or mirrored_output(folder, inp, slugs[prompt])
-            job = RunJob(inp, prompt, out, pair_seed(base_seed, inp.rel, prompt),
-                         style_path(out, save_style, single))
+            job = RunJob(inp, prompt, out, pair_seed(base_seed, inp.rel, prompt), style_path(out, save_style, single))
             if shard is None or in_shard(job, shard):
                 jobs.append(job)
     return jobs

@@ -93,8 +93,9 @@ class _Collect(Events):
         self.returned.notes.append((None if pair is None else str(pair.input.path), message))
 
 
-def stylize_batch(models, batch: list[RunJob], data: dict[str, bytes], settings, options: RunOptions,
-                  models_info: dict | None = None) -> Returned:
+def stylize_batch(
+    models, batch: list[RunJob], data: dict[str, bytes], settings, options: RunOptions, models_info: dict | None = None
+) -> Returned:
     """An actor's work on one batch: runner.run_pairs on the bytes it was sent.
 
     Existing files are the driver's business, so the actor overwrites its
@@ -102,14 +103,23 @@ def stylize_batch(models, batch: list[RunJob], data: dict[str, bytes], settings,
     """
     returned = Returned()
     files = _Received(data)
-    run_pairs(batch, models, settings, dataclasses.replace(options, overwrite=True), Report(None),
-              _Collect(returned), models_info=models_info, files=files)
+    run_pairs(
+        batch,
+        models,
+        settings,
+        dataclasses.replace(options, overwrite=True),
+        Report(None),
+        _Collect(returned),
+        models_info=models_info,
+        files=files,
+    )
     returned.files = files.written
     return returned
 
 
-def instant_batch(models, batch: list[RunJob], data: dict[str, bytes], settings, options: RunOptions,
-                  png: bytes | None = None) -> Returned:
+def instant_batch(
+    models, batch: list[RunJob], data: dict[str, bytes], settings, options: RunOptions, png: bytes | None = None
+) -> Returned:
     """A stand-in for stylize_batch that returns at once, for measuring the driver and Ray
     without a model (and for tests): every pair ok, its output ``png`` (default: a tiny
     PNG of a colour drawn from the pair's seed). Not reachable from the command line."""
@@ -120,8 +130,9 @@ def instant_batch(models, batch: list[RunJob], data: dict[str, bytes], settings,
         assert str(pair.input.path) in data  # the driver sent the input
         returned.records.append(base_record(pair, settings, "ok"))
         colour = tuple(pair.seed.to_bytes(8, "little")[:3])
-        returned.files[str(pair.output)] = png if png is not None else png_bytes(
-            Image.new("RGB", (8, 8), colour), {"seed": str(pair.seed)})
+        returned.files[str(pair.output)] = (
+            png if png is not None else png_bytes(Image.new("RGB", (8, 8), colour), {"seed": str(pair.seed)})
+        )
     return returned
 
 
@@ -143,8 +154,12 @@ class Worker:
     def info(self) -> dict:
         import socket
 
-        return {"version": __version__, "host": socket.gethostname(), "fatal": self.fatal,
-                "device": str(getattr(self.models, "device", None))}
+        return {
+            "version": __version__,
+            "host": socket.gethostname(),
+            "fatal": self.fatal,
+            "device": str(getattr(self.models, "device", None)),
+        }
 
     def run(self, batch: list[RunJob], data: dict[str, bytes]) -> Returned:
         return self.job(self.models, batch, data, self.settings, self.options)
@@ -210,10 +225,21 @@ def connect(ray, address: str | None) -> bool:
     return True
 
 
-def run_with_ray(pairs: list[RunJob], loader, settings, options: RunOptions, report: Report,
-                 events: Events | None = None, *, address: str | None = None, workers: int | None = None,
-                 cpus_per_worker: int = 1, device: str = "auto", job=None,
-                 models_info: dict | None = None) -> Summary:
+def run_with_ray(
+    pairs: list[RunJob],
+    loader,
+    settings,
+    options: RunOptions,
+    report: Report,
+    events: Events | None = None,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: int = 1,
+    device: str = "auto",
+    job=None,
+    models_info: dict | None = None,
+) -> Summary:
     """Like runner.run_pairs, on the actors of a Ray cluster.
 
     ``loader(device=...)`` loads the models in an actor; it must be picklable
@@ -239,8 +265,9 @@ def run_with_ray(pairs: list[RunJob], loader, settings, options: RunOptions, rep
         ray = import_ray()
         started_here = connect(ray, address)
         try:
-            driver = _Driver(ray, todo, len(pairs), loader, settings, options, events, finish, workers,
-                             cpus_per_worker, device, job)
+            driver = _Driver(
+                ray, todo, len(pairs), loader, settings, options, events, finish, workers, cpus_per_worker, device, job
+            )
             driver.keeps = work.keeps  # outputs already there, made as asked: not written again
             driver.run()
         finally:
@@ -253,13 +280,14 @@ def run_with_ray(pairs: list[RunJob], loader, settings, options: RunOptions, rep
 class _Driver:
     """The hand-out loop: keeps every live actor busy, writes what comes back, replaces the dead."""
 
-    def __init__(self, ray, todo, total, loader, settings, options, events, finish, workers, cpus_per_worker,
-                 device, job):
+    def __init__(
+        self, ray, todo, total, loader, settings, options, events, finish, workers, cpus_per_worker, device, job
+    ):
         self.ray, self.total, self.settings, self.options = ray, total, settings, options
         self.events, self.finish = events, finish
         self.keeps = lambda path: False  # run_with_ray sets it: which existing outputs to keep
         size = max(1, options.batch)
-        self.queue = collections.deque(_Batch(todo[i:i + size]) for i in range(0, len(todo), size))
+        self.queue = collections.deque(_Batch(todo[i : i + size]) for i in range(0, len(todo), size))
         count, gpu = default_workers(ray.cluster_resources(), cpus_per_worker)
         self.count = workers or count
         self.needs = {"num_gpus": 1 if gpu else 0, "num_cpus": 1 if gpu else cpus_per_worker}
@@ -293,11 +321,18 @@ class _Driver:
                         self._started(ref)
                     else:
                         self._returned(ref)
-                if not waited_noted and self.pending_info and len(self.pending_info) == len(self.actors) \
-                        and time.monotonic() - began > WAIT_NOTE_S:
+                if (
+                    not waited_noted
+                    and self.pending_info
+                    and len(self.pending_info) == len(self.actors)
+                    and time.monotonic() - began > WAIT_NOTE_S
+                ):
                     waited_noted = True
-                    self.events.note(None, f"no Ray worker has started after {WAIT_NOTE_S:.0f} s; each needs "
-                                           f"{self._needs()} (is the cluster big enough?)")
+                    self.events.note(
+                        None,
+                        f"no Ray worker has started after {WAIT_NOTE_S:.0f} s; each needs "
+                        f"{self._needs()} (is the cluster big enough?)",
+                    )
         finally:
             for handle in self.actors.values():
                 self.ray.kill(handle, no_restart=True)
@@ -305,8 +340,9 @@ class _Driver:
         reason = "; ".join(dict.fromkeys(self.fatal)) or "no Ray worker left"
         for batch in self.queue:  # pairs no actor could take
             for pair in batch.pairs:
-                self._finish(pair, base_record(pair, self.settings, "failed",
-                                               f"{pair.input.path}: not processed ({reason})"))
+                self._finish(
+                    pair, base_record(pair, self.settings, "failed", f"{pair.input.path}: not processed ({reason})")
+                )
 
     def _needs(self) -> str:
         return f"{self.needs['num_gpus']} GPU and {self.needs['num_cpus']} CPU"
@@ -332,8 +368,11 @@ class _Driver:
             return
         self.ready.add(key)
         if info["version"] != __version__:
-            self.events.note(None, f"the Ray worker on {info['host']} runs clipstyle {info['version']}, this "
-                                   f"machine {__version__}: outputs may differ from a local run")
+            self.events.note(
+                None,
+                f"the Ray worker on {info['host']} runs clipstyle {info['version']}, this "
+                f"machine {__version__}: outputs may differ from a local run",
+            )
 
     def _hand_out(self) -> None:
         for key in sorted(self.ready):
@@ -436,9 +475,15 @@ class _Driver:
         self.order[key].remove(batch)
         if batch.attempts >= MAX_ATTEMPTS:
             for pair in batch.pairs:
-                self._finish(pair, base_record(pair, self.settings, "failed",
-                                               f"{pair.input.path}: a Ray worker died {batch.attempts} times "
-                                               f"while running it ({reason})"))
+                self._finish(
+                    pair,
+                    base_record(
+                        pair,
+                        self.settings,
+                        "failed",
+                        f"{pair.input.path}: a Ray worker died {batch.attempts} times while running it ({reason})",
+                    ),
+                )
         else:
             self.queue.appendleft(batch)
 

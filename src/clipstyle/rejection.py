@@ -79,8 +79,7 @@ class Rejection:
         """Crops of a pair counted as rejected in forced mode (the first ones)."""
         return round(self.force * n_crops) if self.force is not None else 0
 
-    def rejected(self, losses: torch.Tensor, crop_index: torch.Tensor, n_crops: int,
-                 threshold: float) -> torch.Tensor:
+    def rejected(self, losses: torch.Tensor, crop_index: torch.Tensor, n_crops: int, threshold: float) -> torch.Tensor:
         """Which rows are rejected patches: (rows,) bool.
 
         losses: (rows,) directional losses; crop_index: (rows,) each row's crop
@@ -142,8 +141,9 @@ def select(grids: CropGrids, index: torch.Tensor) -> CropGrids:
     return CropGrids(grids.grid[index], grids.mask[index])
 
 
-def kept_crops(pairs, n_crops: int, chunk: int, encode_image, rejection: Rejection, threshold: float,
-               amp) -> list[torch.Tensor]:
+def kept_crops(
+    pairs, n_crops: int, chunk: int, encode_image, rejection: Rejection, threshold: float, amp
+) -> list[torch.Tensor]:
     """The no-grad pass: each pair's kept crop indices (1-D long tensors, ascending).
 
     pairs: the loop's pairs (``leaf``, ``seen`` (what CLIP sees), ``grids``, ``source_emb``, ``text_dir``);
@@ -158,7 +158,7 @@ def kept_crops(pairs, n_crops: int, chunk: int, encode_image, rejection: Rejecti
     rejected = []
     with torch.no_grad():
         for s in range(0, len(rows), step):
-            part = rows[s:s + step]
+            part = rows[s : s + step]
             images, src, tdir, index = [], [], [], []
             start = 0
             while start < len(part):  # consecutive crops of one pair: one slice

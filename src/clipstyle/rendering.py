@@ -66,8 +66,13 @@ def _windows(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, 
     return [(s, e, cuts[i], cuts[i + 1]) for i, (s, e) in enumerate(zip(starts, ends))]
 
 
-def plan_tiles(height: int, width: int, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
-               max_pixels: int = WHOLE_IMAGE_PIXELS) -> tuple[int, int] | None:
+def plan_tiles(
+    height: int,
+    width: int,
+    tile: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+    max_pixels: int = WHOLE_IMAGE_PIXELS,
+) -> tuple[int, int] | None:
     """The (tile, overlap) ``render`` uses for an image of this size, or None for
     one whole-image pass. ``tile=None``: whole up to ``max_pixels``, else tiles of
     DEFAULT_TILE; ``tile=0``: always whole. Tiles are rounded up to multiples of 8."""
@@ -119,11 +124,21 @@ def _blend(networks: list[StyleNet], weights: list[float], x: torch.Tensor) -> t
         out = y if out is None else out + y
     return out
 
+
 @torch.no_grad()
-def render(networks, image: torch.Tensor, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
-           strength: float = 1.0, mix: Sequence[float] | None = None, max_pixels: int = WHOLE_IMAGE_PIXELS,
-           tile_stats: str = "image", device: torch.device | str | None = None,
-           callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def render(
+    networks,
+    image: torch.Tensor,
+    *,
+    tile: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+    strength: float = 1.0,
+    mix: Sequence[float] | None = None,
+    max_pixels: int = WHOLE_IMAGE_PIXELS,
+    tile_stats: str = "image",
+    device: torch.device | str | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Restyle ``image`` (1, 3, H, W) in [0, 1] with one or several trained networks.
 
     - ``networks``: a StyleNet or Style, or a sequence of them.
@@ -156,8 +171,10 @@ def render(networks, image: torch.Tensor, *, tile: int | None = None, overlap: i
 
     Returns (1, 3, H, W) float32 in [0, 1] on ``image``'s device.
     """
-    nets = [n.network if isinstance(n, Style) else n
-            for n in (networks if isinstance(networks, (list, tuple)) else [networks])]
+    nets = [
+        n.network if isinstance(n, Style) else n
+        for n in (networks if isinstance(networks, (list, tuple)) else [networks])
+    ]
     weights = mix_weights(len(nets), mix)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1] (got {strength})")
@@ -254,7 +271,7 @@ def _image_stats(net, x, dev, rows, cols, tile_size, progress) -> dict:
             # the tile was padded to a multiple of 8; scale core bounds to this level
             (py, px), (y0, y1, x0, x1) = core
             fy, fx = t.shape[-2] / py, t.shape[-1] / px
-            region = t[..., int(y0 * fy):math.ceil(y1 * fy), int(x0 * fx):math.ceil(x1 * fx)].double()
+            region = t[..., int(y0 * fy) : math.ceil(y1 * fy), int(x0 * fx) : math.ceil(x1 * fx)].double()
             total[0] = total[0] + region.sum(dim=(0, 2, 3))
             total[1] = total[1] + region.square().sum(dim=(0, 2, 3))
             total[2] += region.shape[-2] * region.shape[-1]

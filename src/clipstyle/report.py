@@ -53,12 +53,17 @@ class Report:
                 self._pending.pop(0)
             os.fsync(self._fd)
         except OSError as exc:
-            self.lost = OutputError(f"{len(self._pending)} report records could not be written "
-                                    f"({exc.strerror or exc}); the outputs are kept: rerun to record them", self.path)
+            self.lost = OutputError(
+                f"{len(self._pending)} report records could not be written "
+                f"({exc.strerror or exc}); the outputs are kept: rerun to record them",
+                self.path,
+            )
             if self._warn is not None and not self._warned:
                 self._warned = True
-                self._warn(f"cannot write the report ({exc.strerror or exc}): the run goes on, and its records "
-                           "are written when there is room again, at the latest at the end")
+                self._warn(
+                    f"cannot write the report ({exc.strerror or exc}): the run goes on, and its records "
+                    "are written when there is room again, at the latest at the end"
+                )
         else:
             self.lost = None
 
@@ -77,7 +82,7 @@ def _append(fd: int, data: bytes) -> None:
     view = memoryview(data)
     try:
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except OSError:
         try:
             os.ftruncate(fd, start)
@@ -141,8 +146,11 @@ def read_report(path: str | Path) -> list[dict]:
         missing = [k for k in ("input", "prompt", "output", "status") if k not in record]
         if missing:
             raise ClipstyleError(f"record {number} has no {', '.join(missing)} field (not a run report?)", path)
-        record = dict(record, input=resolve_path(str(record["input"]), path.parent),
-                      output=resolve_path(str(record["output"]), path.parent))
+        record = dict(
+            record,
+            input=resolve_path(str(record["input"]), path.parent),
+            output=resolve_path(str(record["output"]), path.parent),
+        )
         key = (os.path.abspath(record["input"]), record["prompt"])
         previous = chosen.get(key)
         good = record["status"] in ("ok", "skipped")

@@ -61,25 +61,44 @@ class RunOptions:
 
 def base_record(job: RunJob, settings, status: str, error: str | None = None) -> dict:
     return {
-        "input": str(job.input.path), "prompt": job.prompt, "output": str(job.output),
-        "status": status, "error": error, "seed": job.seed, "steps": settings.steps,
-        "size": None, "device": None, "precision": None, "seconds_total": None, "seconds_per_step": None,
-        "losses": None, "peak_memory_bytes": None, "rejected_fraction": None,
+        "input": str(job.input.path),
+        "prompt": job.prompt,
+        "output": str(job.output),
+        "status": status,
+        "error": error,
+        "seed": job.seed,
+        "steps": settings.steps,
+        "size": None,
+        "device": None,
+        "precision": None,
+        "seconds_total": None,
+        "seconds_per_step": None,
+        "losses": None,
+        "peak_memory_bytes": None,
+        "rejected_fraction": None,
     }
 
 
-def output_metadata(job: RunJob, settings, models_info: dict, options: RunOptions,
-                    input_sha256: str | None = None) -> dict:
+def output_metadata(
+    job: RunJob, settings, models_info: dict, options: RunOptions, input_sha256: str | None = None
+) -> dict:
     """What goes into the PNG's text chunks: enough to repeat the run (no timings, so
     the same seed gives the same bytes), and to know on a rerun whether it is done (resume.py)."""
     return {
         "prompt": job.prompt,
         "Software": f"clipstyle {__version__}",
         "clipstyle": {
-            "version": __version__, "input": job.input.path.name, "input_sha256": input_sha256,
-            "prompt": job.prompt, "seed": job.seed, "base_seed": options.base_seed, "contrast": options.contrast,
-            "strength": options.strength, "output_size": options.output_size,
-            "settings": settings.to_dict(), "models": models_info,
+            "version": __version__,
+            "input": job.input.path.name,
+            "input_sha256": input_sha256,
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "base_seed": options.base_seed,
+            "contrast": options.contrast,
+            "strength": options.strength,
+            "output_size": options.output_size,
+            "settings": settings.to_dict(),
+            "models": models_info,
             **({"region": options.region.record()} if options.region is not None else {}),
         },
     }
@@ -118,8 +137,9 @@ class _Content:
 class _StylizePairs(Work):
     """run's work: check prompts once, decode each image once, optimise pairs in batches, save."""
 
-    def __init__(self, models, settings, options: RunOptions, models_info: dict | None = None,
-                 files: Files | None = None):
+    def __init__(
+        self, models, settings, options: RunOptions, models_info: dict | None = None, files: Files | None = None
+    ):
         self.files = files or Files()
         self._models = models  # Models, or a callable that loads them (called once, when first needed)
         self._models_info = models_info
@@ -153,11 +173,17 @@ class _StylizePairs(Work):
         return [job.output] if job.style is None else [job.output, job.style]
 
     def identity(self, job: RunJob, path: Path) -> dict:
-        made = {"prompt": job.prompt, "seed": job.seed, "settings": settings_identity(self.settings),
-                "models": self.models_info, "input_sha256": self._input_sha256(job)}
+        made = {
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "settings": settings_identity(self.settings),
+            "models": self.models_info,
+            "input_sha256": self._input_sha256(job),
+        }
         if path == job.output:  # the image; the style file is the network alone
-            made.update(contrast=self.options.contrast, strength=self.options.strength,
-                        output_size=self.options.output_size)
+            made.update(
+                contrast=self.options.contrast, strength=self.options.strength, output_size=self.options.output_size
+            )
         return made
 
     def _input_sha256(self, job: RunJob) -> str | None:
@@ -213,8 +239,13 @@ class _StylizePairs(Work):
         """Refuse an image whose training (or output) size cannot fit in the device's memory."""
         s, device = self.settings, self.models.device
         w, h = io.fit_size(width, height, s.size)
-        check_fits(run_bytes(w, h, s.crops, s.crop_batch), device, f"optimising at {w}x{h} px with {s.crops} crops",
-                   "lower --size or --crops", job.input.path)
+        check_fits(
+            run_bytes(w, h, s.crops, s.crop_batch),
+            device,
+            f"optimising at {w}x{h} px with {s.crops} crops",
+            "lower --size or --crops",
+            job.input.path,
+        )
         if self.options.output_size:
             w, h = target_size(width, height, self.options.output_longest)
             check_fits(render_bytes(w, h), device, f"rendering at {w}x{h} px", "lower --output-size", job.input.path)
@@ -224,9 +255,11 @@ class _StylizePairs(Work):
         h, w = content.tensor.shape[-2:] if content is not None else (self.settings.size,) * 2
         several = len(batch) > 1
         where = f"at {w}x{h} px" if content is not None else f"preparing the image for --size {self.settings.size}"
-        return (f"out of memory {where} with {self.settings.crops} crops"
-                f"{f' and {len(batch)} pairs per batch' if several else ''}; lower --size,"
-                f" --crops{' or --batch' if several else ''}, or encode crops in chunks with --crop-batch 8")
+        return (
+            f"out of memory {where} with {self.settings.crops} crops"
+            f"{f' and {len(batch)} pairs per batch' if several else ''}; lower --size,"
+            f" --crops{' or --batch' if several else ''}, or encode crops in chunks with --crop-batch 8"
+        )
 
     def free_memory(self) -> None:
         super().free_memory()
@@ -235,10 +268,15 @@ class _StylizePairs(Work):
 
     def process(self, batch: list[tuple], events: Events) -> list[dict]:
         jobs = [job for job, _ in batch]
-        results = stylize_many([c.tensor for _, c in batch], [j.prompt for j in jobs], [j.seed for j in jobs],
-                               models=self.models, settings=self.settings,
-                               callback=lambda info: self._on_step(jobs[info.pair], info, events),
-                               masks=[self._regions.training_mask(str(j.input.path), c.tensor) for j, c in batch])
+        results = stylize_many(
+            [c.tensor for _, c in batch],
+            [j.prompt for j in jobs],
+            [j.seed for j in jobs],
+            models=self.models,
+            settings=self.settings,
+            callback=lambda info: self._on_step(jobs[info.pair], info, events),
+            masks=[self._regions.training_mask(str(j.input.path), c.tensor) for j, c in batch],
+        )
         return [self._save(job, content, result) for (job, content), result in zip(batch, results)]
 
     def _on_step(self, job: RunJob, info, events: Events) -> None:
@@ -251,27 +289,37 @@ class _StylizePairs(Work):
 
     def _save(self, job: RunJob, content: _Content, result) -> dict:
         record = self.record(job, "ok")
-        record.update(size=list(result.size), device=result.device, precision=result.precision,
-                      seconds_total=round(result.seconds_total, 4),
-                      seconds_per_step=round(result.seconds_per_step, 5),
-                      losses=result.losses or None, peak_memory_bytes=result.peak_memory_bytes,
-                      rejected_fraction=result.rejected_fraction)
+        record.update(
+            size=list(result.size),
+            device=result.device,
+            precision=result.precision,
+            seconds_total=round(result.seconds_total, 4),
+            seconds_per_step=round(result.seconds_per_step, 5),
+            losses=result.losses or None,
+            peak_memory_bytes=result.peak_memory_bytes,
+            rejected_fraction=result.rejected_fraction,
+        )
         if self.options.region is not None:
             record["region"] = self.options.region.record()
         if result.error is not None:
             record.update(status="failed", error=f"{job.input.path}: {result.error.reason}")
             return record
         try:
-            image = self._regions.finish(str(job.input.path), self._final_image(content, result),
-                                         self.options.contrast)
+            image = self._regions.finish(str(job.input.path), self._final_image(content, result), self.options.contrast)
             if not self.keeps(job.output):
                 meta = output_metadata(job, self.settings, self.models_info, self.options, self._input_sha256(job))
                 self.files.save_png(image, job.output, meta, overwrite=self.overwrite)
             record["output_size"] = list(image.shape[-1:-3:-1])
             if job.style is not None and not self.keeps(job.style):
-                meta = style_metadata(prompt=job.prompt, settings=self.settings, seed=job.seed,
-                                      input_path=job.input.path, trained_size=result.size,
-                                      models_info=self.models_info, input_sha256=self._input_sha256(job))
+                meta = style_metadata(
+                    prompt=job.prompt,
+                    settings=self.settings,
+                    seed=job.seed,
+                    input_path=job.input.path,
+                    trained_size=result.size,
+                    models_info=self.models_info,
+                    input_sha256=self._input_sha256(job),
+                )
                 if self.options.region is not None:
                     meta["region"] = self.options.region.record()
                 self.files.save_style(job.style, result.network, meta, overwrite=self.overwrite)
@@ -282,8 +330,9 @@ class _StylizePairs(Work):
             if not is_out_of_memory(exc):
                 raise
             self.free_memory()
-            record.update(status="failed", error=f"{job.input.path}: out of memory rendering the final image; "
-                                                 "lower --output-size")
+            record.update(
+                status="failed", error=f"{job.input.path}: out of memory rendering the final image; lower --output-size"
+            )
         return record
 
     def _final_image(self, content: _Content, result):
@@ -299,15 +348,24 @@ class _StylizePairs(Work):
         return torch.lerp(content.tensor.cpu(), result.tensor, options.strength)
 
 
-def run_work(models, settings, options: RunOptions, models_info: dict | None = None,
-             files: Files | None = None) -> Work:
+def run_work(
+    models, settings, options: RunOptions, models_info: dict | None = None, files: Files | None = None
+) -> Work:
     """run's batch.Work (see run_pairs for the arguments)."""
     return _StylizePairs(models, settings, options, models_info, files)
 
 
-def run_pairs(jobs: list[RunJob], models, settings, options: RunOptions, report,
-              events: Events | None = None, models_info: dict | None = None,
-              summary: Summary | None = None, files: Files | None = None) -> Summary:
+def run_pairs(
+    jobs: list[RunJob],
+    models,
+    settings,
+    options: RunOptions,
+    report,
+    events: Events | None = None,
+    models_info: dict | None = None,
+    summary: Summary | None = None,
+    files: Files | None = None,
+) -> Summary:
     """Optimise every pair through the shared batch loop (batch.run_jobs).
 
     ``models``: a loading.Models, or a callable returning one, called only if a

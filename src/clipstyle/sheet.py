@@ -79,8 +79,9 @@ def cells_from_scores(records: list[dict], base: Path = Path(".")) -> list[Cell]
         if missing:
             raise ClipstyleError(f"score record {number} has no {', '.join(missing)} field")
         scores = {k: r.get(k) for k, _ in SCORE_LABELS if k in r}
-        cells.append(Cell(resolve_path(str(r["content"]), base), r["prompt"], resolve_path(str(r["image"]), base),
-                          scores=scores))
+        cells.append(
+            Cell(resolve_path(str(r["content"]), base), r["prompt"], resolve_path(str(r["image"]), base), scores=scores)
+        )
     return cells
 
 
@@ -155,9 +156,12 @@ def _value(v) -> str:
 
 def score_lines(scores: dict) -> list[str]:
     """Tile captions: two metrics a line, only those present."""
-    items = [f"{label} {_value(scores[key])}" for key, label in SCORE_LABELS
-             if key in scores and not (key == "lpips" and scores[key] is None)]
-    return ["  ".join(items[i:i + 2]) for i in range(0, len(items), 2)]
+    items = [
+        f"{label} {_value(scores[key])}"
+        for key, label in SCORE_LABELS
+        if key in scores and not (key == "lpips" and scores[key] is None)
+    ]
+    return ["  ".join(items[i : i + 2]) for i in range(0, len(items), 2)]
 
 
 def thumbnail(path: str, tile: int, max_pixels: int):
@@ -174,8 +178,13 @@ class Sheet:
     errors: list[ImageError] = field(default_factory=list)  # images that could not be read
 
 
-def build(cells: list[Cell], tile: int = 256, title: str = "clipstyle contact sheet",
-          html_dir: str | Path = ".", max_pixels: int = MAX_PIXELS) -> Sheet:
+def build(
+    cells: list[Cell],
+    tile: int = 256,
+    title: str = "clipstyle contact sheet",
+    html_dir: str | Path = ".",
+    max_pixels: int = MAX_PIXELS,
+) -> Sheet:
     """Draw the sheet and write its HTML page (links relative to ``html_dir``).
 
     Unreadable images become grey tiles and are listed in ``errors``.
@@ -192,8 +201,7 @@ def build(cells: list[Cell], tile: int = 256, title: str = "clipstyle contact sh
     n_lines = max([len(score_lines(c.scores)) for c in grid.cells.values()] + [0]) + 1
     header = line * 2 + pad
     cell_w, cell_h = tile + pad, tile + n_lines * line + 2 * pad
-    sheet = Image.new("RGB", (pad + cell_w * (len(grid.columns) + 1), header + cell_h * len(grid.rows)),
-                      BACKGROUND)
+    sheet = Image.new("RGB", (pad + cell_w * (len(grid.columns) + 1), header + cell_h * len(grid.rows)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     errors: list[ImageError] = []
     thumbs: dict[str, object | None] = {}
@@ -211,8 +219,9 @@ def build(cells: list[Cell], tile: int = 256, title: str = "clipstyle contact sh
     def paste(img, x: int, y: int, note: str) -> None:
         if img is None:
             draw.rectangle([x, y, x + tile - 1, y + tile - 1], fill=MISSING_FILL)
-            draw.text((x + pad, y + tile // 2 - line // 2), _fit_text(draw, note, font, tile - 2 * pad),
-                      fill=FAINT, font=font)
+            draw.text(
+                (x + pad, y + tile // 2 - line // 2), _fit_text(draw, note, font, tile - 2 * pad), fill=FAINT, font=font
+            )
         else:
             sheet.paste(img, (x + (tile - img.width) // 2, y + (tile - img.height) // 2))
 
@@ -272,10 +281,15 @@ def render_html(grid: Layout, thumbs: dict, title: str, html_dir: Path) -> str:
         if img is None:
             body = f'<div class="missing">{e(note or "missing")}</div>'
         else:
-            body = (f'<a href="{e(_href(path, html_dir))}"><img src="{_data_uri(img)}" '
-                    f'alt="{e(caption)}" width="{img.width}" height="{img.height}"></a>')
-        rows = "".join(f"<tr><th>{e(label)}</th><td>{e(_value(scores[key]))}</td></tr>"
-                       for key, label in SCORE_LABELS if key in scores)
+            body = (
+                f'<a href="{e(_href(path, html_dir))}"><img src="{_data_uri(img)}" '
+                f'alt="{e(caption)}" width="{img.width}" height="{img.height}"></a>'
+            )
+        rows = "".join(
+            f"<tr><th>{e(label)}</th><td>{e(_value(scores[key]))}</td></tr>"
+            for key, label in SCORE_LABELS
+            if key in scores
+        )
         table = f'<table class="scores">{rows}</table>' if rows else ""
         return f"<td><figure>{body}<figcaption>{e(caption)}</figcaption>{table}</figure></td>"
 
@@ -291,8 +305,9 @@ def render_html(grid: Layout, thumbs: dict, title: str, html_dir: Path) -> str:
             note = c.status if c.status != "ok" else "unreadable"
             if c.error:
                 note = f"{note}: {c.error}"
-            cells.append(figure(c.output if c.status == "ok" else None,
-                                Path(c.output).name if c.output else "", c.scores, note))
+            cells.append(
+                figure(c.output if c.status == "ok" else None, Path(c.output).name if c.output else "", c.scores, note)
+            )
         body_rows.append("<tr>" + "".join(cells) + "</tr>")
     means = []
     for prompt in grid.columns:
@@ -303,12 +318,17 @@ def render_html(grid: Layout, thumbs: dict, title: str, html_dir: Path) -> str:
             if m is not None:
                 rows += f"<tr><th>{e(label)}</th><td>{e(_value(m))}</td></tr>"
         means.append(f'<td><table class="scores">{rows}</table></td>' if rows else "<td></td>")
-    mean_row = (f'<tr class="means"><th>mean per prompt</th>{"".join(means)}</tr>'
-                if any(m != "<td></td>" for m in means) else "")
-    legend = ("CLIP: cosine of prompt and image (x100 in some papers); patch: mean over 64 random crops "
-              "(CLIPstyler appendix B.3); dir: CLIP direction content&rarr;image against the text direction; "
-              "content: VGG content distance (lower keeps more content); SSIM: higher keeps more structure; "
-              "LPIPS: lower keeps more content.")
+    mean_row = (
+        f'<tr class="means"><th>mean per prompt</th>{"".join(means)}</tr>'
+        if any(m != "<td></td>" for m in means)
+        else ""
+    )
+    legend = (
+        "CLIP: cosine of prompt and image (x100 in some papers); patch: mean over 64 random crops "
+        "(CLIPstyler appendix B.3); dir: CLIP direction content&rarr;image against the text direction; "
+        "content: VGG content distance (lower keeps more content); SSIM: higher keeps more structure; "
+        "LPIPS: lower keeps more content."
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

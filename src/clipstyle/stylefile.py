@@ -74,9 +74,16 @@ def is_style_path(path: str | Path) -> bool:
 # --- writing -----------------------------------------------------------------------------------------------
 
 
-def style_metadata(*, prompt: str, settings=None, seed: int | None = None, input_path: str | Path | None = None,
-                   trained_size: Sequence[int] | None = None, models_info: dict | None = None,
-                   input_sha256: str | None = None) -> dict:
+def style_metadata(
+    *,
+    prompt: str,
+    settings=None,
+    seed: int | None = None,
+    input_path: str | Path | None = None,
+    trained_size: Sequence[int] | None = None,
+    models_info: dict | None = None,
+    input_sha256: str | None = None,
+) -> dict:
     """The metadata ``run --save-style`` records: enough to know what the style is
     and to repeat its training. The input is identified by name and SHA-256, not
     by its full path (which would leak the user's folder layout); ``input_sha256``
@@ -130,10 +137,11 @@ def style_bytes(network: StyleNet, metadata: dict | None = None) -> bytes:
     # safetensors writes its JSON header in hash order, which changes from process to process:
     # sorted, the same network and metadata give the same bytes (on another machine too).
     size = int.from_bytes(data[:8], "little")
-    sorted_header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":"),
-                               ensure_ascii=False).encode("utf-8")
+    sorted_header = json.dumps(
+        json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
     sorted_header += b" " * (-len(sorted_header) % 8)  # padded to 8 bytes, as safetensors pads
-    return len(sorted_header).to_bytes(8, "little") + sorted_header + data[8 + size:]
+    return len(sorted_header).to_bytes(8, "little") + sorted_header + data[8 + size :]
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -151,11 +159,17 @@ def _sniff(path: Path) -> None:
         return  # safetensors: an 8-byte little-endian header length, then a JSON object
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 or head[:1] in (b"(", b"}", b"]"):
         # 0x80 + protocol starts every binary pickle; '(' (MARK), '}' and ']' start older ones
-        raise StyleError("refused: this is a Python pickle, which could run code when loaded; "
-                         "style files are safetensors written by clipstyle", path)
+        raise StyleError(
+            "refused: this is a Python pickle, which could run code when loaded; "
+            "style files are safetensors written by clipstyle",
+            path,
+        )
     if head[:4] == b"PK\x03\x04":
-        raise StyleError("refused: this is a torch.save/zip archive (pickled Python objects, which could run "
-                         "code when loaded); style files are safetensors written by clipstyle", path)
+        raise StyleError(
+            "refused: this is a torch.save/zip archive (pickled Python objects, which could run "
+            "code when loaded); style files are safetensors written by clipstyle",
+            path,
+        )
     raise StyleError("not a clipstyle style file (expected a safetensors file)", path)
 
 
@@ -194,8 +208,10 @@ def _check_header(header: dict, path: Path) -> tuple[int, dict]:
     if version is None:
         raise StyleError(f"a safetensors file, but not a clipstyle style (no {FORMAT_KEY!r} key in its header)", path)
     if version != FORMAT_VERSION:
-        raise StyleError(f"style format {version!r} is not supported by clipstyle {__version__} "
-                         f"(it reads format {FORMAT_VERSION})", path)
+        raise StyleError(
+            f"style format {version!r} is not supported by clipstyle {__version__} (it reads format {FORMAT_VERSION})",
+            path,
+        )
     text = header.get("clipstyle.width", "").strip()
     if len(text) > 6:  # int() of thousands of digits is refused by Python (or slow): no width is that long
         raise StyleError(f"style width is a {len(text)}-character value, not a width in 1..{MAX_WIDTH}", path)

@@ -24,18 +24,34 @@ def vit_fast_path_ok(visual) -> bool:
     if type(visual) is not VisionTransformer:
         return False
     conv = visual.conv1
-    if (visual.attn_pool is not None or visual.pool_type != "tok" or visual.output_tokens
-            or visual.proj is None or not isinstance(visual.patch_dropout, nn.Identity)
-            or conv.bias is not None or conv.kernel_size != conv.stride or conv.padding != (0, 0)
-            or visual.positional_embedding.ndim != 2 or getattr(visual.transformer, "grad_checkpointing", False)):
+    if (
+        visual.attn_pool is not None
+        or visual.pool_type != "tok"
+        or visual.output_tokens
+        or visual.proj is None
+        or not isinstance(visual.patch_dropout, nn.Identity)
+        or conv.bias is not None
+        or conv.kernel_size != conv.stride
+        or conv.padding != (0, 0)
+        or visual.positional_embedding.ndim != 2
+        or getattr(visual.transformer, "grad_checkpointing", False)
+    ):
         return False
     for block in visual.transformer.resblocks:
         attn = block.attn
-        if (type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv")
-                or not isinstance(block.ls_1, nn.Identity) or not isinstance(block.ls_2, nn.Identity)
-                or not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim
-                or not attn.batch_first or attn.in_proj_bias is None or attn.bias_k is not None
-                or attn.add_zero_attn or (attn.dropout and attn.training)):
+        if (
+            type(block) is not ResidualAttentionBlock
+            or hasattr(block, "ln_1_kv")
+            or not isinstance(block.ls_1, nn.Identity)
+            or not isinstance(block.ls_2, nn.Identity)
+            or not isinstance(attn, nn.MultiheadAttention)
+            or not attn._qkv_same_embed_dim
+            or not attn.batch_first
+            or attn.in_proj_bias is None
+            or attn.bias_k is not None
+            or attn.add_zero_attn
+            or (attn.dropout and attn.training)
+        ):
             return False
     return True
 

@@ -79,8 +79,11 @@ class _ArchiveUnpickler(pickle.Unpickler):
 
     def _rebuild_tensor(self, flat, offset, size, stride, *_):
         size, stride = tuple(size), tuple(stride)
-        if (not isinstance(flat, torch.Tensor) or len(size) != len(stride)
-                or not all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
+        if (
+            not isinstance(flat, torch.Tensor)
+            or len(size) != len(stride)
+            or not all(type(v) is int and v >= 0 for v in (offset, *size, *stride))
+        ):
             raise pickle.UnpicklingError("malformed tensor record")
         numel = math.prod(size)
         nbytes = numel * flat.element_size()
@@ -98,8 +101,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if key not in self._storages:
             raw = _read_entry(self._archive, f"{self._prefix}/data/{key}")
             self._budget += 2 * len(raw)
-            self._storages[key] = (torch.frombuffer(bytearray(raw), dtype=dtype) if raw
-                                   else torch.empty(0, dtype=dtype))
+            self._storages[key] = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         storage = self._storages[key]
         return storage if storage.dtype == dtype else storage.view(dtype)
 
@@ -122,8 +124,9 @@ def _read_entry(archive: zipfile.ZipFile, name: str) -> bytes:
     """An archive member, refusing compression bombs (torch writes members uncompressed)."""
     info = archive.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED and info.file_size > 64 * info.compress_size + (1 << 20):
-        raise pickle.UnpicklingError(f"{name} expands {info.file_size // max(info.compress_size, 1)}-fold"
-                                     " (a compression bomb)")
+        raise pickle.UnpicklingError(
+            f"{name} expands {info.file_size // max(info.compress_size, 1)}-fold (a compression bomb)"
+        )
     return archive.read(info)
 
 
@@ -184,8 +187,10 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise
     except pickle.UnpicklingError as exc:
         if str(exc).startswith("GLOBAL "):
-            raise WeightsError(f"refused: it holds Python objects besides tensors ({str(exc)[7:]}),"
-                               " and loading it could run code", path) from None
+            raise WeightsError(
+                f"refused: it holds Python objects besides tensors ({str(exc)[7:]}), and loading it could run code",
+                path,
+            ) from None
         raise WeightsError(f"refused: {_first_line(exc)}", path) from None
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: zip, pickle and tensor errors of every kind
         raise WeightsError(f"not a readable TorchScript weights archive ({_first_line(exc)})", path) from None
@@ -228,22 +233,32 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             # any other failure of it is plain corruption.
             found = re.search(r"GLOBAL ([\w.]+)", str(exc))
             if found:
-                raise WeightsError(f"refused: it holds Python objects besides tensors ({found.group(1)}),"
-                                   " and loading it could run code", path) from None
+                raise WeightsError(
+                    f"refused: it holds Python objects besides tensors ({found.group(1)}),"
+                    " and loading it could run code",
+                    path,
+                ) from None
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
             reason = detail.group(1).strip() if detail else _first_line(exc)
-            raise WeightsError("not a readable weights file: expected a PyTorch state dict, safetensors or a"
-                               f" TorchScript archive (corrupt pickle data: {reason[:120]})", path) from None
+            raise WeightsError(
+                "not a readable weights file: expected a PyTorch state dict, safetensors or a"
+                f" TorchScript archive (corrupt pickle data: {reason[:120]})",
+                path,
+            ) from None
         except Exception as exc:  # noqa: BLE001 - corrupt files fail with many error types
-            raise WeightsError("not a readable weights file: expected a PyTorch state dict, safetensors or a"
-                               f" TorchScript archive ({_first_line(exc)})", path) from None
+            raise WeightsError(
+                "not a readable weights file: expected a PyTorch state dict, safetensors or a"
+                f" TorchScript archive ({_first_line(exc)})",
+                path,
+            ) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                             for k, v in data.items()):
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
         raise WeightsError("expected a state dict (a mapping of names to tensors)", path)
     if data and all(k.startswith("module.") for k in data):
-        data = {k[len("module."):]: v for k, v in data.items()}
+        data = {k[len("module.") :]: v for k, v in data.items()}
     return data
 
 
@@ -263,8 +278,7 @@ def describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> st
     return "; ".join(parts) or None
 
 
-def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str,
-              ignore: tuple[str, ...] = ()) -> None:
+def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str, ignore: tuple[str, ...] = ()) -> None:
     """Copy ``state`` into ``module``; any missing, extra or mis-shaped tensor is a WeightsError.
 
     The module's tensors are replaced by copies of the file's (in the module's
@@ -274,13 +288,13 @@ def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str,
     """
     expected = module.state_dict()
     state = {k: v for k, v in state.items() if k not in ignore}
-    mismatch = describe_mismatch({k: tuple(v.shape) for k, v in expected.items()},
-                                 {k: tuple(v.shape) for k, v in state.items()})
+    mismatch = describe_mismatch(
+        {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in state.items()}
+    )
     if mismatch:
         raise WeightsError(f"not {what} weights: {mismatch}", path)
     converted = {}
     for k, target in expected.items():
         device = torch.device("cpu") if target.is_meta else target.device
-        converted[k] = state[k].to(device=device, dtype=target.dtype, memory_format=torch.contiguous_format,
-                                   copy=True)
+        converted[k] = state[k].to(device=device, dtype=target.dtype, memory_format=torch.contiguous_format, copy=True)
     module.load_state_dict(converted, strict=True, assign=True)

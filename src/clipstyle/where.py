@@ -99,8 +99,9 @@ def phrase_embeddings(clip, phrase: str, settings: WhereSettings | None = None) 
     if key not in cache:
         texts = [phrase] + [b for b in settings.background if b.strip().lower() != phrase.strip().lower()]
         with torch.no_grad():
-            cache[key] = torch.stack([L.embed_texts(clip.encode_text, [t.format(text) for t in settings.templates])
-                                      for text in texts]).float()
+            cache[key] = torch.stack(
+                [L.embed_texts(clip.encode_text, [t.format(text) for t in settings.templates]) for text in texts]
+            ).float()
     return cache[key]
 
 
@@ -141,19 +142,20 @@ def relevance(clip, image: torch.Tensor, text: torch.Tensor, settings: WhereSett
     text = text.to(image.device)
     with torch.no_grad():
         for s in range(0, len(boxes), WINDOW_BATCH):
-            part = boxes[s:s + WINDOW_BATCH]
-            crops = torch.cat([image[..., y:y + side, x:x + side] for y, x in part])  # (b, 3, side, side)
+            part = boxes[s : s + WINDOW_BATCH]
+            crops = torch.cat([image[..., y : y + side, x : x + side] for y, x in part])  # (b, 3, side, side)
             emb = dense_embeddings(clip, crops, settings.method)  # (b, gh, gw, D)
             prob = (settings.temperature * emb @ text.t()).softmax(dim=-1)[..., 0]  # (b, gh, gw)
             maps = F.interpolate(prob[:, None], size=(side, side), mode="bilinear", align_corners=False)
             for (y, x), m in zip(part, maps):
-                acc[..., y:y + side, x:x + side] += m * weight
-                norm[..., y:y + side, x:x + side] += weight
+                acc[..., y : y + side, x : x + side] += m * weight
+                norm[..., y : y + side, x : x + side] += weight
     return acc / norm.clamp_min(1e-12)
 
 
-def where_mask(clip, photo: torch.Tensor, phrase: str, settings: WhereSettings | None = None,
-               text: torch.Tensor | None = None) -> torch.Tensor:
+def where_mask(
+    clip, photo: torch.Tensor, phrase: str, settings: WhereSettings | None = None, text: torch.Tensor | None = None
+) -> torch.Tensor:
     """A mask of where ``phrase`` is in ``photo`` (1, 3, H, W) in [0, 1]: (1, 1, H, W) in [0, 1], on the CPU.
 
     The relevance map is made with the photo's longest side at
@@ -172,8 +174,11 @@ def where_mask(clip, photo: torch.Tensor, phrase: str, settings: WhereSettings |
     h, w = photo.shape[-2:]
     scale = min(1.0, settings.work_size / max(h, w))
     wh, ww = max(1, round(h * scale)), max(1, round(w * scale))
-    small = F.interpolate(photo, size=(wh, ww), mode="bilinear", align_corners=False, antialias=True) \
-        if (wh, ww) != (h, w) else photo
+    small = (
+        F.interpolate(photo, size=(wh, ww), mode="bilinear", align_corners=False, antialias=True)
+        if (wh, ww) != (h, w)
+        else photo
+    )
     prob = relevance(clip, small.to(device), text, settings).float().cpu()
     hard = (prob > settings.threshold).float()  # (1, 1, wh, ww)
     cell = window_side(wh, ww, settings) / clip.model.visual.grid_size[0]  # one patch's side in work pixels

@@ -59,6 +59,7 @@ def _stop_with(parent: int) -> None:
         if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
             raise OSError
     except (OSError, AttributeError):  # not Linux: poll
+
         def watch():
             while os.getppid() == parent:
                 time.sleep(0.5)
@@ -69,8 +70,17 @@ def _stop_with(parent: int) -> None:
         raise SystemExit(1)
 
 
-def _worker(index: int, device: str, loader, settings, options: RunOptions, tasks, results, parent: int,
-            models_info: dict | None = None) -> None:
+def _worker(
+    index: int,
+    device: str,
+    loader,
+    settings,
+    options: RunOptions,
+    tasks,
+    results,
+    parent: int,
+    models_info: dict | None = None,
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     _stop_with(parent)
     try:
@@ -87,9 +97,17 @@ def _worker(index: int, device: str, loader, settings, options: RunOptions, task
     results.put(("done", index, None))
 
 
-def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, options: RunOptions,
-                   report: Report, events: Events | None = None, models_info: dict | None = None,
-                   summary: Summary | None = None) -> Summary:
+def run_on_devices(
+    pairs: list[RunJob],
+    devices: list[str],
+    loader,
+    settings,
+    options: RunOptions,
+    report: Report,
+    events: Events | None = None,
+    models_info: dict | None = None,
+    summary: Summary | None = None,
+) -> Summary:
     """Like runner.run_pairs, spread over ``devices`` (e.g. ["cuda:0", "cuda:1"]).
 
     ``loader(device=...)`` loads the models in a worker; it must be picklable
@@ -114,12 +132,17 @@ def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, op
         tasks, results = ctx.Queue(), ctx.Queue()
         size = max(1, options.batch)
         for i in range(0, len(todo), size):
-            tasks.put(todo[i:i + size])
+            tasks.put(todo[i : i + size])
         for _ in devices:
             tasks.put(None)
-        procs = [ctx.Process(target=_worker, args=(i, d, loader, settings, options, tasks, results, os.getpid(),
-                                                   models_info),
-                             daemon=True) for i, d in enumerate(devices)]
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(i, d, loader, settings, options, tasks, results, os.getpid(), models_info),
+                daemon=True,
+            )
+            for i, d in enumerate(devices)
+        ]
         for proc in procs:
             proc.start()
         running, reported = len(procs), set()
@@ -138,8 +161,9 @@ def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, op
                 if kind == "record":
                     finish(by_output.pop(payload["output"], None), payload)
                 elif kind == "started":
-                    events.started([by_output[str(o)] for o in payload if str(o) in by_output],
-                                   len(summary.records), len(pairs))
+                    events.started(
+                        [by_output[str(o)] for o in payload if str(o) in by_output], len(summary.records), len(pairs)
+                    )
                 elif kind == "note":
                     path, message = payload
                     events.note(None, f"{path}: {message}" if path else message)
@@ -156,7 +180,14 @@ def run_on_devices(pairs: list[RunJob], devices: list[str], loader, settings, op
         for message in fatal:
             events.note(None, message)
         for pair in list(by_output.values()):  # pairs no worker could take
-            finish(pair, base_record(pair, settings, "failed",
-                                     f"{pair.input.path}: not processed ({'; '.join(fatal) or 'no worker left'})"))
+            finish(
+                pair,
+                base_record(
+                    pair,
+                    settings,
+                    "failed",
+                    f"{pair.input.path}: not processed ({'; '.join(fatal) or 'no worker left'})",
+                ),
+            )
     summary.seconds = time.perf_counter() - start
     return summary

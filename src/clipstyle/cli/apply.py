@@ -62,8 +62,9 @@ def _events(quiet: bool):
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc=job.input.path.name, unit="tile", leave=False,
-                                file=sys.stderr, dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=total, desc=job.input.path.name, unit="tile", leave=False, file=sys.stderr, dynamic_ncols=True
+                )
             self.bar.update(done - self.bar.n)
 
         def finished(self, job, record):
@@ -84,44 +85,121 @@ def _events(quiet: bool):
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("args", nargs=-1, type=str, metavar="STYLE... IMAGES...")
-@click.option("-s", "--style", "style_options", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="A style file; repeat for several. With --style, every argument is an image.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output .png file (one image) or folder. [default: current folder, named "
-                   "<image>-<style>.png, styles joined by '+']")
+@click.option(
+    "-s",
+    "--style",
+    "style_options",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A style file; repeat for several. With --style, every argument is an image.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output .png file (one image) or folder. [default: current folder, named "
+    "<image>-<style>.png, styles joined by '+']",
+)
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
-@click.option("--from-file", type=str, default=None, metavar="LIST",
-              help="Read input paths from LIST, one per line ('-' for standard input).")
-@click.option("--size", type=click.IntRange(8), default=None,
-              help="Longest side of the output in pixels, aspect ratio kept. [default: the input's own size]")
-@click.option("--strength", type=Number(0, 1), default=1.0, show_default=True,
-              help="How much of the style to apply: a linear blend with the input in pixel space "
-                   "(0: the input, 1: the fully styled image).")
-@click.option("--mix", type=Number(0, 1), multiple=True, metavar="W",
-              help="Blend the outputs of two styles: (1-W) x first + W x second, in pixel space; 0 gives the "
-                   "first style exactly, 1 the second. With N styles give N-1 values. [default: equal]")
-@click.option("--tile", type=click.IntRange(0), default=None, metavar="PX",
-              help="Render in overlapping tiles of PX pixels (0: never tile). [default: whole image up to "
-                   "4 megapixels, tiles of 1024 above]")
-@click.option("--overlap", type=click.IntRange(0), default=TILE_OVERLAP, show_default=True, metavar="PX",
-              help="Overlap of neighbouring tiles, blended with smooth ramps.")
-@click.option("--tile-stats", type=click.Choice(["image", "tile"]), default="image", show_default=True,
-              help="Tiles normalise with the whole image's statistics (no seams; about 8x the compute) or "
-                   "each with its own (one pass; soft seams possible).")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--from-file",
+    type=str,
+    default=None,
+    metavar="LIST",
+    help="Read input paths from LIST, one per line ('-' for standard input).",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(8),
+    default=None,
+    help="Longest side of the output in pixels, aspect ratio kept. [default: the input's own size]",
+)
+@click.option(
+    "--strength",
+    type=Number(0, 1),
+    default=1.0,
+    show_default=True,
+    help="How much of the style to apply: a linear blend with the input in pixel space "
+    "(0: the input, 1: the fully styled image).",
+)
+@click.option(
+    "--mix",
+    type=Number(0, 1),
+    multiple=True,
+    metavar="W",
+    help="Blend the outputs of two styles: (1-W) x first + W x second, in pixel space; 0 gives the "
+    "first style exactly, 1 the second. With N styles give N-1 values. [default: equal]",
+)
+@click.option(
+    "--tile",
+    type=click.IntRange(0),
+    default=None,
+    metavar="PX",
+    help="Render in overlapping tiles of PX pixels (0: never tile). [default: whole image up to "
+    "4 megapixels, tiles of 1024 above]",
+)
+@click.option(
+    "--overlap",
+    type=click.IntRange(0),
+    default=TILE_OVERLAP,
+    show_default=True,
+    metavar="PX",
+    help="Overlap of neighbouring tiles, blended with smooth ramps.",
+)
+@click.option(
+    "--tile-stats",
+    type=click.Choice(["image", "tile"]),
+    default="image",
+    show_default=True,
+    help="Tiles normalise with the whole image's statistics (no seams; about 8x the compute) or "
+    "each with its own (one pass; soft seams possible).",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."
+)
 @region_options(with_clip=True)
-@click.option("--overwrite", is_flag=True,
-              help="Replace existing outputs (default: skip those made with the same settings, refuse others).")
-@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Append one JSON line per image to this file.")
-@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
-              help="Refuse input images with more pixels than this (decompression bombs).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace existing outputs (default: skip those made with the same settings, refuse others).",
+)
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Append one JSON line per image to this file.",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=MAX_PIXELS,
+    show_default=True,
+    help="Refuse input images with more pixels than this (decompression bombs).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress; errors and warnings only.")
 @debug_option
 @stop_on_sigterm
-def apply(args, style_options, output, recursive, from_file, size, strength, mix, tile, overlap, tile_stats,
-          device, overwrite, report, max_pixels, quiet, region, region_clip):
+def apply(
+    args,
+    style_options,
+    output,
+    recursive,
+    from_file,
+    size,
+    strength,
+    mix,
+    tile,
+    overlap,
+    tile_stats,
+    device,
+    overwrite,
+    report,
+    max_pixels,
+    quiet,
+    region,
+    region_clip,
+):
     """Restyle IMAGES (files, folders or globs) with saved styles, one forward pass each.
 
     Styles are the leading arguments ending in .style or .safetensors (or
@@ -166,9 +244,18 @@ def apply(args, style_options, output, recursive, from_file, size, strength, mix
     if size:
         check_render_size(size, dev)  # a size that cannot fit in memory, before anything is allocated
     clip = region_clip(dev)  # CLIP for --where only
-    options = ApplyOptions(size=size, tile=tile, overlap=overlap, strength=strength, mix=weights,
-                           overwrite=overwrite, max_pixels=max_pixels, tile_stats=tile_stats, region=region,
-                           region_clip=clip)
+    options = ApplyOptions(
+        size=size,
+        tile=tile,
+        overlap=overlap,
+        strength=strength,
+        mix=weights,
+        overwrite=overwrite,
+        max_pixels=max_pixels,
+        tile_stats=tile_stats,
+        region=region,
+        region_clip=clip,
+    )
     styles = [load_style(p) for p in style_paths]  # a bad style stops here, before any image
     inputs = collect_inputs(images, recursive=recursive, from_file=from_file, stdin=sys.stdin)
     if not inputs:

@@ -8,20 +8,29 @@ from clipstyle.batch import Events
 from clipstyle.cli.common import echo_outcome, echo_warning
 
 
-def check_executor(executor: str, devices: str | None, ray_address: str | None, ray_workers: int | None,
-                   ray_cpus: int | None) -> None:
+def check_executor(
+    executor: str, devices: str | None, ray_address: str | None, ray_workers: int | None, ray_cpus: int | None
+) -> None:
     """Refuse, before anything is written, options that do not go together; and a missing Ray."""
     import click
 
     if executor != "ray":
-        given = [name for name, value in (("--ray-address", ray_address), ("--ray-workers", ray_workers),
-                                          ("--ray-cpus-per-worker", ray_cpus)) if value is not None]
+        given = [
+            name
+            for name, value in (
+                ("--ray-address", ray_address),
+                ("--ray-workers", ray_workers),
+                ("--ray-cpus-per-worker", ray_cpus),
+            )
+            if value is not None
+        ]
         if given:
             raise click.UsageError(f"{given[0]} needs --executor ray")
         return
     if devices:
-        raise click.UsageError("--devices is for the local executor; with --executor ray each GPU of the "
-                               "cluster gets a worker")
+        raise click.UsageError(
+            "--devices is for the local executor; with --executor ray each GPU of the cluster gets a worker"
+        )
     import os
 
     from clipstyle.ray_executor import check_address, import_ray
@@ -64,4 +73,3 @@ class Overall(Events):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-

@@ -57,8 +57,9 @@ _NOT_IN_A_LINE = frozenset({"Cc", "Zl", "Zp", "Cs"})
 
 def one_line(text: str) -> str:
     """``text`` as one printable line: a newline in a file name shows as ``\\n``."""
-    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _NOT_IN_A_LINE else c
-                   for c in text)
+    return "".join(
+        c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _NOT_IN_A_LINE else c for c in text
+    )
 
 
 def echo_outcome(record: dict, quiet: bool, wrote: str) -> None:
@@ -106,38 +107,64 @@ def debug_option(f):
             root.obj["debug"] = True
         return value
 
-    return click.option("--debug", is_flag=True, expose_value=False, callback=callback,
-                        help="Show full tracebacks for errors.")(f)
+    return click.option(
+        "--debug", is_flag=True, expose_value=False, callback=callback, help="Show full tracebacks for errors."
+    )(f)
 
 
 def model_options(f):
     """CLIP/VGG model and weight options, and the device; the same on every command."""
     options = [
-        click.option("--clip-model", default=CLIP_MODEL, show_default=True,
-                     help="open_clip architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...)."),
-        click.option("--clip-pretrained", default=CLIP_PRETRAINED, show_default=True,
-                     help="open_clip pretrained tag, downloaded once into open_clip's cache."),
-        click.option("--clip-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                     help="Local CLIP weights: an open_clip state dict, safetensors, or OpenAI's original .pt "
-                          "file. No network is used."),
-        click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                     help="Local torchvision vgg19 state dict (vgg19-dcbb9e9d.pth). No network is used."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
+        click.option(
+            "--clip-model",
+            default=CLIP_MODEL,
+            show_default=True,
+            help="open_clip architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...).",
+        ),
+        click.option(
+            "--clip-pretrained",
+            default=CLIP_PRETRAINED,
+            show_default=True,
+            help="open_clip pretrained tag, downloaded once into open_clip's cache.",
+        ),
+        click.option(
+            "--clip-weights",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help="Local CLIP weights: an open_clip state dict, safetensors, or OpenAI's original .pt "
+            "file. No network is used.",
+        ),
+        click.option(
+            "--vgg-weights",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help="Local torchvision vgg19 state dict (vgg19-dcbb9e9d.pth). No network is used.",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device="auto",
-                             progress=True):
+def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device="auto", progress=True):
     from clipstyle.device import resolve_device
     from clipstyle.loading import load_models
 
     dev = resolve_device(device)
-    return load_models(clip_model=clip_model, clip_pretrained=clip_pretrained, clip_weights=clip_weights,
-                       vgg_weights=vgg_weights, device=dev, progress=progress)
+    return load_models(
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        clip_weights=clip_weights,
+        vgg_weights=vgg_weights,
+        device=dev,
+        progress=progress,
+    )
 
 
 def stop_on_sigterm(f):

@@ -28,14 +28,28 @@ def make_region(mask, where, invert, feather, preserve_color):
 
 def clip_options(f):
     """The CLIP model options of a command that loads CLIP only for --where."""
-    for option in reversed([
-        click.option("--clip-model", default="ViT-B-32", show_default=True,
-                     help="open_clip architecture --where uses (a vision transformer)."),
-        click.option("--clip-pretrained", default="openai", show_default=True,
-                     help="open_clip pretrained tag for --where, downloaded once into open_clip's cache."),
-        click.option("--clip-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                     help="Local CLIP weights for --where (open_clip state dict, safetensors, or OpenAI's .pt)."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--clip-model",
+                default="ViT-B-32",
+                show_default=True,
+                help="open_clip architecture --where uses (a vision transformer).",
+            ),
+            click.option(
+                "--clip-pretrained",
+                default="openai",
+                show_default=True,
+                help="open_clip pretrained tag for --where, downloaded once into open_clip's cache.",
+            ),
+            click.option(
+                "--clip-weights",
+                type=click.Path(path_type=Path, dir_okay=False),
+                default=None,
+                help="Local CLIP weights for --where (open_clip state dict, safetensors, or OpenAI's .pt).",
+            ),
+        ]
+    ):
         f = option(f)
     return f
 
@@ -64,17 +78,36 @@ def region_options(with_clip: bool = False):
             return f(*args, region=region, **kwargs)
 
         options = [
-            click.option("--mask", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
-                         help="Stylize only where this greyscale image is white (black keeps the photo, grey "
-                              "blends; an alpha channel, if any, is the mask). Resized to each photo."),
+            click.option(
+                "--mask",
+                type=click.Path(path_type=Path, dir_okay=False),
+                default=None,
+                metavar="FILE",
+                help="Stylize only where this greyscale image is white (black keeps the photo, grey "
+                "blends; an alpha channel, if any, is the mask). Resized to each photo.",
+            ),
             click.option("--invert-mask", is_flag=True, help="Flip the mask (of --mask, --where, or both)."),
-            click.option("--feather", type=click.FloatRange(0), default=FEATHER, show_default=True, metavar="PX",
-                         help="Soften the mask's edges over about PX output pixels (0: as it is)."),
-            click.option("--where", type=str, default=None, metavar="TEXT",
-                         help="Stylize only what TEXT names (\"the sky\"), found by the run's own CLIP. With "
-                              "--mask: only inside both."),
-            click.option("--preserve-color", is_flag=True,
-                         help="Keep the photo's colours: take only luminance (light and texture) from the style."),
+            click.option(
+                "--feather",
+                type=click.FloatRange(0),
+                default=FEATHER,
+                show_default=True,
+                metavar="PX",
+                help="Soften the mask's edges over about PX output pixels (0: as it is).",
+            ),
+            click.option(
+                "--where",
+                type=str,
+                default=None,
+                metavar="TEXT",
+                help='Stylize only what TEXT names ("the sky"), found by the run\'s own CLIP. With '
+                "--mask: only inside both.",
+            ),
+            click.option(
+                "--preserve-color",
+                is_flag=True,
+                help="Keep the photo's colours: take only luminance (light and texture) from the style.",
+            ),
         ]
         for option in reversed(options):
             wrapper = option(wrapper)
@@ -85,22 +118,45 @@ def region_options(with_clip: bool = False):
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("images", nargs=-1, type=str)
-@click.option("--where", required=True, metavar="TEXT", help="What to find, e.g. \"the sky\".")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output .png file (one image) or folder. [default: current folder, named <image>-mask-<text>.png]")
+@click.option("--where", required=True, metavar="TEXT", help='What to find, e.g. "the sky".')
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output .png file (one image) or folder. [default: current folder, named <image>-mask-<text>.png]",
+)
 @click.option("--invert-mask", is_flag=True, help="Write the mask of everything but TEXT.")
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
-@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
-              help="Refuse input images with more pixels than this (decompression bombs).")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=MAX_PIXELS,
+    show_default=True,
+    help="Refuse input images with more pixels than this (decompression bombs).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Errors and warnings only.")
 @clip_options
 @debug_option
 @stop_on_sigterm
-def mask(images, where, output, invert_mask, recursive, device, overwrite, max_pixels, quiet, clip_model,
-         clip_pretrained, clip_weights):
+def mask(
+    images,
+    where,
+    output,
+    invert_mask,
+    recursive,
+    device,
+    overwrite,
+    max_pixels,
+    quiet,
+    clip_model,
+    clip_pretrained,
+    clip_weights,
+):
     """Write the mask that --where TEXT makes for each of IMAGES, as an 8-bit greyscale PNG at the
     image's own size (white: TEXT), to look at, touch up in any editor and pass back with --mask.
 
@@ -131,7 +187,8 @@ def mask(images, where, output, invert_mask, recursive, device, overwrite, max_p
         def finished(self, job, record):
             echo_outcome(record, quiet, f"wrote {record['output']}")
 
-    summary = write_masks(jobs, region, clip, Report(None), overwrite=overwrite, max_pixels=max_pixels,
-                          events=Outcomes())
+    summary = write_masks(
+        jobs, region, clip, Report(None), overwrite=overwrite, max_pixels=max_pixels, events=Outcomes()
+    )
     if summary.failed:
         sys.exit(1)

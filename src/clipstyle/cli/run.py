@@ -43,8 +43,14 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 
             names = ", ".join(f"{p.input.path.name} x {p.prompt[:30]!r}" for p in pairs[:2])
             names += "" if len(pairs) <= 2 else f" (+{len(pairs) - 2})"
-            self.bar = tqdm(total=steps, desc=f"[{done + 1}/{total}] {names}", unit="step", leave=False,
-                            file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=steps,
+                desc=f"[{done + 1}/{total}] {names}",
+                unit="step",
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
         def progress(self, pair, info):
             interrupts.check()
@@ -71,92 +77,279 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("images", nargs=-1, type=str)
-@click.option("-p", "--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="Style prompt; repeat for several (each image is restyled with each prompt).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output .png file (one image, one prompt) or folder. [default: current folder, "
-                   "named <image>-<prompt>.png]")
+@click.option(
+    "-p",
+    "--prompt",
+    "prompts",
+    multiple=True,
+    metavar="TEXT",
+    help="Style prompt; repeat for several (each image is restyled with each prompt).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output .png file (one image, one prompt) or folder. [default: current folder, named <image>-<prompt>.png]",
+)
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
-@click.option("--from-file", type=str, default=None, metavar="LIST",
-              help="Read input paths from LIST, one per line ('-' for standard input).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
-              help="paper: the paper's settings. draft: 100 steps, 256 px, 16 crops of 64 px, for CPUs. "
-                   "Explicit options override the preset.")
+@click.option(
+    "--from-file",
+    type=str,
+    default=None,
+    metavar="LIST",
+    help="Read input paths from LIST, one per line ('-' for standard input).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="paper",
+    show_default=True,
+    help="paper: the paper's settings. draft: 100 steps, 256 px, 16 crops of 64 px, for CPUs. "
+    "Explicit options override the preset.",
+)
 @click.option("--steps", type=click.IntRange(1), default=None, help=f"Optimisation steps. [default: {D.steps}]")
-@click.option("--size", type=click.IntRange(16), default=None,
-              help=f"Longest side in pixels (aspect ratio kept, rounded to a multiple of 8). [default: {D.size}]")
+@click.option(
+    "--size",
+    type=click.IntRange(16),
+    default=None,
+    help=f"Longest side in pixels (aspect ratio kept, rounded to a multiple of 8). [default: {D.size}]",
+)
 @click.option("--crops", type=click.IntRange(0), default=None, help=f"Random crops per step. [default: {D.crops}]")
-@click.option("--crop-size", type=click.IntRange(8), default=None,
-              help=f"Crop side in pixels. [default: {D.crop_size}]")
-@click.option("--threshold", type=Number(0, 2, max_open=True), default=D.threshold, show_default=True,
-              help="Patch loss threshold: patches below it are dropped (the patch loss is in [0, 2]).")
-@click.option("--lr", type=Number(min=0, min_open=True), default=D.lr, show_default=True,
-              help="Adam learning rate (halved at the middle of the run).")
-@click.option("--lambda-patch", type=Number(0), default=D.lambda_patch, show_default=True,
-              help="Weight of the patch directional CLIP loss.")
-@click.option("--lambda-dir", type=Number(0), default=D.lambda_dir, show_default=True,
-              help="Weight of the global directional CLIP loss.")
-@click.option("--lambda-content", type=Number(0), default=D.lambda_content, show_default=True,
-              help="Weight of the VGG-19 content loss.")
-@click.option("--lambda-tv", type=Number(0), default=D.lambda_tv, show_default=True,
-              help="Weight of total variation (raise it if the prompt's words get painted in).")
+@click.option(
+    "--crop-size", type=click.IntRange(8), default=None, help=f"Crop side in pixels. [default: {D.crop_size}]"
+)
+@click.option(
+    "--threshold",
+    type=Number(0, 2, max_open=True),
+    default=D.threshold,
+    show_default=True,
+    help="Patch loss threshold: patches below it are dropped (the patch loss is in [0, 2]).",
+)
+@click.option(
+    "--lr",
+    type=Number(min=0, min_open=True),
+    default=D.lr,
+    show_default=True,
+    help="Adam learning rate (halved at the middle of the run).",
+)
+@click.option(
+    "--lambda-patch",
+    type=Number(0),
+    default=D.lambda_patch,
+    show_default=True,
+    help="Weight of the patch directional CLIP loss.",
+)
+@click.option(
+    "--lambda-dir",
+    type=Number(0),
+    default=D.lambda_dir,
+    show_default=True,
+    help="Weight of the global directional CLIP loss.",
+)
+@click.option(
+    "--lambda-content",
+    type=Number(0),
+    default=D.lambda_content,
+    show_default=True,
+    help="Weight of the VGG-19 content loss.",
+)
+@click.option(
+    "--lambda-tv",
+    type=Number(0),
+    default=D.lambda_tv,
+    show_default=True,
+    help="Weight of total variation (raise it if the prompt's words get painted in).",
+)
 @click.option("--source", default=D.source, show_default=True, help="Neutral text the style direction starts from.")
-@click.option("--templates", "templates_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="File of prompt templates, one per line with {} (default: CLIP's 79 ImageNet templates).")
+@click.option(
+    "--templates",
+    "templates_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="File of prompt templates, one per line with {} (default: CLIP's 79 ImageNet templates).",
+)
 @click.option("--no-templates", is_flag=True, help="Encode prompts as they are, without templates.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=D.precision, show_default=True,
-              help="Encoder precision: auto is fp32 on CPU, bf16 on CUDA, fp16 on MPS.")
-@click.option("--crop-batch", type=click.IntRange(0), default=D.crop_batch, show_default=True,
-              help="Encode crops in chunks of this many (0: all at once); lowers peak memory.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=D.precision,
+    show_default=True,
+    help="Encoder precision: auto is fp32 on CPU, bf16 on CUDA, fp16 on MPS.",
+)
+@click.option(
+    "--crop-batch",
+    type=click.IntRange(0),
+    default=D.crop_batch,
+    show_default=True,
+    help="Encode crops in chunks of this many (0: all at once); lowers peak memory.",
+)
 @model_options
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Base seed; each image x prompt pair derives its own from it, so results repeat.")
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
-              help="Optimise this many image x prompt pairs together (faster on a large GPU).")
-@click.option("--devices", type=str, default=None, metavar="LIST",
-              help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process per device over a "
-                   "shared queue, each loading the models once. Overrides --device.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this machine (--device or --devices). ray: the workers of a Ray cluster, one per GPU "
-                   "(needs pip install 'clipstyle[ray]').")
-@click.option("--ray-address", type=str, default=None, metavar="ADDRESS",
-              help="The Ray cluster to use (default: RAY_ADDRESS, else a Ray instance started on this machine).")
-@click.option("--ray-workers", type=click.IntRange(1), default=None, metavar="N",
-              help="Ray workers to start. [default: one per GPU of the cluster; without GPUs, one per "
-                   "--ray-cpus-per-worker CPUs]")
-@click.option("--ray-cpus-per-worker", "ray_cpus", type=click.IntRange(1), default=None, metavar="N",
-              help="CPUs (threads) of each Ray worker on a cluster without GPUs. [default: 1]")
-@click.option("--shard", type=str, default=None, metavar="K/N",
-              help="Process only the K-th of N stable shards of the pairs (for job arrays).")
-@click.option("--save-every", type=click.IntRange(0), default=0, show_default=True, metavar="N",
-              help="Also save a numbered snapshot every N steps (0: none).")
-@click.option("--contrast", is_flag=True,
-              help="Post-process as the reference code does silently (contrast x1.5, then min-max "
-                   "rescaling). The paper's figures use it; off by default, so the output is the "
-                   "network's own image.")
-@click.option("--save-style", type=click.Path(path_type=Path), default=None,
-              help="Keep the trained network as a style file for `clipstyle apply`: a .style file for one "
-                   "image and one prompt, else a folder (<output name>.style).")
-@click.option("--output-size", type=str, default=None, metavar="full|N",
-              help="Render the final image with the trained network at the input's own resolution (full) "
-                   "or with longest side N; training stays at --size. [default: the training size]")
-@click.option("--strength", type=Number(0, 1), default=1.0, show_default=True,
-              help="How much of the style to apply: a blend of content (0) and styled image (1).")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Base seed; each image x prompt pair derives its own from it, so results repeat.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Optimise this many image x prompt pairs together (faster on a large GPU).",
+)
+@click.option(
+    "--devices",
+    type=str,
+    default=None,
+    metavar="LIST",
+    help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process per device over a "
+    "shared queue, each loading the models once. Overrides --device.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this machine (--device or --devices). ray: the workers of a Ray cluster, one per GPU "
+    "(needs pip install 'clipstyle[ray]').",
+)
+@click.option(
+    "--ray-address",
+    type=str,
+    default=None,
+    metavar="ADDRESS",
+    help="The Ray cluster to use (default: RAY_ADDRESS, else a Ray instance started on this machine).",
+)
+@click.option(
+    "--ray-workers",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    help="Ray workers to start. [default: one per GPU of the cluster; without GPUs, one per "
+    "--ray-cpus-per-worker CPUs]",
+)
+@click.option(
+    "--ray-cpus-per-worker",
+    "ray_cpus",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    help="CPUs (threads) of each Ray worker on a cluster without GPUs. [default: 1]",
+)
+@click.option(
+    "--shard",
+    type=str,
+    default=None,
+    metavar="K/N",
+    help="Process only the K-th of N stable shards of the pairs (for job arrays).",
+)
+@click.option(
+    "--save-every",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Also save a numbered snapshot every N steps (0: none).",
+)
+@click.option(
+    "--contrast",
+    is_flag=True,
+    help="Post-process as the reference code does silently (contrast x1.5, then min-max "
+    "rescaling). The paper's figures use it; off by default, so the output is the "
+    "network's own image.",
+)
+@click.option(
+    "--save-style",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep the trained network as a style file for `clipstyle apply`: a .style file for one "
+    "image and one prompt, else a folder (<output name>.style).",
+)
+@click.option(
+    "--output-size",
+    type=str,
+    default=None,
+    metavar="full|N",
+    help="Render the final image with the trained network at the input's own resolution (full) "
+    "or with longest side N; training stays at --size. [default: the training size]",
+)
+@click.option(
+    "--strength",
+    type=Number(0, 1),
+    default=1.0,
+    show_default=True,
+    help="How much of the style to apply: a blend of content (0) and styled image (1).",
+)
 @region_options()
-@click.option("--overwrite", is_flag=True,
-              help="Replace existing outputs (default: skip those made with the same settings, refuse others).")
-@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Append one JSON line per image x prompt to this file.")
-@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
-              help="Refuse input images with more pixels than this (decompression bombs).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace existing outputs (default: skip those made with the same settings, refuse others).",
+)
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Append one JSON line per image x prompt to this file.",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=MAX_PIXELS,
+    show_default=True,
+    help="Refuse input images with more pixels than this (decompression bombs).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors and warnings only.")
 @debug_option
 @stop_on_sigterm
-def run(images, prompts, output, recursive, from_file, preset, steps, size, crops, crop_size, threshold, lr,
-        lambda_patch, lambda_dir, lambda_content, lambda_tv, source, templates_file, no_templates, precision,
-        crop_batch, clip_model, clip_pretrained, clip_weights, vgg_weights, device, seed, batch, devices, executor,
-        ray_address, ray_workers, ray_cpus, shard, save_every, contrast, save_style, output_size, strength, overwrite,
-        report, max_pixels, quiet, region):
+def run(
+    images,
+    prompts,
+    output,
+    recursive,
+    from_file,
+    preset,
+    steps,
+    size,
+    crops,
+    crop_size,
+    threshold,
+    lr,
+    lambda_patch,
+    lambda_dir,
+    lambda_content,
+    lambda_tv,
+    source,
+    templates_file,
+    no_templates,
+    precision,
+    crop_batch,
+    clip_model,
+    clip_pretrained,
+    clip_weights,
+    vgg_weights,
+    device,
+    seed,
+    batch,
+    devices,
+    executor,
+    ray_address,
+    ray_workers,
+    ray_cpus,
+    shard,
+    save_every,
+    contrast,
+    save_style,
+    output_size,
+    strength,
+    overwrite,
+    report,
+    max_pixels,
+    quiet,
+    region,
+):
     """Restyle IMAGES (files, folders or globs) after each --prompt.
 
     \b
@@ -193,16 +386,36 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
         except UnicodeEncodeError:
             raise UserError("the prompt is not valid UTF-8 (check the terminal's encoding)") from None
     # every option is checked before anything is read, loaded or written
-    settings = settings_for(preset, steps=steps, size=size, crops=crops, crop_size=crop_size, threshold=threshold,
-                            lr=lr, lambda_patch=lambda_patch, lambda_dir=lambda_dir, lambda_content=lambda_content,
-                            lambda_tv=lambda_tv, source=source,
-                            templates=choose_templates(no_templates, templates_file),
-                            precision=precision, crop_batch=crop_batch)
+    settings = settings_for(
+        preset,
+        steps=steps,
+        size=size,
+        crops=crops,
+        crop_size=crop_size,
+        threshold=threshold,
+        lr=lr,
+        lambda_patch=lambda_patch,
+        lambda_dir=lambda_dir,
+        lambda_content=lambda_content,
+        lambda_tv=lambda_tv,
+        source=source,
+        templates=choose_templates(no_templates, templates_file),
+        precision=precision,
+        crop_batch=crop_batch,
+    )
     if settings.crops == 0 and settings.lambda_patch > 0:
         echo_warning(None, "--crops 0: no patches are cut, so the patch loss (the paper's main style term) is off")
-    options = RunOptions(overwrite=overwrite, batch=batch, save_every=save_every, contrast=contrast,
-                         max_pixels=max_pixels, base_seed=seed, output_size=output_size, strength=strength,
-                         region=region)
+    options = RunOptions(
+        overwrite=overwrite,
+        batch=batch,
+        save_every=save_every,
+        contrast=contrast,
+        max_pixels=max_pixels,
+        base_seed=seed,
+        output_size=output_size,
+        strength=strength,
+        region=region,
+    )
     shard_kn = parse_shard(shard) if shard else None
     check_executor(executor, devices, ray_address, ray_workers, ray_cpus)
     device_names = _device_list(devices, "--devices") if devices is not None else None
@@ -232,20 +445,33 @@ def run(images, prompts, output, recursive, from_file, preset, steps, size, crop
             if executor == "ray":
                 from clipstyle.ray_executor import run_with_ray
 
-                loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
-                                           vgg_weights, progress=False)
-                summary = run_with_ray(pairs, loader, settings, options, report_file, events, address=ray_address,
-                                       workers=ray_workers, cpus_per_worker=ray_cpus or 1, device=device,
-                                       models_info=info)
+                loader = functools.partial(
+                    load_models_from_options, clip_model, clip_pretrained, clip_weights, vgg_weights, progress=False
+                )
+                summary = run_with_ray(
+                    pairs,
+                    loader,
+                    settings,
+                    options,
+                    report_file,
+                    events,
+                    address=ray_address,
+                    workers=ray_workers,
+                    cpus_per_worker=ray_cpus or 1,
+                    device=device,
+                    models_info=info,
+                )
             elif device_names:
                 from clipstyle.workers import run_on_devices
 
-                loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
-                                           vgg_weights, progress=False)
+                loader = functools.partial(
+                    load_models_from_options, clip_model, clip_pretrained, clip_weights, vgg_weights, progress=False
+                )
                 run_on_devices(pairs, device_names, loader, settings, options, report_file, events, info, summary)
             else:
-                loader = functools.partial(load_models_from_options, clip_model, clip_pretrained, clip_weights,
-                                           vgg_weights, device=device)
+                loader = functools.partial(
+                    load_models_from_options, clip_model, clip_pretrained, clip_weights, vgg_weights, device=device
+                )
                 run_pairs(pairs, loader, settings, options, report_file, events, info, summary)
         except KeyboardInterrupt:
             interrupted = True

@@ -35,31 +35,83 @@ def _jobs(images, prompt, content, reports) -> list[tuple[str, str, str]]:
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", default=None, metavar="TEXT", help="The prompt the IMAGES were made for.")
-@click.option("--content", type=click.Path(path_type=Path), default=None,
-              help="The content image the IMAGES were made from (resized to each image's size).")
-@click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Score every output of a 'clipstyle run --report' file (its input is the content). "
-                   "Repeatable.")
+@click.option(
+    "--content",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The content image the IMAGES were made from (resized to each image's size).",
+)
+@click.option(
+    "--report",
+    "reports",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Score every output of a 'clipstyle run --report' file (its input is the content). Repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image (JSON lines).")
-@click.option("--no-templates", is_flag=True,
-              help="Encode the prompt as it is (as CLIPScore does) instead of averaging CLIP's 79 ImageNet "
-                   "templates (as the loss does).")
-@click.option("--templates", "templates_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="File of prompt templates, one per line with {}.")
-@click.option("--source", default=D.source, show_default=True,
-              help="Neutral text the direction starts from (directional similarity).")
-@click.option("--patch-crops", type=click.IntRange(1), default=PATCH_SCORE_CROPS, show_default=True,
-              help="Random crops for the patch CLIP score (paper: 64).")
-@click.option("--patch-seed", type=int, default=0, show_default=True,
-              help="Seed of the patch crops: the same seed gives the same crops.")
+@click.option(
+    "--no-templates",
+    is_flag=True,
+    help="Encode the prompt as it is (as CLIPScore does) instead of averaging CLIP's 79 ImageNet "
+    "templates (as the loss does).",
+)
+@click.option(
+    "--templates",
+    "templates_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="File of prompt templates, one per line with {}.",
+)
+@click.option(
+    "--source",
+    default=D.source,
+    show_default=True,
+    help="Neutral text the direction starts from (directional similarity).",
+)
+@click.option(
+    "--patch-crops",
+    type=click.IntRange(1),
+    default=PATCH_SCORE_CROPS,
+    show_default=True,
+    help="Random crops for the patch CLIP score (paper: 64).",
+)
+@click.option(
+    "--patch-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the patch crops: the same seed gives the same crops.",
+)
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when the lpips package is installed.")
 @model_options
-@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
-              help="Refuse images with more pixels than this.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=MAX_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels than this.",
+)
 @debug_option
 @stop_on_sigterm
-def score(images, prompt, content, reports, as_json, no_templates, templates_file, source, patch_crops, patch_seed,
-          no_lpips, clip_model, clip_pretrained, clip_weights, vgg_weights, device, max_pixels):
+def score(
+    images,
+    prompt,
+    content,
+    reports,
+    as_json,
+    no_templates,
+    templates_file,
+    source,
+    patch_crops,
+    patch_seed,
+    no_lpips,
+    clip_model,
+    clip_pretrained,
+    clip_weights,
+    vgg_weights,
+    device,
+    max_pixels,
+):
     """Score stylized IMAGES for a prompt against their content image.
 
     \b
@@ -94,13 +146,20 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
 
     models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device=device)
     lpips_fn, lpips_note = (None, "lpips not computed: --no-lpips") if no_lpips else metrics.load_lpips(models.device)
-    common = {"templates": templates_label(templates, templates_file), "source": source,
-              "patch_crops": patch_crops, "patch_seed": patch_seed, "models": dict(models.info)}
+    common = {
+        "templates": templates_label(templates, templates_file),
+        "source": source,
+        "patch_crops": patch_crops,
+        "patch_seed": patch_seed,
+        "models": dict(models.info),
+    }
     if not as_json:
         m = models.info
-        click.echo(f"# CLIP {m.get('clip_model')} ({m.get('clip_weights') or m.get('clip_pretrained')}), "
-                   f"VGG-19 ({m.get('vgg_weights') or 'imagenet'}); templates: {common['templates']}; "
-                   f"patch: {patch_crops} crops, seed {patch_seed}")
+        click.echo(
+            f"# CLIP {m.get('clip_model')} ({m.get('clip_weights') or m.get('clip_pretrained')}), "
+            f"VGG-19 ({m.get('vgg_weights') or 'imagenet'}); templates: {common['templates']}; "
+            f"patch: {patch_crops} crops, seed {patch_seed}"
+        )
         if lpips_note:
             click.echo(f"# {lpips_note}")
     warned: set[str] = set()
@@ -118,20 +177,37 @@ def score(images, prompt, content, reports, as_json, no_templates, templates_fil
             image, content_image = loaded.image, loaded_content.image
             x = to_tensor(image)
             c = to_tensor(content_image, image.size)  # the content at the output's size
-            result = metrics.score_image(models, x, c, text, templates=templates, source=source,
-                                         patch_crops=patch_crops, patch_seed=patch_seed,
-                                         lpips_fn=lpips_fn, lpips_note=lpips_note)
+            result = metrics.score_image(
+                models,
+                x,
+                c,
+                text,
+                templates=templates,
+                source=source,
+                patch_crops=patch_crops,
+                patch_seed=patch_seed,
+                lpips_fn=lpips_fn,
+                lpips_note=lpips_note,
+            )
         except ClipstyleError as exc:
             failed += 1
             click.echo(f"clipstyle: error: {exc}", err=True)
             continue
         if as_json:
-            record = {"image": image_path, "content": content_path, "prompt": text, **result.to_dict(),
-                      "size": list(image.size), **common}
+            record = {
+                "image": image_path,
+                "content": content_path,
+                "prompt": text,
+                **result.to_dict(),
+                "size": list(image.size),
+                **common,
+            }
             click.echo(escape_undecodable(json.dumps(record, ensure_ascii=False, sort_keys=True)))
         else:
-            values = "  ".join(f"{name} {'n/a' if getattr(result, name) is None else f'{getattr(result, name):.4f}'}"
-                               for name in metrics.METRIC_NAMES)
+            values = "  ".join(
+                f"{name} {'n/a' if getattr(result, name) is None else f'{getattr(result, name):.4f}'}"
+                for name in metrics.METRIC_NAMES
+            )
             click.echo(escape_undecodable(f"{image_path}: {values}"))
     if failed:
         click.echo(f"clipstyle: {failed} of {len(jobs)} images failed", err=True)

@@ -36,29 +36,49 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UserError(f"{host}:{port}: cannot listen there ({exc.strerror or exc}); choose another --port "
-                        "or --host") from None
+        raise UserError(
+            f"{host}:{port}: cannot listen there ({exc.strerror or exc}); choose another --port or --host"
+        ) from None
     sock.listen(64)
     sock.set_inheritable(True)
     return sock
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. 0.0.0.0 lets anyone on the network use the device and see the images.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. 0.0.0.0 lets anyone on the network use the device and see the images.",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True, help="Port to listen on.")
-@click.option("--folder", type=click.Path(path_type=Path, file_okay=False), default=Path("clipstyle-serve"),
-              show_default=True,
-              help="The server's own folder: uploads, results, style files; the gallery is kept there between starts.")
+@click.option(
+    "--folder",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("clipstyle-serve"),
+    show_default=True,
+    help="The server's own folder: uploads, results, style files; the gallery is kept there between starts.",
+)
 @model_options
-@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
-              help="Refuse uploaded images with more pixels than this (decompression bombs).")
-@click.option("--max-upload-mb", type=click.IntRange(1), default=50, show_default=True,
-              help="Refuse uploads larger than this many megabytes.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=MAX_PIXELS,
+    show_default=True,
+    help="Refuse uploaded images with more pixels than this (decompression bombs).",
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(1),
+    default=50,
+    show_default=True,
+    help="Refuse uploads larger than this many megabytes.",
+)
 @debug_option
 @stop_on_sigterm
-def serve(host, port, folder, clip_model, clip_pretrained, clip_weights, vgg_weights, device, max_pixels,
-          max_upload_mb):
+def serve(
+    host, port, folder, clip_model, clip_pretrained, clip_weights, vgg_weights, device, max_pixels, max_upload_mb
+):
     """Start a local web app: upload a photo, type a prompt, watch it form, keep the results.
 
     \b
@@ -75,8 +95,9 @@ def serve(host, port, folder, clip_model, clip_pretrained, clip_weights, vgg_wei
 
         from clipstyle.serve.app import make_app
     except ImportError as exc:
-        raise UserError(f"clipstyle serve needs the web extra ({exc.name} is missing): "
-                        "pip install 'clipstyle[web]'") from None
+        raise UserError(
+            f"clipstyle serve needs the web extra ({exc.name} is missing): pip install 'clipstyle[web]'"
+        ) from None
     from clipstyle.serve.jobs import JobQueue
 
     loopback = host in LOOPBACK
@@ -86,15 +107,24 @@ def serve(host, port, folder, clip_model, clip_pretrained, clip_weights, vgg_wei
         queue.models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device=device)
         queue.start()
         server = None
-        app = make_app(queue, help_texts=form_help(), max_upload=max_upload_mb * 1024 * 1024, loopback=loopback,
-                       closing=lambda: server is not None and server.should_exit)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                               timeout_graceful_shutdown=5, lifespan="off"))
+        app = make_app(
+            queue,
+            help_texts=form_help(),
+            max_upload=max_upload_mb * 1024 * 1024,
+            loopback=loopback,
+            closing=lambda: server is not None and server.should_exit,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="off")
+        )
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{sock.getsockname()[1]}"
         if not loopback:
-            echo_warning(None, f"listening on {host}: anyone who can reach this machine can use its "
-                               f"{queue.models.device.type.upper()} and see every image; there is no login")
+            echo_warning(
+                None,
+                f"listening on {host}: anyone who can reach this machine can use its "
+                f"{queue.models.device.type.upper()} and see every image; there is no login",
+            )
         click.echo(f"clipstyle: serving on {url} ({queue.models.device}); Ctrl-C stops", err=True)
         try:
             server.run(sockets=[sock])

@@ -13,30 +13,66 @@ from clipstyle.config import MAX_PIXELS
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("images", nargs=-1, type=str)
-@click.option("-p", "--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="With IMAGES: a prompt they were restyled with (a column); repeatable.")
-@click.option("-d", "--outputs", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="With IMAGES and --prompt: the folder 'clipstyle run -o' wrote to. [default: current folder]")
-@click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="A 'clipstyle run --report' file: its pairs become the tiles. Repeatable.")
-@click.option("--scores", "score_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Output of 'clipstyle score --json': scores under the tiles (and tiles of their own). "
-                   "Repeatable.")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=Path("sheet.png"),
-              show_default=True, help="The sheet as PNG.")
-@click.option("--html", "html_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="The HTML page. [default: the PNG's name with .html]")
-@click.option("--tile", type=click.IntRange(32, 2048), default=256, show_default=True,
-              help="Longest side of each tile in pixels.")
+@click.option(
+    "-p",
+    "--prompt",
+    "prompts",
+    multiple=True,
+    metavar="TEXT",
+    help="With IMAGES: a prompt they were restyled with (a column); repeatable.",
+)
+@click.option(
+    "-d",
+    "--outputs",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="With IMAGES and --prompt: the folder 'clipstyle run -o' wrote to. [default: current folder]",
+)
+@click.option(
+    "--report",
+    "reports",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A 'clipstyle run --report' file: its pairs become the tiles. Repeatable.",
+)
+@click.option(
+    "--scores",
+    "score_files",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Output of 'clipstyle score --json': scores under the tiles (and tiles of their own). Repeatable.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("sheet.png"),
+    show_default=True,
+    help="The sheet as PNG.",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The HTML page. [default: the PNG's name with .html]",
+)
+@click.option(
+    "--tile", type=click.IntRange(32, 2048), default=256, show_default=True, help="Longest side of each tile in pixels."
+)
 @click.option("--title", default="clipstyle contact sheet", show_default=True, help="Title of the HTML page.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing sheet.")
-@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
-              help="Refuse images with more pixels than this.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=MAX_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels than this.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Errors only.")
 @debug_option
 @stop_on_sigterm
-def sheet(images, prompts, outputs, reports, score_files, output, html_path, tile, title, overwrite, max_pixels,
-          quiet):
+def sheet(images, prompts, outputs, reports, score_files, output, html_path, tile, title, overwrite, max_pixels, quiet):
     """A contact sheet of content images x prompts: a PNG and an HTML page with the scores under each tile.
 
     \b
@@ -74,8 +110,7 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
         scored += sheets.cells_from_scores(read_json_lines(path), path.parent)
     cells = sheets.merge(cells, scored)
     sheets.mark_missing(cells)
-    result = sheets.build(cells, tile=tile, title=title, html_dir=html_path.parent,
-                          max_pixels=max_pixels)
+    result = sheets.build(cells, tile=tile, title=title, html_dir=html_path.parent, max_pixels=max_pixels)
     page = escape_undecodable(result.html).encode("utf-8")  # names that are not UTF-8, escaped
     with interrupts.raising():  # a signal while writing unwinds, removing the temporary files
         save_png(result.image, output, overwrite=overwrite)

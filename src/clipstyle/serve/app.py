@@ -47,8 +47,10 @@ from clipstyle.serve.jobs import JobQueue, form_schema
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 50 * 1024 * 1024  # bytes; the pixel limit is checked after
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
-       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 EVENT_INTERVAL = 0.1  # seconds between looks at the state
 KEEPALIVE = 15.0  # seconds between comments on an idle event stream
 
@@ -64,8 +66,9 @@ class _Headers:
             return await self.app(scope, receive, send)
         headers = {k.lower(): v for k, v in scope["headers"]}
         if scope["method"] not in ("GET", "HEAD") and headers.get(b"x-clipstyle") != b"1":
-            response = JSONResponse({"error": "refused: requests that change something need the X-Clipstyle: 1 "
-                                              "header"}, status_code=403)
+            response = JSONResponse(
+                {"error": "refused: requests that change something need the X-Clipstyle: 1 header"}, status_code=403
+            )
             return await response(scope, receive, self._wrap(send))
         return await self.app(scope, receive, self._wrap(send))
 
@@ -74,8 +77,12 @@ class _Headers:
         async def wrapped(message):
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"content-security-policy", CSP.encode()),
-                                      (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+                message["headers"] = [
+                    *message["headers"],
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                ]
             await send(message)
 
         return wrapped
@@ -85,8 +92,14 @@ def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def make_app(queue: JobQueue, *, help_texts: dict | None = None, max_upload: int = DEFAULT_MAX_UPLOAD,
-             loopback: bool = True, closing: Callable[[], bool] = lambda: False) -> Starlette:
+def make_app(
+    queue: JobQueue,
+    *,
+    help_texts: dict | None = None,
+    max_upload: int = DEFAULT_MAX_UPLOAD,
+    loopback: bool = True,
+    closing: Callable[[], bool] = lambda: False,
+) -> Starlette:
     """The web app over ``queue``. ``closing()`` turns true when the server shuts down (ends event streams)."""
     schema = {**form_schema(help_texts), "max_upload": max_upload}
 
@@ -114,8 +127,9 @@ def make_app(queue: JobQueue, *, help_texts: dict | None = None, max_upload: int
                 await asyncio.sleep(EVENT_INTERVAL)
                 quiet += EVENT_INTERVAL
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
     async def upload(request: Request) -> Response:
         length = request.headers.get("content-length")
@@ -196,8 +210,12 @@ def make_app(queue: JobQueue, *, help_texts: dict | None = None, max_upload: int
         job = queue.jobs.get(path.stem) if folder == "results" else None
         if job is not None:
             filename = queue.download_name(job, path.suffix)
-            return FileResponse(path, filename=filename, headers=headers,
-                                media_type="image/png" if path.suffix == ".png" else "application/octet-stream")
+            return FileResponse(
+                path,
+                filename=filename,
+                headers=headers,
+                media_type="image/png" if path.suffix == ".png" else "application/octet-stream",
+            )
         return FileResponse(path, headers=headers)
 
     routes = [

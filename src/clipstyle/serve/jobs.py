@@ -48,8 +48,20 @@ from clipstyle.stylefile import load_style, save_style, style_metadata
 
 # The settings the form shows, with the names of `clipstyle run`'s options.
 # Their defaults are read from Settings and PRESETS; the rest stay at Settings' defaults.
-FORM_FIELDS = ("steps", "size", "crops", "crop_size", "threshold", "lr", "lambda_patch", "lambda_dir",
-               "lambda_content", "lambda_tv", "source", "precision")
+FORM_FIELDS = (
+    "steps",
+    "size",
+    "crops",
+    "crop_size",
+    "threshold",
+    "lr",
+    "lambda_patch",
+    "lambda_dir",
+    "lambda_content",
+    "lambda_tv",
+    "source",
+    "precision",
+)
 CHOICES = {"precision": PRECISIONS}
 MAX_PROMPTS = 16  # one job per prompt line
 MAX_NAME = 200
@@ -74,9 +86,15 @@ def form_schema(help_texts: dict | None = None) -> dict:
     fields = []
     for name in FORM_FIELDS:
         value = getattr(defaults, name)
-        fields.append({"name": name, "type": type(value).__name__, "default": value,
-                       "choices": list(CHOICES.get(name, ())) or None,
-                       "help": (help_texts or {}).get(name)})
+        fields.append(
+            {
+                "name": name,
+                "type": type(value).__name__,
+                "default": value,
+                "choices": list(CHOICES.get(name, ())) or None,
+                "help": (help_texts or {}).get(name),
+            }
+        )
     return {"fields": fields, "presets": PRESETS, "seed": 0, "max_prompts": MAX_PROMPTS}
 
 
@@ -118,7 +136,7 @@ def _seed(form: dict) -> int:
         seed = int(raw if raw not in (None, "") else 0)
     except (TypeError, ValueError):
         raise ClipstyleError(f"seed: {raw!r} is not an integer") from None
-    if not 0 <= seed < 2 ** 63:
+    if not 0 <= seed < 2**63:
         raise ClipstyleError("seed must be between 0 and 2^63 - 1")
     return seed
 
@@ -191,8 +209,7 @@ class Job:
 class JobQueue:
     """Jobs in first-in, first-out order, run by one worker thread that owns ``models``."""
 
-    def __init__(self, models, folder: str | Path, *, max_pixels: int | None = None,
-                 preview_seconds: float = 0.5):
+    def __init__(self, models, folder: str | Path, *, max_pixels: int | None = None, preview_seconds: float = 0.5):
         self.models = models
         self.folder = Path(folder)
         self.uploads = self.folder / "uploads"
@@ -263,8 +280,14 @@ class JobQueue:
                 write_atomic(final, lambda fh: fh.write(data), overwrite=True)
         finally:
             tmp.unlink(missing_ok=True)
-        info = {"id": upload_id, "name": name, "width": loaded.image.width, "height": loaded.image.height,
-                "sha256": digest, "notes": list(loaded.notes)}
+        info = {
+            "id": upload_id,
+            "name": name,
+            "width": loaded.image.width,
+            "height": loaded.image.height,
+            "sha256": digest,
+            "notes": list(loaded.notes),
+        }
         write_atomic(self.uploads / f"{upload_id}.json", lambda fh: fh.write(json.dumps(info).encode()), overwrite=True)
         return info
 
@@ -289,10 +312,22 @@ class JobQueue:
         settings = settings_from_form(form)
         base_seed = _seed(form)
         preset = form.get("preset") or "paper"
-        jobs = [Job(id=uuid.uuid4().hex[:12], kind="stylize", upload=upload_id, input_name=info["name"], prompt=p,
-                    settings=settings.to_dict(), preset=preset, base_seed=base_seed,
-                    seed=pair_seed(base_seed, info["name"], p), steps=settings.steps, created=time.time())
-                for p in dict.fromkeys(prompts)]
+        jobs = [
+            Job(
+                id=uuid.uuid4().hex[:12],
+                kind="stylize",
+                upload=upload_id,
+                input_name=info["name"],
+                prompt=p,
+                settings=settings.to_dict(),
+                preset=preset,
+                base_seed=base_seed,
+                seed=pair_seed(base_seed, info["name"], p),
+                steps=settings.steps,
+                created=time.time(),
+            )
+            for p in dict.fromkeys(prompts)
+        ]
         for job in jobs:
             self._settings[job.id] = settings
         self._enqueue(jobs)
@@ -309,8 +344,17 @@ class JobQueue:
             raise ClipstyleError(f"strength: {strength!r} is not a number") from None
         if not 0.0 <= strength <= 1.0:
             raise ClipstyleError("strength must be between 0 and 1")
-        job = Job(id=uuid.uuid4().hex[:12], kind="apply", upload=upload_id, input_name=info["name"],
-                  prompt=source.prompt, style_of=style_of, strength=strength, steps=1, created=time.time())
+        job = Job(
+            id=uuid.uuid4().hex[:12],
+            kind="apply",
+            upload=upload_id,
+            input_name=info["name"],
+            prompt=source.prompt,
+            style_of=style_of,
+            strength=strength,
+            steps=1,
+            created=time.time(),
+        )
         self._enqueue([job])
         return job
 
@@ -469,12 +513,18 @@ class JobQueue:
                 raise _Stopped()
 
         pair = RunJob(InputFile(source, job.input_name), job.prompt, self.results / f"{job.id}.png", job.seed)
-        meta = output_metadata(pair, settings, self.models.info, RunOptions(base_seed=job.base_seed),
-                               hashlib.sha256(source.read_bytes()).hexdigest())
+        meta = output_metadata(
+            pair,
+            settings,
+            self.models.info,
+            RunOptions(base_seed=job.base_seed),
+            hashlib.sha256(source.read_bytes()).hexdigest(),
+        )
         meta["clipstyle"]["input"] = job.input_name  # the name it was uploaded under, not the stored file's
         try:
-            (result,) = stylize_many([content], [job.prompt], [job.seed], models=self.models, settings=settings,
-                                     callback=on_step)
+            (result,) = stylize_many(
+                [content], [job.prompt], [job.seed], models=self.models, settings=settings, callback=on_step
+            )
         except _Stopped:
             if self._closing or last["output"] is None:
                 return "interrupted" if self._closing else "stopped"
@@ -485,9 +535,18 @@ class JobQueue:
             raise result.error
         self._finish(job, result.tensor, meta)
         style = self.results / f"{job.id}.style"
-        save_style(style, result.network, style_metadata(prompt=job.prompt, settings=settings, seed=job.seed,
-                                                         input_path=source, trained_size=result.size,
-                                                         models_info=self.models.info))
+        save_style(
+            style,
+            result.network,
+            style_metadata(
+                prompt=job.prompt,
+                settings=settings,
+                seed=job.seed,
+                input_path=source,
+                trained_size=result.size,
+                models_info=self.models.info,
+            ),
+        )
         job.style = style.name
         return "done"
 
@@ -510,9 +569,14 @@ class JobQueue:
             def finished(self, _job, record):
                 records.append(record)
 
-        apply_files([ApplyJob(InputFile(self.uploads / f"{job.upload}.bin", job.input_name), out)], [style],
-                    ApplyOptions(strength=job.strength, max_pixels=self.max_pixels), Report(None), Events(),
-                    device=self.models.device)
+        apply_files(
+            [ApplyJob(InputFile(self.uploads / f"{job.upload}.bin", job.input_name), out)],
+            [style],
+            ApplyOptions(strength=job.strength, max_pixels=self.max_pixels),
+            Report(None),
+            Events(),
+            device=self.models.device,
+        )
         (record,) = records
         if record["status"] != "ok":
             job.error = record["error"].replace(str(self.uploads / f"{job.upload}.bin"), job.input_name)
