@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from checkpoints import checkpoints  # noqa: F401  (a fixture)
@@ -39,6 +40,7 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_run_writes_a_repeatable_png_with_metadata_and_a_report(checkpoints, photo, tmp_path):  # noqa: F811
     outputs = [tmp_path / "first.png", tmp_path / "second.png"]
     reports = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]

@@ -134,6 +134,7 @@ def test_batch_matches_single_pairs_in_the_library(models, tiny_settings):
         assert t.losses["total"] == pytest.approx(a.losses["total"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_the_queue(tmp_path, folder, loader):
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
     single = tmp_path / "single"

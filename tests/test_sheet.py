@@ -192,6 +192,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_evaluation_protocol_runs_end_to_end_on_tiny_models(tmp_path):
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(tests=str(ROOT / "tests")))
