@@ -400,3 +400,24 @@ def test_the_library_recipe_in_the_docs(scene, models, tiny_settings):
     w = image.shape[-1]
     assert torch.equal(image[..., w // 2 + 1 :], content[..., w // 2 + 1 :])
     assert not torch.equal(image[..., : w // 2 - 1], content[..., : w // 2 - 1])
+
+
+def test_a_region_that_selects_nothing_names_the_photo(scene, monkeypatch):
+    """--where's verdict is about the photo, not a file of its own: the line names the photo."""
+    from types import SimpleNamespace
+
+    from clipstyle.batch import job_error
+    from clipstyle.errors import ClipstyleError
+
+    job = SimpleNamespace(input=SimpleNamespace(path=scene / "photo.png"))
+    assert job_error(job, ClipstyleError("--where 'x' selects nothing in this image")) == (
+        f"{scene / 'photo.png'}: --where 'x' selects nothing in this image"
+    )
+    assert job_error(job, ClipstyleError("unreadable", scene / "m.png")) == f"{scene / 'm.png'}: unreadable"
+    counting_loader(monkeypatch)
+    monkeypatch.setattr(M, "where_mask", lambda *args, **kwargs: torch.zeros(1, 1, 32, 48))
+    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", scene / "o.png", *TINY, "--where", "the sky")
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("clipstyle: error")]
+    assert r.exit_code == 1 and lines == [
+        f"clipstyle: error: {scene / 'photo.png'}: --where 'the sky' selects nothing in this image"
+    ], r.output

@@ -16,7 +16,7 @@ import torch
 
 from clipstyle import __version__, masks
 from clipstyle import images as io
-from clipstyle.batch import Events, Summary, Work, run_jobs
+from clipstyle.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.config import MAX_PIXELS, TILE_OVERLAP
 from clipstyle.errors import ClipstyleError
 from clipstyle.inputs import InputFile, mirrored_output, output_file
@@ -185,7 +185,7 @@ class _RenderFiles(Work):
             io.save_png(y, job.output, meta, overwrite=self.overwrite)
             record.update(size=list(size))
         except ClipstyleError as exc:
-            record.update(status="failed", error=str(exc))
+            record.update(status="failed", error=job_error(job, exc))
         record["seconds"] = round(time.perf_counter() - t0, 4)
         return record
 

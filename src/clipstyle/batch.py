@@ -129,6 +129,11 @@ class Work:
         gc.collect()
 
 
+def job_error(job, exc: ClipstyleError) -> str:
+    """The one line of a job's failure: the error's own file, else the job's input."""
+    return str(exc) if exc.path else f"{job.input.path}: {exc.reason}"
+
+
 def not_done(jobs: list, work: Work, finish) -> list:
     """The jobs still to process. Each job already done, or refused by what is there
     (:meth:`Work.existing`), is passed to ``finish(job, record)`` instead."""
@@ -172,7 +177,7 @@ def _each_job(jobs: list, work: Work, events: Events, runner: _Loop) -> None:
         try:
             prepared = work.prepare(job, events)
         except ClipstyleError as exc:
-            runner.finish(job, work.record(job, "failed", str(exc)))
+            runner.finish(job, work.record(job, "failed", job_error(job, exc)))
             continue
         except Exception as exc:  # an allocation failure while preparing is the job's, like one while processing
             if not is_out_of_memory(exc):

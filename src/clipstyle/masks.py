@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from clipstyle import __version__
 from clipstyle.augment import CropDraw, draw_crops
-from clipstyle.batch import Events, Summary, Work, run_jobs
+from clipstyle.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.colour import preserve_colour
 from clipstyle.config import FEATHER, MAX_PIXELS
 from clipstyle.errors import ClipstyleError, require_file
@@ -419,7 +419,7 @@ class _WriteMasks(Work):
             save_png(mask_image(found), job.output, meta, overwrite=self.overwrite)
             record["size"] = list(photo.size)
         except ClipstyleError as exc:
-            record.update(status="failed", error=str(exc))
+            record.update(status="failed", error=job_error(job, exc))
         return record
 
 

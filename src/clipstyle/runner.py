@@ -14,7 +14,7 @@ import torch
 
 from clipstyle import __version__
 from clipstyle import images as io
-from clipstyle.batch import Events, Summary, Work, run_jobs
+from clipstyle.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.config import MAX_PIXELS
 from clipstyle.errors import ClipstyleError, is_out_of_memory
 from clipstyle.masks import Regions
@@ -325,7 +325,7 @@ class _StylizePairs(Work):
                 self.files.save_style(job.style, result.network, meta, overwrite=self.overwrite)
                 record["style"] = str(job.style)
         except ClipstyleError as exc:
-            record.update(status="failed", error=str(exc))
+            record.update(status="failed", error=job_error(job, exc))
         except Exception as exc:  # out of memory while rendering or saving fails this pair only
             if not is_out_of_memory(exc):
                 raise
