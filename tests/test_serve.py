@@ -87,8 +87,10 @@ def test_a_job_streams_progress_then_lands_in_the_gallery_with_its_files(server,
             break
         assert job["status"] in ("queued", "running")
     events.close()
-    assert steps == sorted(steps) and steps[-1] == 12 and len(set(steps)) > 2
-    assert len(previews - {0}) > 2
+    # the stream sends the latest state, so a loaded machine may see few of the 12 steps: at least one
+    # before the end, in order
+    assert steps == sorted(steps) and steps[-1] == 12 and steps[0] < 12
+    assert len(previews - {0}) >= 2
     assert job["losses"][-1][0] == 12 and job["eta"] is None and job["seconds"] > 0
     # the PNG carries the same metadata as `clipstyle run` writes, and downloads under a readable name
     status, headers, body = request("GET", f"{server}/files/results/{job['png']}")
