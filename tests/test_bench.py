@@ -44,14 +44,13 @@ def test_floor_uses_a_contiguous_vgg_and_needs_no_weight_gradients(shared_models
     assert all(p.grad is None for p in floor.vgg.parameters())
 
 
-def test_bench_command_prints_json(shared_models, monkeypatch):
-    monkeypatch.setattr(B, "bench_models", lambda device, clip_model="ViT-B-32": shared_models)
-    args = [
-        "bench",
+def tiny_bench(crops: int) -> list[str]:
+    """bench options for one quick timed step at 32 px on the CPU, as JSON."""
+    return [
         "--size",
         "32",
         "--crops",
-        "2",
+        str(crops),
         "--crop-size",
         "16",
         "--repeats",
@@ -64,6 +63,11 @@ def test_bench_command_prints_json(shared_models, monkeypatch):
         "1",
         "--json",
     ]
+
+
+def test_bench_command_prints_json(shared_models, monkeypatch):
+    monkeypatch.setattr(B, "bench_models", lambda device, clip_model="ViT-B-32": shared_models)
+    args = ["bench", *tiny_bench(crops=2)]
     result = invoke(*args, catch_exceptions=True)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -106,25 +110,7 @@ def test_bench_cached_times_loading_from_warm_caches(checkpoints, monkeypatch, t
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(checkpoints.vgg, tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    args = [
-        "bench",
-        "--cached",
-        "--size",
-        "32",
-        "--crops",
-        "1",
-        "--crop-size",
-        "16",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--json",
-    ]
+    args = ["bench", "--cached", *tiny_bench(crops=1)]
     result = invoke(*args, catch_exceptions=True)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)

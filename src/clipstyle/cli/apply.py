@@ -11,13 +11,15 @@ from clipstyle.cli.common import (
     Number,
     UserError,
     debug_option,
+    device_option,
     echo_outcome,
     echo_warning,
     end_of_run,
+    max_pixels_option,
     stop_on_sigterm,
 )
 from clipstyle.cli.mask import region_options
-from clipstyle.config import MAX_PIXELS, STYLE_SUFFIXES, TILE_OVERLAP
+from clipstyle.config import STYLE_SUFFIXES, TILE_OVERLAP
 
 
 def split_arguments(args: tuple[str, ...], style_options: tuple[Path, ...]) -> tuple[list[str], list[str]]:
@@ -155,9 +157,7 @@ def _events(quiet: bool):
     help="Tiles normalise with the whole image's statistics (no seams; about 8x the compute) or "
     "each with its own (one pass; soft seams possible).",
 )
-@click.option(
-    "--device", default="auto", show_default=True, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."
-)
+@device_option
 @region_options(with_clip=True)
 @click.option(
     "--overwrite",
@@ -170,13 +170,7 @@ def _events(quiet: bool):
     default=None,
     help="Append one JSON line per image to this file.",
 )
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=MAX_PIXELS,
-    show_default=True,
-    help="Refuse input images with more pixels than this (decompression bombs).",
-)
+@max_pixels_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress; errors and warnings only.")
 @debug_option
 @stop_on_sigterm

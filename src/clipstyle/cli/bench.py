@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, stop_on_sigterm
+from clipstyle.cli.common import UserError, debug_option, device_option, stop_on_sigterm
 from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED, MEMORY_FORMATS, PRECISIONS, PRESETS, Settings, settings_for
 
 D = Settings()
@@ -156,7 +156,7 @@ def format_result(r) -> str:
     "e.g. 0,0.5,0.9), the single CLIP pass (before) alternating with the automatic two-pass path "
     "(after).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@device_option
 @click.option(
     "--threads",
     type=click.IntRange(0),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED
+from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED, MAX_PIXELS
 from clipstyle.errors import ClipstyleError
 
 
@@ -112,6 +112,27 @@ def debug_option(f):
     )(f)
 
 
+def max_pixels_option(what: str = "input images"):
+    """``--max-pixels``, the same on every command that reads images (decompression bombs)."""
+    return click.option(
+        "--max-pixels",
+        type=click.IntRange(1),
+        default=MAX_PIXELS,
+        show_default=True,
+        help=f"Refuse {what} with more pixels than this (decompression bombs).",
+    )
+
+
+def device_option(f):
+    """``--device``, the same on every command that computes."""
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
+    )(f)
+
+
 def model_options(f):
     """CLIP/VGG model and weight options, and the device; the same on every command."""
     options = [
@@ -140,12 +161,7 @@ def model_options(f):
             default=None,
             help="Local torchvision vgg19 state dict (vgg19-dcbb9e9d.pth). No network is used.",
         ),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
-        ),
+        device_option,
     ]
     for option in reversed(options):
         f = option(f)

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, echo_outcome, stop_on_sigterm
-from clipstyle.config import FEATHER, MAX_PIXELS
+from clipstyle.cli.common import (
+    UserError,
+    debug_option,
+    device_option,
+    echo_outcome,
+    max_pixels_option,
+    stop_on_sigterm,
+)
+from clipstyle.config import FEATHER
 
 
 def make_region(mask, where, invert, feather, preserve_color):
@@ -128,17 +135,9 @@ def region_options(with_clip: bool = False):
 )
 @click.option("--invert-mask", is_flag=True, help="Write the mask of everything but TEXT.")
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
-@click.option(
-    "--device", default="auto", show_default=True, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."
-)
+@device_option
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: skip them).")
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=MAX_PIXELS,
-    show_default=True,
-    help="Refuse input images with more pixels than this (decompression bombs).",
-)
+@max_pixels_option()
 @click.option("-q", "--quiet", is_flag=True, help="Errors and warnings only.")
 @clip_options
 @debug_option

@@ -17,11 +17,12 @@ from clipstyle.cli.common import (
     echo_warning,
     end_of_run,
     load_models_from_options,
+    max_pixels_option,
     model_options,
     stop_on_sigterm,
 )
 from clipstyle.cli.mask import region_options
-from clipstyle.config import MAX_PIXELS, PRECISIONS, PRESETS, Settings
+from clipstyle.config import PRECISIONS, PRESETS, Settings
 
 D = Settings()  # every default below is read from config (Settings and its constants): written once
 
@@ -294,13 +295,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     default=None,
     help="Append one JSON line per image x prompt to this file.",
 )
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=MAX_PIXELS,
-    show_default=True,
-    help="Refuse input images with more pixels than this (decompression bombs).",
-)
+@max_pixels_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; errors and warnings only.")
 @debug_option
 @stop_on_sigterm

@@ -12,10 +12,11 @@ from clipstyle.cli.common import (
     UserError,
     debug_option,
     load_models_from_options,
+    max_pixels_option,
     model_options,
     stop_on_sigterm,
 )
-from clipstyle.config import MAX_PIXELS, PATCH_SCORE_CROPS, Settings
+from clipstyle.config import PATCH_SCORE_CROPS, Settings
 
 D = Settings()
 
@@ -84,13 +85,7 @@ def _jobs(images, prompt, content, reports) -> list[tuple[str, str, str]]:
 )
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when the lpips package is installed.")
 @model_options
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=MAX_PIXELS,
-    show_default=True,
-    help="Refuse images with more pixels than this.",
-)
+@max_pixels_option("images")
 @debug_option
 @stop_on_sigterm
 def score(

@@ -12,10 +12,10 @@ from clipstyle.cli.common import (
     debug_option,
     echo_warning,
     load_models_from_options,
+    max_pixels_option,
     model_options,
     stop_on_sigterm,
 )
-from clipstyle.config import MAX_PIXELS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -60,13 +60,7 @@ def bind(host: str, port: int) -> socket.socket:
     help="The server's own folder: uploads, results, style files; the gallery is kept there between starts.",
 )
 @model_options
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=MAX_PIXELS,
-    show_default=True,
-    help="Refuse uploaded images with more pixels than this (decompression bombs).",
-)
+@max_pixels_option("uploaded images")
 @click.option(
     "--max-upload-mb",
     type=click.IntRange(1),

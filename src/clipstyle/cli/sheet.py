@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, stop_on_sigterm
-from clipstyle.config import MAX_PIXELS
+from clipstyle.cli.common import UserError, debug_option, max_pixels_option, stop_on_sigterm
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -62,13 +61,7 @@ from clipstyle.config import MAX_PIXELS
 )
 @click.option("--title", default="clipstyle contact sheet", show_default=True, help="Title of the HTML page.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing sheet.")
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=MAX_PIXELS,
-    show_default=True,
-    help="Refuse images with more pixels than this.",
-)
+@max_pixels_option("images")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only.")
 @debug_option
 @stop_on_sigterm
