@@ -1,10 +1,31 @@
 """Shared fixtures: tiny stand-ins for CLIP and VGG-19 built from random weights
-through the same classes as the real ones, so tests need no downloads."""
+through the same classes as the real ones, so tests need no downloads.
+
+``CLIPSTYLE_TEST_DEVICE=cuda pytest -m device`` runs the tests marked ``device``
+(the loop, precision, batches, out of memory, styles and tiles, scores) with
+the tiny models on that device; unset, everything runs on the CPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+DEVICE = torch.device(os.environ.get("CLIPSTYLE_TEST_DEVICE") or "cpu")
+
+
+def pytest_configure(config):
+    """A test device that is not there stops the run: passing on the CPU instead would prove nothing."""
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"CLIPSTYLE_TEST_DEVICE={DEVICE}: CUDA is not available here")
+    if DEVICE.type == "mps" and not torch.backends.mps.is_available():
+        raise pytest.UsageError(f"CLIPSTYLE_TEST_DEVICE={DEVICE}: Apple MPS is not available here")
+
+
+def pytest_report_header(config):
+    return f"clipstyle test device: {DEVICE} (CLIPSTYLE_TEST_DEVICE)"
+
 
 # Tiny models are many small ops: one thread avoids waiting for a second, busy
 # core at each of them (several times faster on a loaded 2-core machine).
@@ -50,12 +71,13 @@ def tiny_vgg(seed: int = 0):
     return VggEncoder(features)
 
 
-def tiny_models(seed: int = 0):
+def tiny_models(seed: int = 0, device: torch.device | str = DEVICE):
+    """Tiny models on the test device (CLIPSTYLE_TEST_DEVICE, the CPU by default)."""
     from clipstyle.encoders import Models
 
     return Models(
-        tiny_clip(seed),
-        tiny_vgg(seed),
+        tiny_clip(seed).to(device),
+        tiny_vgg(seed).to(device),
         {"clip_model": "tiny", "clip_pretrained": "random", "clip_weights": None, "vgg_weights": "random"},
     )
 
@@ -121,9 +143,10 @@ def photo_folder(tmp_path):
 
 
 def tiny_loader(*args, device="cpu", **kwargs):
-    """A picklable stand-in for the CLI's model loader (worker processes import it)."""
-    models = tiny_models()
-    return models
+    """A picklable stand-in for the CLI's model loader (worker processes import it), on the device asked for."""
+    from clipstyle.device import resolve_device
+
+    return tiny_models(device=resolve_device(device))
 
 
 def invoke(*args, catch_exceptions: bool = False):
@@ -139,9 +162,11 @@ def counting_loader(monkeypatch, command: str = "run") -> list:
     """Tiny models behind ``command``'s model loader; the returned list records each load."""
     calls = []
 
-    def load(*args, **kwargs):
+    def load(*args, device="auto", **kwargs):
+        from clipstyle.device import resolve_device
+
         calls.append(args)
-        return tiny_models()
+        return tiny_models(device=resolve_device(device))
 
     monkeypatch.setattr(f"clipstyle.cli.{command}.load_models_from_options", load)
     return calls

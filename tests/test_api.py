@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
+from conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = [
@@ -103,6 +104,7 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
     assert max(styled.size) == 128 and full.size == photo.size
 
 
+@pytest.mark.device
 def test_stylize_loads_the_default_models_once(monkeypatch, tiny_settings):
     from clipstyle import loading, optimize
 
@@ -112,20 +114,21 @@ def test_stylize_loads_the_default_models_once(monkeypatch, tiny_settings):
 
     def load_models(device):
         calls.append(device)
-        return tiny_models()
+        return tiny_models(device=device)
 
     monkeypatch.setattr(loading, "load_models", load_models)
     loading.default_models.cache_clear()
     try:
         image = torch.rand(1, 3, 32, 32)
-        first = optimize.stylize(image, "fire", settings=tiny_settings, device="cpu")
-        second = optimize.stylize(image, "ice", settings=tiny_settings, device="cpu")
+        first = optimize.stylize(image, "fire", settings=tiny_settings, device=str(DEVICE))
+        second = optimize.stylize(image, "ice", settings=tiny_settings, device=str(DEVICE))
     finally:
         loading.default_models.cache_clear()
     assert len(calls) == 1
     assert first.image is not None and second.image is not None
 
 
+@pytest.mark.device
 def test_a_device_that_disagrees_with_the_models_is_an_error(models, tiny_settings, monkeypatch):
     from clipstyle import optimize
     from clipstyle.errors import ClipstyleError
@@ -134,7 +137,7 @@ def test_a_device_that_disagrees_with_the_models_is_an_error(models, tiny_settin
     with pytest.raises(ClipstyleError, match="differs from the models' device"):
         optimize.stylize(torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings, device="cuda:1")
     result = optimize.stylize(
-        torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings, device="cpu"
+        torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings, device=str(DEVICE)
     )  # the models' own device is fine
     assert result.image is not None
 
@@ -147,6 +150,7 @@ def test_settings_are_passed_one_way():
     assert not any(p.kind == p.VAR_KEYWORD for p in parameters.values())
 
 
+@pytest.mark.device
 def test_stylize_many_leaves_the_shared_models_as_they_were(models, tiny_settings):
     from clipstyle import stylize_many
 

@@ -8,9 +8,13 @@ import torch.nn.functional as F
 
 from clipstyle.augment import random_crop_grids, sample_crops
 
+from conftest import DEVICE
+
+pytestmark = pytest.mark.device
+
 
 def coordinate_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """(1, 3, H, W): channel 0 is each pixel's column, 1 its row, 2 random values.
+    """(1, 3, H, W) on the test device: channel 0 is each pixel's column, 1 its row, 2 random values.
 
     Bilinear sampling of a linear ramp returns the sampled coordinate itself,
     so a crop tells where in the image it came from.
@@ -19,7 +23,7 @@ def coordinate_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
         torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
     )
     noise = torch.rand(height, width, generator=torch.Generator().manual_seed(seed))
-    return torch.stack([xs, ys, noise]).unsqueeze(0)
+    return torch.stack([xs, ys, noise]).unsqueeze(0).to(DEVICE)
 
 
 def pixel_coords(grids, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +33,7 @@ def pixel_coords(grids, height: int, width: int) -> tuple[torch.Tensor, torch.Te
 
 
 def grids(height=40, width=56, n=8, crop=16, out=32, distortion=0.5, seed=0):
-    return random_crop_grids(height, width, n, crop, out, distortion, torch.Generator().manual_seed(seed))
+    return random_crop_grids(height, width, n, crop, out, distortion, torch.Generator().manual_seed(seed), DEVICE)
 
 
 @pytest.mark.parametrize("crop,out", [(16, 32), (24, 32), (32, 16)])
@@ -37,7 +41,7 @@ def test_without_distortion_a_crop_is_a_bilinear_resize_of_its_window(crop, out)
     height, width = 40, 56
     image = coordinate_image(height, width)
     g = grids(height, width, n=6, crop=crop, out=out, distortion=0.0)
-    assert torch.equal(g.mask, torch.ones(6, 1, out, out))
+    assert torch.equal(g.mask.cpu(), torch.ones(6, 1, out, out))
     patches = sample_crops(image, g)
     assert patches.shape == (6, 3, out, out)
     mid = out // 2
@@ -54,7 +58,7 @@ def test_without_distortion_a_crop_is_a_bilinear_resize_of_its_window(crop, out)
 
 
 def test_masks_are_full_without_distortion_and_have_holes_with_it():
-    assert torch.equal(grids(distortion=0.0).mask, torch.ones(8, 1, 32, 32))
+    assert torch.equal(grids(distortion=0.0).mask.cpu(), torch.ones(8, 1, 32, 32))
     mask = grids(n=16, distortion=0.5).mask
     assert set(mask.unique().tolist()) == {0.0, 1.0}
     covered = mask.mean(dim=(1, 2, 3))  # (16,)
@@ -65,7 +69,7 @@ def test_masks_are_full_without_distortion_and_have_holes_with_it():
 
 def test_warped_patches_are_filled_with_zero_outside_the_quadrilateral():
     g = grids(n=8, distortion=0.5)
-    patches = sample_crops(torch.full((1, 3, 40, 56), 0.8), g)
+    patches = sample_crops(torch.full((1, 3, 40, 56), 0.8).to(DEVICE), g)
     hole = g.mask.expand_as(patches) == 0
     assert hole.any()
     assert (patches[hole] == 0).all()
@@ -119,17 +123,17 @@ def test_same_generator_seed_gives_the_same_grids():
 def test_zero_crops_and_slices():
     g = grids(n=0)
     assert len(g) == 0
-    assert sample_crops(torch.rand(1, 3, 40, 56), g).shape == (0, 3, 32, 32)
+    assert sample_crops(torch.rand(1, 3, 40, 56).to(DEVICE), g).shape == (0, 3, 32, 32)
     g = grids(n=5)
     part = g.slice(1, 3)
     assert len(part) == 2 and torch.equal(part.grid, g.grid[1:3])
-    image = torch.rand(1, 3, 40, 56)
+    image = torch.rand(1, 3, 40, 56).to(DEVICE)
     torch.testing.assert_close(sample_crops(image, part), sample_crops(image, g)[1:3])
 
 
 def test_gradients_reach_only_the_sampled_pixels():
     height, width = 40, 56
-    image = torch.rand(1, 3, height, width, requires_grad=True)
+    image = torch.rand(1, 3, height, width).to(DEVICE).requires_grad_()
     g = grids(height, width, n=1, crop=16, out=16, distortion=0.0, seed=2)
     sample_crops(image, g).sum().backward()
     # a crop of 16 resized to 16 reads each pixel of its window once (up to rounding of the grid)
@@ -137,5 +141,5 @@ def test_gradients_reach_only_the_sampled_pixels():
     rows, cols = touched.nonzero(as_tuple=True)
     assert touched.sum() == 16 * 16
     assert rows.max() - rows.min() == 15 and cols.max() - cols.min() == 15
-    torch.testing.assert_close(image.grad[0, 0][touched], torch.ones(256), atol=1e-3, rtol=0)
+    torch.testing.assert_close(image.grad[0, 0][touched].cpu(), torch.ones(256), atol=1e-3, rtol=0)
     assert image.grad[0, 0][~touched].abs().max() < 1e-3

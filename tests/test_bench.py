@@ -8,20 +8,25 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from clipstyle import bench as B
 
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
-from conftest import invoke
+from conftest import DEVICE, invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.device
 def test_run_bench_reports_step_floor_ratio_baseline_and_batch(shared_models, tiny_settings):
     settings = tiny_settings.replace(size=32, crops=3, crop_size=16, steps=50)
     r = B.run_bench(shared_models, settings, batch=2, warmup=1, repeats=2, baseline=True)
-    assert r.device == "cpu" and r.processor and r.threads == 1
-    assert r.precision == "fp32" and r.memory_format == "channels_last"
+    assert r.device == str(shared_models.device) and r.processor and r.threads == 1
+    if DEVICE.type == "cpu":  # auto: fp32, and channels-last VGG
+        assert r.precision == "fp32" and r.memory_format == "channels_last"
+    elif DEVICE.type == "cuda":  # auto: bf16 (fp16 without it) autocast, and channels-last VGG with it
+        assert r.precision in ("bf16", "fp16") and r.memory_format == "channels_last"
     assert r.size == (32, 32) and r.crops == 3 and r.batch == 2 and r.steps == 50
     assert len(r.step_runs) == len(r.floor_runs) == len(r.baseline_runs) == 2
     assert r.seconds_per_step > 0 and r.floor_seconds > 0
@@ -29,11 +34,12 @@ def test_run_bench_reports_step_floor_ratio_baseline_and_batch(shared_models, ti
     assert r.speedup == pytest.approx(r.baseline_seconds / r.seconds_per_step)
     assert r.images_per_minute == pytest.approx(60 * 2 / (r.seconds_per_step * 50))
     assert r.batch1 is not None and r.batch1["seconds_per_step"] > 0
-    assert r.peak_memory_kind == "process" and r.peak_memory_bytes > 0
+    assert r.peak_memory_kind == ("device" if DEVICE.type == "cuda" else "process") and r.peak_memory_bytes > 0
     data = json.loads(json.dumps(r.to_dict()))
     assert data["ratio"] == pytest.approx(r.ratio)
 
 
+@pytest.mark.device
 def test_floor_uses_a_contiguous_vgg_and_needs_no_weight_gradients(shared_models):
     shared_models.vgg.use_channels_last(True)
     floor = B.Floor(shared_models, 3, (1, 3, 32, 32))
@@ -74,6 +80,20 @@ def test_bench_command_prints_json(shared_models, monkeypatch):
     assert data["crops"] == 2 and data["size"] == [32, 32] and data["ratio"] > 0
     text = invoke(*args[:-1], catch_exceptions=True)
     assert text.exit_code == 0 and "x floor" in text.output
+
+
+def test_bench_compile_takes_a_mode_and_defaults_to_torchs_default(shared_models, monkeypatch):
+    monkeypatch.setattr(B, "bench_models", lambda device, clip_model="ViT-B-32": shared_models)
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    args = ["bench", *tiny_bench(crops=2)]
+    for given, expected in ([["--compile", "reduce-overhead"], "reduce-overhead"], [["--compile"], "default"]):
+        modes.clear()
+        result = invoke(*args, *given, catch_exceptions=True)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["compile"] == expected and set(modes) == {expected}
+    bad = invoke(*args, "--compile", "fast", catch_exceptions=True)
+    assert bad.exit_code == 2 and "fast" in bad.output
 
 
 def test_bench_command_refuses_half_a_pair_of_weight_files(tmp_path):
@@ -117,6 +137,7 @@ def test_bench_cached_times_loading_from_warm_caches(checkpoints, monkeypatch, t
     assert data["load_from"] == "caches" and data["load_seconds"] > 0 and data["import_seconds"] >= 0
 
 
+@pytest.mark.device
 def test_run_bench_times_forced_rejection_before_and_after_the_two_pass_path(shared_models, tiny_settings):
     from clipstyle.cli.bench import format_result
 

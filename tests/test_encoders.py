@@ -7,6 +7,7 @@ the tests (tests/checkpoints.py); nothing is downloaded.
 
 from __future__ import annotations
 
+import copy
 import urllib.error
 import warnings
 
@@ -18,6 +19,7 @@ from clipstyle.errors import WeightsError
 from clipstyle.loading import load_clip, load_vgg
 
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
+from conftest import DEVICE
 
 
 def offline(*args, **kwargs):
@@ -58,11 +60,14 @@ def test_clip_from_a_local_state_dict_has_the_written_weights(clip_from_state_di
     assert clip.image_size == (224, 224) and clip.context_length == 77
 
 
+@pytest.mark.device
 def test_clip_encoder_is_frozen_but_passes_gradients_to_the_images(clip_from_state_dict):
     clip, _ = clip_from_state_dict
+    if DEVICE.type != "cpu":  # a copy: the module's other tests compare its weights on the CPU
+        clip = copy.deepcopy(clip).to(DEVICE)
     assert not any(m.training for m in clip.model.modules())  # dropout and the like off
     assert not any(p.requires_grad for p in clip.parameters())
-    images = torch.rand(1, 3, 40, 64, requires_grad=True)  # any size: resized to 224x224
+    images = torch.rand(1, 3, 40, 64).to(DEVICE).requires_grad_()  # any size: resized to 224x224
     emb = clip.encode_image(images)
     assert emb.shape == (1, 512) and torch.isfinite(emb).all()
     emb.sum().backward()

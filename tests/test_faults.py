@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import conftest
-from conftest import invoke
+from conftest import DEVICE, invoke
 
 TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
 
@@ -56,12 +56,13 @@ def test_interrupt_stops_cleanly_with_flushed_report(tmp_path, three, monkeypatc
     assert sorted(p.name for p in out.iterdir()) == ["in0-x.png"]  # no partial or temporary files
 
 
+@pytest.mark.device
 def test_non_finite_loss_fails_the_pair_and_writes_nothing(tmp_path, three, monkeypatch):
     import clipstyle.losses as L
 
     monkeypatch.setattr(L, "total_variation", lambda x: x.float().sum(dim=(1, 2, 3)) * float("nan"))
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    result = invoke("run", three[0], "-p", "x", "-o", out, "--report", report, *TINY)
+    result = invoke("run", three[0], "-p", "x", "-o", out, "--report", report, *TINY, "--device", DEVICE)
     assert result.exit_code == 1
     assert "diverged" in result.stderr and str(three[0]) in result.stderr
     assert not out.exists() or not any(out.iterdir())
@@ -69,6 +70,7 @@ def test_non_finite_loss_fails_the_pair_and_writes_nothing(tmp_path, three, monk
     assert rec["status"] == "failed" and "not finite" in rec["error"]
 
 
+@pytest.mark.device
 def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, three, monkeypatch):
     import clipstyle.runner as S
 
@@ -76,16 +78,17 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, three, monkeypat
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(S, "stylize_many", oom)
-    result = invoke("run", three[0], "-p", "x", "-o", tmp_path / "o.png", *TINY)
+    result = invoke("run", three[0], "-p", "x", "-o", tmp_path / "o.png", *TINY, "--device", DEVICE)
     assert result.exit_code == 1
     line = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")][0]
     assert "out of memory at 32x24 px with 2 crops" in line and "--crop-batch" in line and "--size" in line
 
 
+@pytest.mark.device
 def test_crop_batch_gives_the_same_result(models, tiny_settings):
     from clipstyle.optimize import stylize_many
 
-    content = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    content = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     whole = stylize_many([content], ["red"], [1], models=models, settings=tiny_settings)[0]
     chunked = stylize_many([content], ["red"], [1], models=models, settings=tiny_settings.replace(crop_batch=2))[0]
     # Adam amplifies rounding-level gradient differences over steps: compare loosely

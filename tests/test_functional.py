@@ -5,7 +5,8 @@ colour word, so "red" points at "redder" in both spaces. Run through the real
 loop, the prompt "red" must make the image redder while a VGG content term
 keeps its structure. The same test run with the loss deliberately broken
 (a flipped sign, a reversed text direction, a detached embedding, a missing
-normalisation) must fail: the test has teeth.
+normalisation) must fail: the test has teeth. The encoders run on
+CLIPSTYLE_TEST_DEVICE (marker ``device``); the pictures stay on the CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from clipstyle.encoders import Models, VggEncoder
 from clipstyle.optimize import stylize_many
 from clipstyle.prompts import NO_TEMPLATES
 
-from conftest import tiny_vgg
+from conftest import DEVICE, tiny_vgg
+
+pytestmark = pytest.mark.device
 
 
 class ColourClip(nn.Module):
@@ -92,7 +95,7 @@ SETTINGS = Settings(steps=50, size=24, crops=4, crop_size=16, lr=5e-3, templates
 
 
 def stylized(prompt: str) -> torch.Tensor:
-    models = Models(ColourClip(), content_vgg())
+    models = Models(ColourClip().to(DEVICE), content_vgg().to(DEVICE))
     (result,) = stylize_many([scene()], [prompt], [0], models=models, settings=SETTINGS)
     assert result.error is None
     return result.tensor

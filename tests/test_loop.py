@@ -1,4 +1,7 @@
-"""The optimisation loop on tiny CLIP and VGG stand-ins (random weights, real classes)."""
+"""The optimisation loop on tiny CLIP and VGG stand-ins (random weights, real classes).
+
+Every test runs on CLIPSTYLE_TEST_DEVICE (marker ``device``); inputs are made on
+the CPU and the loop moves them, results come back on the CPU."""
 
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ import torch
 from clipstyle import optimize as S
 from clipstyle.optimize import LOSS_NAMES, _PairState, make_network, stylize, stylize_many
 
+from conftest import DEVICE
+
+pytestmark = pytest.mark.device
+
 
 def content(seed: int, height: int = 24, width: int = 32) -> torch.Tensor:
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
@@ -20,6 +27,7 @@ def fast():
     from clipstyle.config import Settings
     from clipstyle.prompts import NO_TEMPLATES
 
+    # precision "auto": fp32 on the CPU, bf16 encoders on CUDA (the tolerances below were set on the CPU)
     return Settings(steps=2, size=32, crops=2, crop_size=16, templates=NO_TEMPLATES, log_every=2)
 
 
@@ -99,7 +107,8 @@ def test_runs_exactly_steps_steps_and_reports_losses_every_log_every(shared_mode
     assert result.error is None and result.steps == 3 and result.size == (32, 24)
     assert result.losses == infos[-1].losses
     assert result.tensor.shape == (1, 3, 24, 32) and result.image.size == (32, 24)
-    torch.testing.assert_close(result.tensor, infos[-1].output)
+    assert infos[-1].output.device.type == DEVICE.type  # the callback's output stays on the device
+    torch.testing.assert_close(result.tensor, infos[-1].output.cpu())
     s = result.losses
     total = (
         settings.lambda_patch * s["patch"]
@@ -127,16 +136,17 @@ def test_lr_is_halved_at_the_middle_of_the_run(shared_models, fast, monkeypatch)
 
 
 def test_make_network_depends_only_on_the_seed():
-    a, b, c = make_network(3, torch.device("cpu")), make_network(3, torch.device("cpu")), make_network(4, "cpu")
+    a, b, c = make_network(3, DEVICE), make_network(3, DEVICE), make_network(4, str(DEVICE))
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
-    # and it neither reads nor advances the global random state
+    # and it neither reads nor advances the global random state (the CPU's, nor the device's)
     torch.manual_seed(123)
-    expected = torch.rand(3)
+    expected = torch.rand(3), torch.rand(3, device=DEVICE)
     torch.manual_seed(123)
-    make_network(5, "cpu")
-    assert torch.equal(torch.rand(3), expected)
+    make_network(5, DEVICE)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert torch.equal(torch.rand(3, device=DEVICE), expected[1])
 
 
 def test_every_pair_gets_a_fresh_network(batched):
@@ -167,7 +177,7 @@ def test_encoding_crops_in_chunks_gives_the_same_result(batched):
 
 
 def test_the_loss_gradient_reaches_every_weight_of_the_network(batched):
-    before = make_network(7, "cpu").state_dict()
+    before = make_network(7, DEVICE).state_dict()
     after = batched["together"][0].network.state_dict()
     unchanged = [k for k in before if k.endswith("weight") and torch.equal(before[k], after[k])]
     assert unchanged == []
@@ -178,7 +188,7 @@ def test_the_returned_network_is_the_one_that_made_the_returned_image(batched):
     # network must not have taken an Adam step after making it
     for result, (image, _, _) in zip(batched["together"], zip(*PAIRS)):
         with torch.no_grad():
-            again = result.network(image)
+            again = result.network(image.to(DEVICE)).cpu()
         torch.testing.assert_close(again, result.tensor, atol=1e-6, rtol=0)
 
 
@@ -199,7 +209,8 @@ def test_crops_drawn_up_front_are_the_crops_each_step_would_draw(shared_models, 
     pair = _PairState(0, content, "fire", 9, shared_models, shared_models.vgg, settings, None)
     generator = torch.Generator().manual_seed(9)
     for step in range(3):
-        expected = random_crop_grids(24, 32, 5, settings.crop_size, 32, settings.distortion, generator)
+        # the same draws (CPU generator) turned into grids on the loop's device
+        expected = random_crop_grids(24, 32, 5, settings.crop_size, 32, settings.distortion, generator, DEVICE)
         got = pair.crops(step, 32)
         torch.testing.assert_close(got.grid, expected.grid)
         assert torch.equal(got.mask, expected.mask)

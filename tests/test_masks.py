@@ -14,7 +14,7 @@ from clipstyle import masks as M
 from clipstyle.colour import luma, preserve_colour, rgb_to_ycbcr
 from clipstyle.masks import MaskError, Region
 
-from conftest import counting_loader, invoke
+from conftest import DEVICE, counting_loader, invoke
 
 TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
 
@@ -218,6 +218,7 @@ def test_crops_are_drawn_where_the_mask_is():
     assert draw.hom.shape == (500, 3, 3)
 
 
+@pytest.mark.device
 def test_clip_sees_the_photo_outside_the_mask(models, tiny_settings, monkeypatch):
     """The global row CLIP encodes is the output composited over the photo: outside the
     region it equals the photo. With the composite removed (p.seen = leaf) it does not."""
@@ -232,8 +233,8 @@ def test_clip_sees_the_photo_outside_the_mask(models, tiny_settings, monkeypatch
         return encode(images)
 
     monkeypatch.setattr(models.clip, "encode_image", spy)
-    content = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    mask = torch.zeros(1, 1, 32, 32)
+    content = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = torch.zeros(1, 1, 32, 32, device=DEVICE)
     mask[..., :16] = 1
     S.stylize_many([content], ["fire"], [0], models=models, settings=tiny_settings.replace(steps=1), masks=[mask])
     first = seen[0][0]  # row 0: the global view (resized to CLIP's 32 px: the same size here)
@@ -241,10 +242,11 @@ def test_clip_sees_the_photo_outside_the_mask(models, tiny_settings, monkeypatch
     assert not torch.allclose(first[..., :12], content[0, ..., :12], atol=1e-3)
 
 
+@pytest.mark.device
 def test_no_mask_gives_the_same_result_as_before(models, tiny_settings):
     from clipstyle.optimize import stylize_many
 
-    content = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    content = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     a = stylize_many([content], ["fire"], [3], models=models, settings=tiny_settings)[0].tensor
     b = stylize_many([content], ["fire"], [3], models=models, settings=tiny_settings, masks=[None])[0].tensor
     assert torch.equal(a, b)
@@ -385,6 +387,7 @@ def test_apply_with_a_mask_and_preserved_colour(scene, monkeypatch):
     assert meta["preserve_color"] is True and meta["mask"] == "half.png"
 
 
+@pytest.mark.device
 def test_the_library_recipe_in_the_docs(scene, models, tiny_settings):
     """docs/regions.md, "Library": the same steps as the CLI, from Python."""
     from clipstyle.images import prepare_content

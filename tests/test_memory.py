@@ -36,6 +36,7 @@ def three(tmp_path):
 
 @pytest.fixture
 def eight_gb(monkeypatch):
+    """The host has 8 GB. Tests using it pass --device cpu: on a GPU machine, auto would check the GPU's memory."""
     monkeypatch.setattr("clipstyle.memory.host_memory", lambda: 8_000_000_000)
 
 
@@ -102,7 +103,7 @@ def test_the_cpu_allocators_error_while_optimising_is_out_of_memory(tmp_path, th
 
 
 def test_a_size_no_image_can_fit_is_refused_before_anything(tmp_path, three, loads, eight_gb):
-    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY, "--size", "100000")
+    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY, "--size", "100000", "--device", "cpu")
     assert result.exit_code == 1, result.stderr
     assert result.stderr.startswith(
         "clipstyle: error: --size 100000: optimising even the thinnest image "
@@ -119,7 +120,8 @@ def test_an_image_too_large_at_its_size_fails_alone_before_allocating(tmp_path, 
 
     sizes = []
     monkeypatch.setattr(io, "prepare_content", lambda image, size: sizes.append(size) or torch.rand(1, 3, 16, 16))
-    result = invoke("run", three[0], wide, "-p", "x", "-o", tmp_path / "out", *TINY, "--size", "4096", "--steps", "1")
+    args = [*TINY, "--size", "4096", "--steps", "1", "--device", "cpu"]
+    result = invoke("run", three[0], wide, "-p", "x", "-o", tmp_path / "out", *args)
     assert result.exit_code == 1
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
     assert line == (
@@ -132,7 +134,7 @@ def test_an_image_too_large_at_its_size_fails_alone_before_allocating(tmp_path, 
 def test_apply_refuses_a_size_that_cannot_fit_before_allocating(tmp_path, three, eight_gb):
     style = tmp_path / "ink.style"
     save_style(style, StyleNet(), {"prompt": "ink"})
-    result = invoke("apply", style, *three, "--size", "40000", "-o", tmp_path / "out", "-q")
+    result = invoke("apply", style, *three, "--size", "40000", "-o", tmp_path / "out", "-q", "--device", "cpu")
     assert result.exit_code == 1 and "internal error" not in result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
     assert lines == [
@@ -141,5 +143,5 @@ def test_apply_refuses_a_size_that_cannot_fit_before_allocating(tmp_path, three,
         for p in three
     ]
     assert not list((tmp_path / "out").glob("*"))
-    up_front = invoke("apply", style, *three, "--size", "400000", "-o", tmp_path / "out", "-q")
+    up_front = invoke("apply", style, *three, "--size", "400000", "-o", tmp_path / "out", "-q", "--device", "cpu")
     assert up_front.exit_code == 1 and "--size 400000: rendering even the thinnest image" in up_front.stderr

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipstyle.device import autocast_dtype, use_channels_last
+from clipstyle.device import autocast_dtype, use_channels_last, wide_dtype
 from clipstyle.optimize import stylize_many
 
-from conftest import tiny_models
+from conftest import DEVICE, tiny_models
 
 CPU = torch.device("cpu")
 
@@ -19,6 +19,11 @@ def test_auto_is_fp32_on_the_cpu_and_explicit_choices_are_kept():
     assert autocast_dtype("bf16", CPU) is torch.bfloat16
     assert autocast_dtype("fp16", CPU) is torch.float16
     assert autocast_dtype("fp32", torch.device("cuda")) is None
+
+
+def test_sums_are_float64_except_on_mps_which_has_none():
+    assert wide_dtype(CPU) is torch.float64 and wide_dtype(torch.device("cuda")) is torch.float64
+    assert wide_dtype(torch.device("mps")) is torch.float32
 
 
 def test_channels_last_auto_decision():
@@ -36,6 +41,7 @@ def _run(models, settings, precision, callback=None):
     )[0]
 
 
+@pytest.mark.device
 def test_autocast_covers_clip_and_vgg_only(tiny_settings):
     models = tiny_models()
     seen: dict[str, set] = {"clip": set(), "vgg": set(), "unet": set()}
@@ -63,6 +69,7 @@ def test_autocast_covers_clip_and_vgg_only(tiny_settings):
     assert result.precision == "bf16" and result.tensor.dtype == torch.float32
 
 
+@pytest.mark.device
 def test_bf16_loss_curves_stay_close_to_fp32(tiny_settings):
     # Same pair, same seed, same crops: only the encoders' precision differs.
     models = tiny_models()
@@ -91,6 +98,7 @@ def test_bf16_loss_curves_stay_close_to_fp32(tiny_settings):
         assert steps[-1]["total"] < steps[0]["total"], precision
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("which", ["clip", "vgg"])
 def test_bf16_gradients_point_where_fp32_gradients_point(which):
     # What the optimisation follows: the gradient reaching the U-Net's output.
@@ -99,15 +107,16 @@ def test_bf16_gradients_point_where_fp32_gradients_point(which):
     models = tiny_models()
     g = torch.Generator().manual_seed(0)
     content = torch.rand(1, 3, 32, 32, generator=g)
-    output = (content + 0.05 * torch.randn(1, 3, 32, 32, generator=g)).clamp(0, 1)
+    output = (content + 0.05 * torch.randn(1, 3, 32, 32, generator=g)).clamp(0, 1).to(DEVICE)
+    content = content.to(DEVICE)
     with torch.no_grad():
         target = models.vgg(content)
         source = torch.nn.functional.normalize(models.clip.encode_image(content), dim=-1)
-        direction = torch.nn.functional.normalize(torch.randn(1, source.shape[-1], generator=g), dim=-1)
+        direction = torch.nn.functional.normalize(torch.randn(1, source.shape[-1], generator=g), dim=-1).to(DEVICE)
 
     def gradient(precision):
         x = output.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             if which == "vgg":
                 feats = models.vgg(x)
             else:

@@ -3,19 +3,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from clipstyle.optimize import stylize_many
 
-from conftest import invoke, tiny_clip, tiny_models
+from conftest import DEVICE, invoke, tiny_clip, tiny_models
 
 
+@pytest.mark.device
 def test_clip_view_is_bicubic_without_antialiasing_as_in_the_reference():
-    clip = tiny_clip()  # 32 x 32 input
+    clip = tiny_clip().to(DEVICE)  # 32 x 32 input
     clip.fast = False  # open_clip's own forward: only the resize is under test
-    images = torch.rand(2, 3, 96, 80, generator=torch.Generator().manual_seed(0))  # a downscale, squashed
+    images = torch.rand(2, 3, 96, 80, generator=torch.Generator().manual_seed(0)).to(DEVICE)  # a downscale, squashed
     reference = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False)
     assert torch.equal(clip.resize(images), reference)
     antialiased = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
@@ -25,6 +27,7 @@ def test_clip_view_is_bicubic_without_antialiasing_as_in_the_reference():
         torch.testing.assert_close(clip.encode_image(images), expected)
 
 
+@pytest.mark.device
 def test_the_output_has_seen_steps_minus_one_adam_updates(tiny_settings):
     updates: list[tuple[torch.optim.Optimizer, float]] = []
 

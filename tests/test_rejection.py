@@ -9,7 +9,7 @@ from clipstyle import rejection as R
 from clipstyle.optimize import stylize_many
 from clipstyle.rejection import Rejection
 
-from conftest import tiny_models
+from conftest import DEVICE, tiny_models
 
 
 def content(seed: int, height: int = 24, width: int = 32) -> torch.Tensor:
@@ -26,6 +26,7 @@ def fast():
     from clipstyle.config import Settings
     from clipstyle.prompts import NO_TEMPLATES
 
+    # precision "auto": fp32 on the CPU, bf16 encoders on CUDA (the tolerances below were set on the CPU)
     return Settings(steps=2, size=32, crops=6, crop_size=16, templates=NO_TEMPLATES, log_every=1)
 
 
@@ -58,6 +59,7 @@ def assert_same_gradient(a: torch.Tensor, b: torch.Tensor) -> None:
 
 # The tiny random CLIP scores patches between about 0.8 and 1 (1 - cos): a
 # threshold of 0.96 rejects some of them and keeps others; 0 rejects none.
+@pytest.mark.device
 @pytest.mark.parametrize("threshold,crop_batch", [(0.96, 0), (0.96, 5), (0.0, 0)])
 def test_two_passes_give_the_single_pass_gradient(shared_models, fast, monkeypatch, threshold, crop_batch):
     settings = fast.replace(threshold=threshold, crop_batch=crop_batch)
@@ -77,6 +79,7 @@ def test_two_passes_give_the_single_pass_gradient(shared_models, fast, monkeypat
         assert a.rejected_fraction == pytest.approx(b.rejected_fraction)
 
 
+@pytest.mark.device
 def test_forced_rejection_is_the_same_on_both_paths_and_counts_the_first_crops(shared_models, fast, monkeypatch):
     rates = {}
     for path in ("single", "two"):
@@ -90,6 +93,7 @@ def test_forced_rejection_is_the_same_on_both_paths_and_counts_the_first_crops(s
     assert mask.tolist() == [False, True, True, False, False]
 
 
+@pytest.mark.device
 def test_the_whole_image_row_is_never_rejected(shared_models, fast, monkeypatch):
     """Every patch rejected (threshold above any loss, or forced): the global term still pulls."""
     for rejection, threshold in (
@@ -108,8 +112,11 @@ def test_the_whole_image_row_is_never_rejected(shared_models, fast, monkeypatch)
     assert mask.tolist() == [False, True]
 
 
+@pytest.mark.device
 def test_auto_is_byte_identical_to_the_single_pass_when_it_keeps_it(shared_models, fast):
     """Nothing rejected: auto never takes the two-pass path, and the result is the same to the bit."""
+    # On CUDA the backward passes of grid_sample (the crops) and of the bicubic
+    # resize add with atomics, in no fixed order: the bits may differ there.
     settings = fast.replace(steps=3)
     single = stylize_many(*PAIRS, models=shared_models, settings=settings, rejection=Rejection("single"))
     infos = []
@@ -119,9 +126,12 @@ def test_auto_is_byte_identical_to_the_single_pass_when_it_keeps_it(shared_model
         assert torch.equal(a.tensor, b.tensor) and a.losses == b.losses
 
 
+@pytest.mark.device
 def test_auto_takes_the_two_pass_path_from_the_rejected_fraction_of_the_step_before(shared_models, fast):
     settings = fast.replace(steps=4)
-    for rate, expected in ((0.0, [False] * 4), (0.3, [False] * 4), (0.9, [False, True, True, True])):
+    # the cost model was measured on CPUs: elsewhere auto keeps the single pass (PathChooser)
+    mostly_rejected = [False, True, True, True] if DEVICE.type == "cpu" else [False] * 4
+    for rate, expected in ((0.0, [False] * 4), (0.3, [False] * 4), (0.9, mostly_rejected)):
         infos = []
         stylize_many(
             *PAIRS, models=shared_models, settings=settings, callback=infos.append, rejection=Rejection(force=rate)

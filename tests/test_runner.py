@@ -14,7 +14,7 @@ from clipstyle.inputs import collect_inputs
 from clipstyle.pairs import pair_seed, parse_shard, plan_pairs
 
 import conftest
-from conftest import invoke
+from conftest import DEVICE, invoke
 
 TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
 
@@ -115,6 +115,7 @@ def test_output_does_not_depend_on_order_or_batch(tmp_path, folder, loader):
         assert (x - y).abs().max() <= 1  # batch 2 equals batch 1 up to rounding
 
 
+@pytest.mark.device
 def test_batch_matches_single_pairs_in_the_library(models, tiny_settings):
     from clipstyle.optimize import stylize_many
 
@@ -123,7 +124,7 @@ def test_batch_matches_single_pairs_in_the_library(models, tiny_settings):
     # flip single weights by lr; over more steps that drift compounds on these
     # tiny random models. tests/test_loop.py pins the gradients themselves.
     settings = tiny_settings.replace(steps=2, log_every=1)
-    contents = [torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    contents = [torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i in range(2)]
     together = stylize_many(contents, ["red", "blue"], [5, 6], models=models, settings=settings)
     alone = [
         stylize_many([c], [p], [s], models=models, settings=settings)[0]

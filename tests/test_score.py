@@ -17,7 +17,7 @@ from clipstyle import metrics
 from clipstyle.optimize import text_embedding
 from clipstyle.prompts import NO_TEMPLATES
 
-from conftest import counting_loader, invoke
+from conftest import DEVICE, counting_loader, invoke
 
 
 def structured(h=24, w=32, seed=0):
@@ -57,25 +57,29 @@ def reference_ssim(a, b, window=11, sigma=1.5):
     return float(np.mean(values))
 
 
+@pytest.mark.device
 def test_ssim_matches_a_window_by_window_reference():
     a, b = structured(seed=1), structured(seed=2)
-    assert metrics.ssim(a, b) == pytest.approx(reference_ssim(a, b), abs=1e-9)
-    assert metrics.ssim(a, b) == pytest.approx(metrics.ssim(b, a), abs=1e-12)
+    da, db = a.to(DEVICE), b.to(DEVICE)
+    assert metrics.ssim(da, db) == pytest.approx(reference_ssim(a, b), abs=1e-9)
+    assert metrics.ssim(da, db) == pytest.approx(metrics.ssim(db, da), abs=1e-12)
 
 
+@pytest.mark.device
 def test_ssim_is_one_for_identical_images_and_falls_with_noise():
-    a = structured()
+    a = structured().to(DEVICE)
     assert metrics.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
     g = torch.Generator().manual_seed(3)
-    noise = torch.randn(a.shape, generator=g)
+    noise = torch.randn(a.shape, generator=g).to(DEVICE)
     values = [metrics.ssim(a, (a + s * noise).clamp(0, 1)) for s in (0.02, 0.1, 0.3)]
     assert 1.0 > values[0] > values[1] > values[2]
 
 
+@pytest.mark.device
 def test_ssim_works_on_images_smaller_than_the_window():
-    a = structured(6, 9)
+    a = structured(6, 9).to(DEVICE)
     assert metrics.ssim(a, a) == pytest.approx(1.0)
-    assert math.isfinite(metrics.ssim(a, structured(6, 9, seed=5)))
+    assert math.isfinite(metrics.ssim(a, structured(6, 9, seed=5).to(DEVICE)))
 
 
 # --- CLIP metrics -----------------------------------------------------------------
@@ -92,8 +96,9 @@ def test_patch_boxes_follow_appendix_b3_and_repeat_with_the_seed():
     assert len({side for _, _, side in boxes}) > 10
 
 
+@pytest.mark.device
 def test_clip_score_is_the_cosine_of_prompt_and_image(models):
-    image = structured()
+    image = structured().to(DEVICE)
     text = text_embedding(models, "fire", NO_TEMPLATES)
     with torch.no_grad():
         emb = models.clip.encode_image(image)[0]
@@ -101,25 +106,28 @@ def test_clip_score_is_the_cosine_of_prompt_and_image(models):
     assert metrics.clip_score(models.clip, image, text) == pytest.approx(float(expected), abs=1e-5)
 
 
+@pytest.mark.device
 def test_patch_score_with_whole_image_crops_equals_the_clip_score(models):
-    image = structured(32, 32)
+    image = structured(32, 32).to(DEVICE)
     text = text_embedding(models, "stone wall", NO_TEMPLATES)
     whole = metrics.patch_clip_score(models.clip, image, text, n=5, image_size=32, min_size=32, max_size=32)
     assert whole == pytest.approx(metrics.clip_score(models.clip, image, text), abs=1e-5)
 
 
+@pytest.mark.device
 def test_patch_score_repeats_with_its_seed_and_depends_on_the_crops(models):
-    image = structured(24, 32)
+    image = structured(24, 32).to(DEVICE)
     text = text_embedding(models, "mosaic", NO_TEMPLATES)
     a = metrics.patch_clip_score(models.clip, image, text, n=8, seed=1)
     assert a == metrics.patch_clip_score(models.clip, image, text, n=8, seed=1)
     assert a != metrics.patch_clip_score(models.clip, image, text, n=8, seed=2)
 
 
+@pytest.mark.device
 def test_directional_similarity_is_one_minus_the_loss_and_antisymmetric(models):
     from clipstyle import losses as L
 
-    out, content = structured(seed=1), structured(seed=2)
+    out, content = structured(seed=1).to(DEVICE), structured(seed=2).to(DEVICE)
     text_dir = L.text_direction(
         text_embedding(models, "neon", NO_TEMPLATES), text_embedding(models, "a Photo", NO_TEMPLATES)
     )
@@ -133,8 +141,9 @@ def test_directional_similarity_is_one_minus_the_loss_and_antisymmetric(models):
     assert metrics.directional_similarity(models.clip, out, out, text_dir) == 0.0
 
 
+@pytest.mark.device
 def test_content_distance_is_the_loss_zero_on_itself_and_grows_with_change(models):
-    a = structured(seed=1)
+    a = structured(seed=1).to(DEVICE)
     assert metrics.content_distance(models.vgg, a, a) == 0.0
     near = metrics.content_distance(models.vgg, a, (a + 0.05).clamp(0, 1))
     far = metrics.content_distance(models.vgg, a, 1 - a)
@@ -144,8 +153,9 @@ def test_content_distance_is_the_loss_zero_on_itself_and_grows_with_change(model
 # --- all metrics, LPIPS optional --------------------------------------------------
 
 
+@pytest.mark.device
 def test_self_score_has_zero_content_distance_and_a_note_without_lpips(models):
-    a = structured()
+    a = structured().to(DEVICE)
     fn, note = metrics.load_lpips()
     assert fn is None and "lpips" in note and "not installed" in note
     s = metrics.score_image(models, a, a, "fire", templates=NO_TEMPLATES, patch_crops=4, lpips_note=note)
@@ -174,18 +184,21 @@ def fake_lpips_module(calls):
     return types.SimpleNamespace(LPIPS=LPIPS)
 
 
+@pytest.mark.device
 def test_lpips_is_used_when_package_and_weights_exist_and_stays_silent(monkeypatch, tmp_path, capsys, models):
     calls = []
     monkeypatch.setitem(sys.modules, "lpips", fake_lpips_module(calls))
     weights = tmp_path / "alexnet.pth"
     monkeypatch.setattr(metrics, "_alexnet_weights_file", lambda: str(weights))
-    fn, note = metrics.load_lpips()
+    fn, note = metrics.load_lpips(DEVICE)
     assert fn is None and "not in the cache" in note and calls == []  # never constructed: it would download
     weights.write_bytes(b"x")
-    fn, note = metrics.load_lpips()
+    fn, note = metrics.load_lpips(DEVICE)
     assert note is None and calls == ["alex"]
     a, b = structured(seed=1), structured(seed=2)
-    s = metrics.score_image(models, a, b, "fire", templates=NO_TEMPLATES, patch_crops=2, lpips_fn=fn)
+    s = metrics.score_image(
+        models, a.to(DEVICE), b.to(DEVICE), "fire", templates=NO_TEMPLATES, patch_crops=2, lpips_fn=fn
+    )
     assert s.lpips == pytest.approx(float(((a - b) ** 2).mean())) and calls[-1] is True  # [0, 1] inputs
     assert capsys.readouterr().out == ""
 

@@ -15,6 +15,8 @@ from clipstyle.rendering import _windows, mix_weights, render, tile_starts
 from clipstyle.stylefile import FORMAT_KEY, StyleError, load_style, save_style, style_metadata
 from clipstyle.unet import StyleNet
 
+from conftest import DEVICE
+
 
 def net(seed: int) -> StyleNet:
     torch.manual_seed(seed)
@@ -141,18 +143,20 @@ def test_foreign_or_broken_files_are_refused_with_one_line(tmp_path, case, expec
 # --- rendering -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.device
 def test_render_keeps_any_size_and_equals_one_forward_pass():
-    a = net(2)
-    x = torch.rand(1, 3, 37, 61)  # neither side a multiple of 8
+    a = net(2).to(DEVICE)
+    x = torch.rand(1, 3, 37, 61).to(DEVICE)  # neither side a multiple of 8
     y = render(a, x)
     assert y.shape == x.shape
     with torch.no_grad():
         assert torch.equal(y, a(x))
 
 
+@pytest.mark.device
 def test_mix_zero_and_one_equal_each_style_exactly_and_between_is_the_pixel_blend():
-    a, b = net(3), net(4)
-    x = torch.rand(1, 3, 40, 48)
+    a, b = net(3).to(DEVICE), net(4).to(DEVICE)
+    x = torch.rand(1, 3, 40, 48).to(DEVICE)
     ya, yb = render(a, x), render(b, x)
     assert not torch.allclose(ya, yb)
     assert torch.equal(render([a, b], x, mix=[1.0, 0.0]), ya)
@@ -162,22 +166,24 @@ def test_mix_zero_and_one_equal_each_style_exactly_and_between_is_the_pixel_blen
         mix_weights(2, [0.7, 0.7])
 
 
+@pytest.mark.device
 def test_strength_is_a_linear_blend_with_the_input():
-    a = net(5)
-    x = torch.rand(1, 3, 24, 40)
+    a = net(5).to(DEVICE)
+    x = torch.rand(1, 3, 24, 40).to(DEVICE)
     full = render(a, x)
     assert torch.equal(render(a, x, strength=0.0), x)
     assert torch.equal(render(a, x, strength=1.0), full)
     torch.testing.assert_close(render(a, x, strength=0.25), 0.75 * x + 0.25 * full)
 
 
+@pytest.mark.device
 def test_tiles_match_a_whole_pass_away_from_the_borders():
     """InstanceNorm statistics are the whole image's (tile_stats="image"), so tiles
     agree with a whole pass up to their missing context; per-tile statistics
     disagree several times more. Tiles of 96 on a 128 x 192 image are a hard case:
     the default (1024) leaves far less of each tile near an edge."""
-    a = net(0)
-    x = picture(128, 192)
+    a = net(0).to(DEVICE)
+    x = picture(128, 192).to(DEVICE)
     whole = render(a, x, tile=0)
     tiled = render(a, x, tile=96, overlap=24)
     per_tile = render(a, x, tile=96, overlap=24, tile_stats="tile")

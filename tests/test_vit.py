@@ -9,13 +9,15 @@ from torch import nn
 
 from clipstyle.vit import vit_fast_path_ok, vit_image_embedding
 
-from conftest import tiny_clip, tiny_vgg
+from conftest import DEVICE, tiny_clip, tiny_vgg
+
+pytestmark = pytest.mark.device
 
 
 def _embedding_and_input_grad(encode, x0):
     x = x0.clone().requires_grad_()
     e = encode(x)
-    (e * torch.linspace(-1, 1, e.shape[1])).sum().backward()
+    (e * torch.linspace(-1, 1, e.shape[1], device=e.device)).sum().backward()
     return e.detach(), x.grad
 
 
@@ -33,13 +35,16 @@ def test_fast_vit_path_equals_open_clips_forward_and_input_gradient(image_size, 
         vision_cfg=CLIPVisionCfg(layers=3, width=32, head_width=8, patch_size=patch, image_size=image_size),
         text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
     )
-    clip = ClipEncoder(model, open_clip.SimpleTokenizer(), image_size)
+    clip = ClipEncoder(model, open_clip.SimpleTokenizer(), image_size).to(DEVICE)
     assert vit_fast_path_ok(clip.model.visual)
-    x0 = torch.rand(5, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    x0 = torch.rand(5, 3, image_size, image_size, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     clip.fast = False
     plain = _embedding_and_input_grad(clip.encode_image, x0)
     clip.fast = True
     fast = _embedding_and_input_grad(clip.encode_image, x0)
+    # On CUDA, cuDNN may run the plain path's patch convolution in TF32
+    # (torch.backends.cudnn.allow_tf32, on by default) while the fast path's
+    # matmul stays fp32 (torch.backends.cuda.matmul.allow_tf32, off): these tolerances are fp32's.
     torch.testing.assert_close(fast[0], plain[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast[1], plain[1], atol=1e-6, rtol=1e-4)
     # and directly against open_clip's VisionTransformer
@@ -50,19 +55,19 @@ def test_fast_vit_path_equals_open_clips_forward_and_input_gradient(image_size, 
 
 
 def test_models_the_fast_path_does_not_cover_take_open_clips_forward():
-    clip = tiny_clip()
+    clip = tiny_clip().to(DEVICE)
     visual = clip.model.visual
     assert vit_fast_path_ok(visual)
     visual.pool_type = "avg"  # mean of the patch tokens: the last block must run for all of them
     assert not vit_fast_path_ok(visual)
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32).to(DEVICE)
     torch.testing.assert_close(clip.encode_image(x), clip.model.encode_image((x - clip.mean) / clip.std))
     assert not vit_fast_path_ok(nn.Identity())
 
 
 def test_channels_last_vgg_gives_the_same_features():
-    vgg = tiny_vgg()
-    x = torch.rand(2, 3, 40, 24)
+    vgg = tiny_vgg().to(DEVICE)
+    x = torch.rand(2, 3, 40, 24).to(DEVICE)
     plain = vgg(x)
     vgg.use_channels_last(True)
     nhwc = vgg(x)

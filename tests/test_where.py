@@ -23,14 +23,15 @@ from clipstyle.config import WhereSettings
 from clipstyle.guided import guided_upsample
 from planted import PlantedClip, iou, scene
 
-from conftest import invoke, tiny_vgg
+from conftest import DEVICE, invoke, tiny_vgg
 
 
 @pytest.fixture(scope="module")
 def clip():
-    return PlantedClip()
+    return PlantedClip().to(DEVICE)
 
 
+@pytest.mark.device
 def test_red_finds_the_red_region(clip):
     image, truth = scene()
     mask = W.where_mask(clip, image, "red")
@@ -43,6 +44,7 @@ def _flipped(real):
     return lambda *args, **kwargs: -real(*args, **kwargs)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("breakage", ["flipped-sign", "unchanged-last-block", "phrase-not-first"])
 def test_broken_mask_code_fails(clip, monkeypatch, breakage):
     image, truth = scene()
@@ -64,12 +66,14 @@ def test_broken_mask_code_fails(clip, monkeypatch, breakage):
         W._TEXT_CACHE.clear()
 
 
+@pytest.mark.device
 def test_maskclip_also_finds_it_and_windows_sharpen_the_map(clip):
     image, truth = scene()
+    image = image.to(DEVICE)
     text = W.phrase_embeddings(clip, "red")
-    maskclip = W.relevance(clip, image, text, WhereSettings(method="maskclip"))
-    one = W.relevance(clip, image, text, WhereSettings(windows=1, stride=1.0))
-    three = W.relevance(clip, image, text, WhereSettings())
+    maskclip = W.relevance(clip, image, text, WhereSettings(method="maskclip")).cpu()
+    one = W.relevance(clip, image, text, WhereSettings(windows=1, stride=1.0)).cpu()
+    three = W.relevance(clip, image, text, WhereSettings()).cpu()
     assert iou(maskclip, truth) >= 0.7
     assert iou(three, truth) > iou(one, truth)
 

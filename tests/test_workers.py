@@ -21,7 +21,7 @@ sys.path.insert(0, {tests!r})
 import conftest
 
 def loader(device="cpu", **kwargs):
-    models = conftest.tiny_models()
+    models = conftest.tiny_models(device=device)  # the worker's device, not CLIPSTYLE_TEST_DEVICE
     pathlib.Path({marks!r}, str(os.getpid())).touch()  # this worker is about to optimise
     return models
 

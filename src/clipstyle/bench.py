@@ -71,7 +71,7 @@ class BenchResult:
     threads: int
     precision: str
     memory_format: str
-    compile: bool
+    compile: str  # torch.compile's mode, "" when off
     size: tuple[int, int]  # (width, height) of the output
     crops: int
     crop_size: int

@@ -26,6 +26,8 @@ PATCH_SCORE_CROPS = 64
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# torch.compile's modes; "reduce-overhead" replays CUDA graphs on a GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,16 @@ class Settings:
     # where it was measured faster (the CPU; CUDA with bf16/fp16), contiguous
     # (NCHW) elsewhere. The same maths either way.
     memory_format: str = "auto"
-    # torch.compile the U-Net, the CLIP image tower and VGG-19. The first steps
-    # pay the compilation (tens of seconds to minutes), so it pays off only
-    # over long runs and many images; see docs/performance.md.
-    compile: bool = False
+    # torch.compile the U-Net, the CLIP image tower and VGG-19 in this mode of
+    # torch.compile ("" is off; True means "default"; "reduce-overhead" adds
+    # CUDA graphs on a GPU). The first steps pay the compilation (tens of
+    # seconds to minutes), so it pays off only over long runs and many images;
+    # see docs/performance.md.
+    compile: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool) or self.compile is None:  # True/False as before modes existed
+            object.__setattr__(self, "compile", "default" if self.compile else "")
         for name in ("threshold", "distortion", "lr", "lambda_patch", "lambda_dir", "lambda_content", "lambda_tv"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):  # NaN passes every comparison
@@ -93,6 +99,7 @@ class Settings:
             (self.log_every >= 1, "log_every must be at least 1"),
             (self.memory_format in MEMORY_FORMATS, f"memory format must be one of {', '.join(MEMORY_FORMATS)}"),
             (len(self.templates) > 0, "at least one template is needed"),
+            (self.compile in ("", *COMPILE_MODES), f"compile must be off or one of {', '.join(COMPILE_MODES)}"),
         ]
         for lam in ("lambda_patch", "lambda_dir", "lambda_content", "lambda_tv"):
             checks.append((getattr(self, lam) >= 0, f"{lam.replace('_', ' ')} must be 0 or more"))

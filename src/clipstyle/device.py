@@ -83,6 +83,11 @@ def use_channels_last(memory_format: str, device: torch.device, dtype: torch.dty
     return device.type == "cuda" and dtype is not None
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for sums that must not lose precision: float64, or float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from clipstyle import losses as L
 from clipstyle.config import PATCH_SCORE_CROPS, Settings
+from clipstyle.device import wide_dtype
 from clipstyle.optimize import text_embedding
 
 # CLIPstyler appendix B.3: 64 random crops of 64 to 224 px from the 512 px output.
@@ -169,7 +170,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     somewhat higher than that code gives. Images smaller than the window use a
     window of their shorter side (made odd).
     """
-    x, y = luma(a.double()), luma(b.double().to(a.device))
+    wide = wide_dtype(a.device)
+    x, y = luma(a.to(wide)), luma(b.to(a.device, wide))
     size = min(window, x.shape[-2], x.shape[-1])
     size -= 1 - size % 2  # odd
     g = _gaussian_window(size, sigma, x.device, x.dtype)

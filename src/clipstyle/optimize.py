@@ -92,8 +92,10 @@ class StylizeResult:
 
 def make_network(seed: int, device: torch.device) -> StyleNet:
     """A freshly initialised StyleNet; its weights depend only on ``seed``."""
+    # Built on the CPU with the CPU generator alone: torch.manual_seed would
+    # also reseed every GPU's generator, which the fork does not restore.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         net = StyleNet()
     return net.to(device)
 
@@ -156,7 +158,7 @@ class _PairState:
         # after a few Adam steps (different reduction orders per batch size).
         self.net = make_network(seed, device)
         self.opt = _adam(self.net.parameters(), settings.lr, device)
-        self.forward = torch.compile(self.net) if settings.compile else self.net
+        self.forward = torch.compile(self.net, mode=settings.compile) if settings.compile else self.net
         with torch.no_grad(), autocast(device, amp):
             # Constant for the whole run: text direction, source embedding, content features.
             style = text_embedding(models, prompt, settings.templates)
@@ -194,17 +196,16 @@ def _vgg_for(models: Models, channels_last: bool):
     return variants[channels_last]
 
 
-def _compiled(models: Models, vgg) -> tuple[Callable, Callable]:
-    """torch.compile'd CLIP image tower and VGG trunk, compiled once per encoder.
+def _compiled(models: Models, vgg, mode: str) -> tuple[Callable, Callable]:
+    """torch.compile'd CLIP image tower and VGG trunk, compiled once per encoder and mode.
 
     The first steps pay the compilation (see docs/performance.md); later calls
     with the same shapes reuse it.
     """
-    key = models.clip
-    compiled = _COMPILED.setdefault(key, {})
-    if vgg not in compiled:
-        compiled[vgg] = (torch.compile(models.clip.encode_image), torch.compile(vgg))
-    return compiled[vgg]
+    compiled = _COMPILED.setdefault(models.clip, {})
+    if (vgg, mode) not in compiled:
+        compiled[vgg, mode] = (torch.compile(models.clip.encode_image, mode=mode), torch.compile(vgg, mode=mode))
+    return compiled[vgg, mode]
 
 
 def _read_losses(pair: _PairState, amp: torch.dtype | None = None) -> dict[str, float]:
@@ -270,7 +271,11 @@ def stylize_many(
     clip = models.clip
     encode_image, vgg_features = clip.encode_image, vgg
     if settings.compile:
-        encode_image, vgg_features = _compiled(models, vgg)
+        encode_image, vgg_features = _compiled(models, vgg, settings.compile)
+    # CUDA graphs (reduce-overhead) reuse their output memory at every replay:
+    # each step is marked as a new replay, and the U-Net's output, which
+    # outlives its step (callbacks, the result), is copied out of that memory.
+    graphs = settings.compile == "reduce-overhead"
     out_size = clip.image_size[0]
     reset_peak_memory(device)
     masks = masks or [None] * len(contents)
@@ -287,10 +292,14 @@ def stylize_many(
         # Adam, lr halved once at the middle of the run (paper: step 100 of 200).
         lr = settings.lr * (0.5 if step >= settings.steps // 2 else 1.0)
         outs, leaves = [], []
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         for p in active:
             for group in p.opt.param_groups:
                 group["lr"] = lr
             out = p.forward(p.content)  # (1, 3, H, W), fp32
+            if graphs:
+                out = out.clone()
             outs.append(out)
             leaf = out.detach().requires_grad_()
             leaves.append(leaf)

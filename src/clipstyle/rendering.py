@@ -15,6 +15,7 @@ from torch import nn
 
 from clipstyle import unet as _unet
 from clipstyle.config import TILE_OVERLAP
+from clipstyle.device import wide_dtype
 from clipstyle.errors import is_out_of_memory
 from clipstyle.stylefile import Style
 from clipstyle.unet import StyleNet
@@ -265,13 +266,14 @@ def _image_stats(net, x, dev, rows, cols, tile_size, progress) -> dict:
     tile's core (cores partition the image, so no pixel counts twice)."""
     stats: dict = {}
     for layer in _norm_layers(net):
-        total = [0.0, 0.0, 0]  # sum, sum of squares (float64, (C,)), count
+        total = [0.0, 0.0, 0]  # sum, sum of squares (float64 but on MPS, (C,)), count
 
         def measure(t, core=None):
             # the tile was padded to a multiple of 8; scale core bounds to this level
             (py, px), (y0, y1, x0, x1) = core
             fy, fx = t.shape[-2] / py, t.shape[-1] / px
-            region = t[..., int(y0 * fy) : math.ceil(y1 * fy), int(x0 * fx) : math.ceil(x1 * fx)].double()
+            region = t[..., int(y0 * fy) : math.ceil(y1 * fy), int(x0 * fx) : math.ceil(x1 * fx)]
+            region = region.to(wide_dtype(region.device))
             total[0] = total[0] + region.sum(dim=(0, 2, 3))
             total[1] = total[1] + region.square().sum(dim=(0, 2, 3))
             total[2] += region.shape[-2] * region.shape[-1]

@@ -9,7 +9,16 @@ from pathlib import Path
 import click
 
 from clipstyle.cli.common import UserError, debug_option, device_option, stop_on_sigterm
-from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED, MEMORY_FORMATS, PRECISIONS, PRESETS, Settings, settings_for
+from clipstyle.config import (
+    CLIP_MODEL,
+    CLIP_PRETRAINED,
+    COMPILE_MODES,
+    MEMORY_FORMATS,
+    PRECISIONS,
+    PRESETS,
+    Settings,
+    settings_for,
+)
 
 D = Settings()
 
@@ -27,7 +36,7 @@ def format_result(r) -> str:
     w, h = r.size
     lines = [
         ("device", f"{r.device} ({r.processor}, {r.threads} threads, torch {r.torch_version})"),
-        ("precision", f"{r.precision}, {r.memory_format}, compile {'on' if r.compile else 'off'}"),
+        ("precision", f"{r.precision}, {r.memory_format}, compile {r.compile or 'off'}"),
         (
             "settings",
             f"{w}x{h}, {r.crops} crops of {r.crop_size} px, crop batch {r.crop_batch or 'all'}, batch {r.batch}",
@@ -129,7 +138,16 @@ def format_result(r) -> str:
     show_default=True,
     help="Layout of the VGG-19 activations.",
 )
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the networks (the first step compiles).")
+@click.option(
+    "--compile",
+    "compile_",
+    type=click.Choice(COMPILE_MODES),
+    is_flag=False,
+    flag_value="default",
+    default=None,
+    help="torch.compile the networks, in this mode of torch.compile (alone: default); "
+    "reduce-overhead adds CUDA graphs on a GPU. The first step compiles.",
+)
 @click.option(
     "--crop-batch",
     type=click.IntRange(0),
@@ -248,7 +266,7 @@ def bench(
         crop_size=crop_size,
         precision=precision,
         memory_format=memory_format,
-        compile=compile_,
+        compile=compile_ or "",
         crop_batch=crop_batch,
     )
     dev = resolve_device(device)
