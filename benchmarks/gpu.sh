@@ -11,7 +11,9 @@
 # floor alternately in one process; the fp32 call also times the
 # reference-style step (plain fp32, a Python loop over crops) in the same
 # process. Each result is kept as JSON in $OUT (default: a new temporary
-# folder); a short table is printed last.
+# folder); a short table is printed last, then profiles of one step at
+# batch 1 and at the first --batch size (benchmarks/gpu_profile.py: host time,
+# device busy time, kernels per step, the kernels that take the most time).
 #
 #   CLIPSTYLE_GPU_TESTS=0      skip the tests
 #   CLIPSTYLE_BENCH_COMPILE=0  skip the two --compile runs (about a minute each, compiling)
@@ -34,6 +36,7 @@ if [[ "${CLIPSTYLE_BENCH_DRY:-0}" == 1 ]]; then
     TEST_MARKS="device and not slow"
     COMPILE=${CLIPSTYLE_BENCH_COMPILE:-0}
     LOAD_SIZE=(--size 64 --crops 2 --crop-size 32)
+    PROFILE_SIZE=(--size 64 --crops 2 --crop-size 32 --warmup 1 --steps 2)
 else
     # Paper defaults: 512 px, 64 crops of 128 px.
     DEVICE=cuda
@@ -42,6 +45,7 @@ else
     TEST_MARKS="device"
     COMPILE=${CLIPSTYLE_BENCH_COMPILE:-1}
     LOAD_SIZE=(--size 64 --crops 2 --crop-size 32)
+    PROFILE_SIZE=()  # paper defaults
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 echo "results in $OUT" >&2
@@ -78,6 +82,14 @@ if [[ "$COMPILE" == 1 ]]; then
     bench compile --precision auto --compile default
     bench graphs --precision auto --compile reduce-overhead
 fi
+
+# Where a step's time goes: host time, device busy time, kernels (benchmarks/gpu_profile.py).
+mkdir -p "$OUT/profile"
+for n in 1 ${BATCHES%% *}; do
+    echo "== profile: gpu_profile.py --batch $n" >&2
+    "$PY" benchmarks/gpu_profile.py --device "$DEVICE" "${PROFILE_SIZE[@]}" --batch "$n" \
+        --json "$OUT/profile/batch$n.json" > "$OUT/profile/batch$n.txt"
+done
 
 # Loading from local files: random weights written once, then timed by bench.
 "$PY" - "$OUT" <<'EOF'
@@ -125,6 +137,8 @@ print(f"\n{first['processor']}, torch {first['torch_version']}; s/image = s/step
 widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
 for row in [head, *rows]:
     print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+for path in sorted((out / "profile").glob("*.txt")):
+    print("\n" + path.read_text().strip())
 tests = out / "tests.txt"
 if tests.exists():
     last = tests.read_text().strip().splitlines()[-1:] or ["(no output)"]

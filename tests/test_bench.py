@@ -158,3 +158,14 @@ def test_bench_command_refuses_a_bad_forced_rejection_rate():
     for bad in ("0.5,x", "1.5"):
         result = invoke("bench", "--force-reject", bad, "--device", "cpu", catch_exceptions=True)
         assert result.exit_code == 2 and "--force-reject" in result.output
+
+
+def test_gpu_profile_counts_overlapping_kernels_once():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_profile", ROOT / "benchmarks" / "gpu_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    # two streams overlapping (0-10, 5-12), one kernel inside another (20-30, 22-25), a gap, one alone
+    assert profile.merged_length([(20, 30), (0, 10), (5, 12), (22, 25), (40, 41)]) == 12 + 10 + 1
+    assert profile.merged_length([]) == 0
