@@ -16,7 +16,8 @@
 # device busy time, kernels per step, the kernels that take the most time).
 #
 #   CLIPSTYLE_GPU_TESTS=0      skip the tests
-#   CLIPSTYLE_BENCH_COMPILE=0  skip the two --compile runs (about a minute each, compiling)
+#   CLIPSTYLE_BENCH_COMPILE="default reduce-overhead"  the --compile modes timed
+#                              (about a minute each, compiling; "" for none)
 #   CLIPSTYLE_BENCH_BATCH="8 16"  the --batch sizes timed
 set -euo pipefail
 
@@ -34,18 +35,20 @@ if [[ "${CLIPSTYLE_BENCH_DRY:-0}" == 1 ]]; then
     COMMON=(--device cpu --size 64 --crops 2 --crop-size 32 --repeats 1 --warmup 0)
     BATCHES=${CLIPSTYLE_BENCH_BATCH:-2}
     TEST_MARKS="device and not slow"
-    COMPILE=${CLIPSTYLE_BENCH_COMPILE:-0}
+    COMPILE=${CLIPSTYLE_BENCH_COMPILE-}
     LOAD_SIZE=(--size 64 --crops 2 --crop-size 32)
     PROFILE_SIZE=(--size 64 --crops 2 --crop-size 32 --warmup 1 --steps 2)
+    PRECISION_SIZE=(--size 64 --crops 2)
 else
     # Paper defaults: 512 px, 64 crops of 128 px.
     DEVICE=cuda
     COMMON=(--device cuda --repeats 10 --warmup 3)
     BATCHES=${CLIPSTYLE_BENCH_BATCH:-8 16}
     TEST_MARKS="device"
-    COMPILE=${CLIPSTYLE_BENCH_COMPILE:-1}
+    COMPILE=${CLIPSTYLE_BENCH_COMPILE-reduce-overhead}
     LOAD_SIZE=(--size 64 --crops 2 --crop-size 32)
     PROFILE_SIZE=()  # paper defaults
+    PRECISION_SIZE=()
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 echo "results in $OUT" >&2
@@ -78,10 +81,13 @@ for n in $BATCHES; do
     bench "batch$n" --precision auto --batch "$n"
 done
 bench draft --preset draft --precision auto
-if [[ "$COMPILE" == 1 ]]; then
-    bench compile --precision auto --compile default
-    bench graphs --precision auto --compile reduce-overhead
-fi
+for mode in $COMPILE; do
+    bench "compile-$mode" --precision auto --compile "$mode"
+done
+
+# bf16 against fp16 for the encoders: the gradient at the image against fp32's (picks --precision auto).
+echo "== precision: benchmarks/precision.py" >&2
+"$PY" benchmarks/precision.py --device "$DEVICE" "${PRECISION_SIZE[@]}" > "$OUT/precision.txt"
 
 # Where a step's time goes: host time, device busy time, kernels (benchmarks/gpu_profile.py).
 mkdir -p "$OUT/profile"
@@ -137,7 +143,7 @@ print(f"\n{first['processor']}, torch {first['torch_version']}; s/image = s/step
 widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
 for row in [head, *rows]:
     print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-for path in sorted((out / "profile").glob("*.txt")):
+for path in [out / "precision.txt", *sorted((out / "profile").glob("*.txt"))]:
     print("\n" + path.read_text().strip())
 tests = out / "tests.txt"
 if tests.exists():
