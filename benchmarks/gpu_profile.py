@@ -16,7 +16,7 @@ first, then --steps recorded steps. Per recorded step:
 - busy ms: the time inside kernels (overlaps merged), per step; busy well
   under span means the device waits for the host, which CUDA graphs remove;
   busy near span means arithmetic;
-- kernels: kernels launched per step.
+- kernels: kernels (memory copies and sets included) launched per step.
 
 Then the kernels that take the most device time. On the CPU there are no
 kernels: it prints the host time and the operators that take the most time.
@@ -87,6 +87,9 @@ def main() -> None:
         def tick(info) -> None:  # once per step: every pair reports each step
             ticks["n"] += 1
             if ticks["n"] % args.batch == 0:
+                if cuda and ticks["n"] // args.batch == args.warmup + 1:
+                    # the recorded steps start with an idle device: no kernel of an earlier step in them
+                    torch.cuda.synchronize(device)
                 prof.step()
 
         stylize_many(
@@ -95,7 +98,8 @@ def main() -> None:
         )
 
     events = prof.events()
-    steps = sorted((e for e in events if e.name.startswith("ProfilerStep")), key=lambda e: e.time_range.start)
+    # The host's step marks (the profiler also copies them onto the device's timeline).
+    steps = [e for e in events if e.name.startswith("ProfilerStep") and e.device_type == DeviceType.CPU]
     host = [e.time_range.elapsed_us() / 1000 for e in steps]
     result = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -110,7 +114,12 @@ def main() -> None:
     if cuda:
         # The device cannot run ahead of the host, so the recorded kernels as a
         # whole, divided by the steps, are the steps' device time.
-        kernels = [(k.time_range.start, k.time_range.end) for k in events if k.device_type == DeviceType.CUDA]
+        kernels = [
+            (k.time_range.start, k.time_range.end)
+            for k in events
+            if k.device_type == DeviceType.CUDA and not getattr(k, "is_user_annotation", False)
+            and not k.name.startswith("ProfilerStep")
+        ]
         n = max(len(steps), 1)
         if kernels:
             result.update(
@@ -123,7 +132,11 @@ def main() -> None:
         def time_of(e) -> float:
             return getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
 
-        ranked = sorted((e for e in table if e.device_type == DeviceType.CUDA), key=time_of, reverse=True)
+        ranked = sorted(
+            (e for e in table if e.device_type == DeviceType.CUDA and not e.key.startswith("ProfilerStep")),
+            key=time_of,
+            reverse=True,
+        )
         result["top"] = [
             {"name": e.key[:90], "ms_per_step": time_of(e) / 1000 / n, "calls": e.count} for e in ranked[: args.top]
         ]

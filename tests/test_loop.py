@@ -250,3 +250,14 @@ def test_step_seconds_leave_out_the_callbacks_time(shared_models, tiny_settings)
     # the steps' own times must leave them out
     callbacks = pause * (len(infos) - 1)
     assert sum(i.step_seconds for i in infos) <= infos[-1].seconds - callbacks + 1e-3
+
+
+def test_seconds_per_step_are_timed_over_the_stretches_between_loss_reads():
+    from clipstyle.optimize import _seconds_per_step
+
+    # log_every 3: on a GPU the host runs ahead for two steps and the read waits
+    # for all three; the first stretch is slow (warm-up). Per step: 1.1 s.
+    times = [5.0, 5.0, 5.0, 0.1, 0.1, 3.1, 0.1, 0.1, 3.1, 0.2, 0.2, 2.9]
+    assert _seconds_per_step(times, 3) == pytest.approx(1.1)
+    assert _seconds_per_step([2.0, 4.0], 10) == pytest.approx(3.0)  # fewer steps than log_every: their mean
+    assert _seconds_per_step([], 10) == 0.0

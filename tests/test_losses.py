@@ -164,6 +164,7 @@ def test_text_embedding_puts_the_prompt_in_every_template_and_caches_it():
 
     class FakeModels:
         clip = Clip()
+        device = torch.device("cpu")
         text_cache: dict = {}
 
     templates = ("a {}", "the {}")

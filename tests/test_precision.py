@@ -21,6 +21,17 @@ def test_auto_is_fp32_on_the_cpu_and_explicit_choices_are_kept():
     assert autocast_dtype("fp32", torch.device("cuda")) is None
 
 
+@pytest.mark.parametrize(
+    "capability,dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]
+)
+def test_auto_on_cuda_is_bf16_only_where_the_card_computes_it(monkeypatch, capability, dtype):
+    # Turing and Volta emulate bf16 (torch.cuda.is_bf16_supported() says yes): fp16 runs natively there.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert autocast_dtype("auto", torch.device("cuda:1")) is dtype
+    assert asked == [torch.device("cuda:1")]  # the card asked for, not the current one
+
+
 def test_sums_are_float64_except_on_mps_which_has_none():
     assert wide_dtype(CPU) is torch.float64 and wide_dtype(torch.device("cuda")) is torch.float64
     assert wide_dtype(torch.device("mps")) is torch.float32
@@ -70,6 +81,20 @@ def test_autocast_covers_clip_and_vgg_only(tiny_settings):
 
 
 @pytest.mark.device
+@pytest.mark.device
+def test_text_embeddings_are_fp32_whatever_autocast_the_caller_runs():
+    # They are cached per Models and shared by runs of every precision: a bf16
+    # run first must not hand a later fp32 run its rounded embeddings.
+    from clipstyle.optimize import text_embedding
+
+    plain = text_embedding(tiny_models(), "fire", ("a {}",))
+    models = tiny_models()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        rounded_first = text_embedding(models, "fire", ("a {}",))
+    assert rounded_first.dtype == torch.float32
+    torch.testing.assert_close(rounded_first, plain, atol=0, rtol=0)
+
+
 def test_bf16_loss_curves_stay_close_to_fp32(tiny_settings):
     # Same pair, same seed, same crops: only the encoders' precision differs.
     models = tiny_models()

@@ -211,3 +211,35 @@ def test_tile_windows_cover_the_axis_with_cores_that_partition_it(length, tile, 
         assert c1 == c2 and s1 <= c1 <= e0  # the core cut lies inside the overlap
     assert windows[0][2] == 0 and windows[-1][3] == length
     assert all(e - s <= tile and s <= cs < ce <= e for s, e, cs, ce in windows)
+
+
+class RunsOutOnce(StyleNet):
+    """Runs out of memory on its first pass, holding a tensor as a real pass holds its activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = None  # a weak reference to what the failed pass allocated
+        self.freed_before_retry: list[bool] = []
+
+    def forward(self, x):
+        import weakref
+
+        if self.held is None:
+            activations = torch.empty(1000, 1000, device=x.device)
+            self.held = weakref.ref(activations)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.freed_before_retry.append(self.held() is None)
+        return super().forward(x)
+
+
+@pytest.mark.device
+def test_an_out_of_memory_whole_pass_is_retried_in_tiles_after_its_memory_is_freed():
+    torch.manual_seed(0)
+    failing = RunsOutOnce().eval()
+    image = picture(300, 260).to(DEVICE)
+    styled = render(failing, image, tile_stats="tile")
+    # the retry ran (in tiles) only once the failed pass's tensors were gone
+    assert failing.freed_before_retry and all(failing.freed_before_retry)
+    torch.manual_seed(0)
+    plain = StyleNet().eval().to(DEVICE)
+    torch.testing.assert_close(styled, render(plain, image, tile=1024, tile_stats="tile"))

@@ -50,8 +50,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype the frozen encoders run in, or None for plain fp32.
 
     ``auto``: fp32 on the CPU (bf16 matmuls are slower than fp32 on most CPUs),
-    bf16 on CUDA where supported (fp16 otherwise), fp16 on MPS. The U-Net, its
-    optimiser and the loss sums always stay fp32.
+    bf16 on CUDA cards that compute it natively (compute capability 8.0,
+    Ampere, and later; fp16 on older ones, where bf16 is emulated and slow),
+    fp16 on MPS. The U-Net, its optimiser and the loss sums always stay fp32.
     """
     if precision == "fp32":
         return None
@@ -60,7 +61,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # not torch.cuda.is_bf16_supported(): it counts emulation, and asks the current card
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if device.type == "mps":
         return torch.float16
     return None

@@ -57,8 +57,15 @@ def require_file(path: Path, what: str, error: type[ClipstyleError]) -> None:
 
 # How allocation failures read where they are not a MemoryError or torch's OutOfMemoryError:
 # CUDA and MPS ("... out of memory"), torch's CPU allocator ("[enforce fail at alloc_cpu.cpp]
-# DefaultCPUAllocator: can't allocate memory"), and the OS (ENOMEM).
-_OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+# DefaultCPUAllocator: can't allocate memory"), cuBLAS and cuDNN ("CUBLAS_STATUS_ALLOC_FAILED"),
+# and the OS (ENOMEM).
+_OUT_OF_MEMORY_WORDS = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "not enough memory",
+    "status_alloc_failed",
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

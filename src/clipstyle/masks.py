@@ -309,7 +309,7 @@ def crop_sampler(mask: torch.Tensor, crop_size: int):
     h, w = mask.shape[-2:]
     crop = min(crop_size, h, w)
     # Mean of the mask over every crop position, from an integral image: (h - crop + 1, w - crop + 1).
-    m = mask[0, 0].detach().double().cpu()
+    m = mask[0, 0].detach().cpu().double()  # on the CPU first: MPS has no float64
     s = F.pad(m.cumsum(0).cumsum(1), (1, 0, 1, 0))
     coverage = (s[crop:, crop:] - s[:-crop, crop:] - s[crop:, :-crop] + s[:-crop, :-crop]) / (crop * crop)
     weights = coverage.clamp_min(0).flatten()

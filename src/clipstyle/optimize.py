@@ -82,7 +82,7 @@ class StylizeResult:
     network: StyleNet | None = None  # the trained network: applies to other images and sizes
     losses: dict[str, float] = field(default_factory=dict)
     seconds_total: float = 0.0
-    seconds_per_step: float = 0.0  # median over steps
+    seconds_per_step: float = 0.0  # median over the stretches between loss reads (see _seconds_per_step)
     peak_memory_bytes: int | None = None
     rejected_fraction: float | None = None  # mean over steps of the fraction of crops rejected (None: no crops)
     device: str = ""
@@ -104,7 +104,8 @@ def text_embedding(models: Models, text: str, templates: tuple[str, ...]) -> tor
     """Template-averaged, normalised CLIP embedding of ``text`` (D,), cached per text."""
     key = (text, templates)
     if key not in models.text_cache:
-        with torch.no_grad():
+        # fp32 whatever autocast the caller runs in: the cache is shared by runs of every precision
+        with torch.no_grad(), torch.autocast(models.device.type, enabled=False):
             emb = L.embed_texts(models.clip.encode_text, [t.format(text) for t in templates])
         models.text_cache[key] = emb.float()
     return models.text_cache[key]
@@ -206,6 +207,15 @@ def _compiled(models: Models, vgg, mode: str) -> tuple[Callable, Callable]:
     if (vgg, mode) not in compiled:
         compiled[vgg, mode] = (torch.compile(models.clip.encode_image, mode=mode), torch.compile(vgg, mode=mode))
     return compiled[vgg, mode]
+
+
+def _seconds_per_step(step_times: list[float], log_every: int) -> float:
+    """Seconds per step: the median, over each stretch of ``log_every`` steps, of
+    its mean step. Only a read of the losses waits for a GPU, so between reads
+    the host runs ahead and a single step's time is the host's, not the device's;
+    the median leaves out a first stretch slowed by warm-up or compilation."""
+    stretches = [step_times[i : i + log_every] for i in range(0, len(step_times), log_every)]
+    return statistics.median(sum(s) / len(s) for s in stretches) if stretches else 0.0
 
 
 def _read_losses(pair: _PairState, amp: torch.dtype | None = None) -> dict[str, float]:
@@ -455,7 +465,7 @@ def stylize_many(
             error=p.error,
             losses=dict(p.losses),
         )
-        r.seconds_per_step = statistics.median(p.step_times) if p.step_times else 0.0
+        r.seconds_per_step = _seconds_per_step(p.step_times, settings.log_every)
         if n and p.rejected:
             r.rejected_fraction = sum(float(c) for c in p.rejected) / (n * len(p.rejected))
         if p.error is None:

@@ -165,8 +165,8 @@ def render(
       it). ``"tile"``: one pass, per-tile statistics.
     - When a whole-image pass runs out of GPU memory and ``tile`` is None, it is
       retried in tiles of 1024, 512, then 256.
-    - ``device``: where the networks run (default: that of the first network's
-      parameters); the image and the result stay on the image's device, so a
+    - ``device``: where the networks run (they are moved there; default: that
+      of the first network's parameters); the image and the result stay on the image's device, so a
       huge image can sit in CPU memory while tiles go through a GPU.
     - ``callback(done, total)`` after each network pass over a tile.
 
@@ -188,10 +188,11 @@ def render(
     h, w = x.shape[-2:]
     if strength == 0.0:
         return x.clone()
-    used = [(n.eval(), wt) for n, wt in zip(nets, weights) if wt != 0.0]
+    used = [(n.eval().to(dev), wt) for n, wt in zip(nets, weights) if wt != 0.0]
     nets, weights = [n for n, _ in used], [wt for _, wt in used]
     plan = plan_tiles(h, w, tile, overlap, max_pixels)
     if plan is None:
+        styled = None
         try:
             styled = _blend(nets, weights, x.to(dev)).to(x.device)
             if callback is not None:
@@ -199,6 +200,9 @@ def render(
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if tile is not None or not is_out_of_memory(exc) or max(h, w) <= 256:
                 raise
+        if styled is None:
+            # Retried after the except block: inside it, the traceback would keep
+            # the failed pass's tensors alive, and the tiles would run out too.
             styled = _render_tiles_shrinking(nets, weights, x, dev, overlap, tile_stats, callback)
     else:
         styled = _render_tiles(nets, weights, x, dev, plan[0], plan[1], tile_stats, callback)

@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
 from clipstyle.batch import Events, Summary, not_done
 from clipstyle.errors import format_error
 from clipstyle.pairs import RunJob
@@ -84,6 +86,10 @@ def _worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     _stop_with(parent)
     try:
+        card = torch.device(device)
+        if card.type == "cuda" and card.index is not None:
+            # what uses the current card (cuBLAS handles, a context) uses this one, not cuda:0
+            torch.cuda.set_device(card)
         models = loader(device=device)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
         results.put(("fatal", index, f"{device}: {format_error(exc)}"))
