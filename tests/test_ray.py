@@ -228,6 +228,8 @@ def test_ray_options_need_the_ray_executor(tmp_path, folder, loader):
     assert result.exit_code == 2 and "--ray-address needs --executor ray" in result.stderr
     result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--devices", "cpu", *TINY)
     assert result.exit_code == 2 and "--devices is for the local executor" in result.stderr
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", *TINY, "--device", "cuda:1")
+    assert result.exit_code == 2 and "--device cuda:1 names a card of this machine" in result.stderr
     assert not (tmp_path / "o").exists()
 
 

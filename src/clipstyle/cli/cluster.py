@@ -9,7 +9,12 @@ from clipstyle.cli.common import echo_outcome, echo_warning
 
 
 def check_executor(
-    executor: str, devices: str | None, ray_address: str | None, ray_workers: int | None, ray_cpus: int | None
+    executor: str,
+    devices: str | None,
+    ray_address: str | None,
+    ray_workers: int | None,
+    ray_cpus: int | None,
+    device: str = "auto",
 ) -> None:
     """Refuse, before anything is written, options that do not go together; and a missing Ray."""
     import click
@@ -30,6 +35,12 @@ def check_executor(
     if devices:
         raise click.UsageError(
             "--devices is for the local executor; with --executor ray each GPU of the cluster gets a worker"
+        )
+    if (device or "").strip().lower().startswith("cuda:"):
+        # Ray shows each worker only the GPU it gives it, as cuda:0
+        raise click.UsageError(
+            f"--device {device} names a card of this machine; with --executor ray each worker uses "
+            "the GPU Ray gives it (--device cuda or auto)"
         )
     import os
 

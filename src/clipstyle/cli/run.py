@@ -412,7 +412,7 @@ def run(
         region=region,
     )
     shard_kn = parse_shard(shard) if shard else None
-    check_executor(executor, devices, ray_address, ray_workers, ray_cpus)
+    check_executor(executor, devices, ray_address, ray_workers, ray_cpus, device)
     device_names = _device_list(devices, "--devices") if devices is not None else None
     if executor == "local" and not device_names:
         device = str(_device_list(device, "--device")[0])  # an absent device fails here, before anything is written
