@@ -18,6 +18,7 @@ from clipstyle import __version__, masks
 from clipstyle import images as io
 from clipstyle.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.config import MAX_PIXELS, TILE_OVERLAP
+from clipstyle.device import release_cached_memory
 from clipstyle.errors import ClipstyleError
 from clipstyle.inputs import InputFile, mirrored_output, output_file
 from clipstyle.memory import check_fits, render_bytes
@@ -145,8 +146,7 @@ class _RenderFiles(Work):
 
     def free_memory(self) -> None:
         super().free_memory()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(self.device)
 
     def process(self, batch: list[tuple], events: Events) -> list[dict]:
         return [self._render(job, events) for job, _ in batch]

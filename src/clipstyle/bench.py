@@ -88,7 +88,7 @@ class BenchResult:
     step_runs: list[float]
     floor_runs: list[float]
     peak_memory_bytes: int | None
-    peak_memory_kind: str  # "device" (CUDA: the steps alone) or "process" (CPU: peak RSS of the process)
+    peak_memory_kind: str  # "device" (CUDA: the steps alone; MPS) or "process" (CPU: peak RSS of the process)
     images_per_minute: float  # at this batch: 60 / (seconds_per_step * steps / batch)
     first_step_seconds: float  # the first step (warm-up; with --compile, the compilation)
     baseline_seconds: float | None = None  # the reference-style step, plain fp32
@@ -402,8 +402,8 @@ def run_bench(
     seen: list = []
     steps_t, first, peak = _time_steps(models, settings, batch, warmup, repeats, between, steps_seen=seen)
     peak_kind = "device"
-    if peak is None:
-        peak, peak_kind = peak_memory_bytes(device), "process"
+    if peak is None:  # MPS: the driver's memory now; the CPU: the process's peak
+        peak, peak_kind = peak_memory_bytes(device), "process" if device.type == "cpu" else "device"
 
     batch1 = None
     if batch > 1:

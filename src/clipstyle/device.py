@@ -107,6 +107,14 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Give the allocator's cached blocks back to the GPU (after running out of memory)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -15,7 +15,7 @@ from torch import nn
 
 from clipstyle import unet as _unet
 from clipstyle.config import TILE_OVERLAP
-from clipstyle.device import wide_dtype
+from clipstyle.device import release_cached_memory, wide_dtype
 from clipstyle.errors import is_out_of_memory
 from clipstyle.stylefile import Style
 from clipstyle.unet import StyleNet
@@ -215,8 +215,7 @@ def _render_tiles_shrinking(nets, weights, x, dev, overlap, tile_stats, callback
     """After an out-of-memory whole pass: tiles of 1024, then 512, then 256."""
     tile = DEFAULT_TILE
     while True:
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(dev)
         try:
             return _render_tiles(nets, weights, x, dev, tile, min(overlap, tile // 2 - 8), tile_stats, callback)
         except (torch.OutOfMemoryError, RuntimeError) as exc:

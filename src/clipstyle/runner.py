@@ -16,6 +16,7 @@ from clipstyle import __version__
 from clipstyle import images as io
 from clipstyle.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.config import MAX_PIXELS
+from clipstyle.device import release_cached_memory
 from clipstyle.errors import ClipstyleError, is_out_of_memory
 from clipstyle.masks import Regions
 from clipstyle.memory import check_fits, render_bytes, run_bytes
@@ -263,8 +264,8 @@ class _StylizePairs(Work):
 
     def free_memory(self) -> None:
         super().free_memory()
-        if not callable(self._models) and self._models.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if not callable(self._models):
+            release_cached_memory(self._models.device)
 
     def process(self, batch: list[tuple], events: Events) -> list[dict]:
         jobs = [job for job, _ in batch]
