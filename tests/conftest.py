@@ -21,6 +21,10 @@ def pytest_configure(config):
         raise pytest.UsageError(f"CLIPSTYLE_TEST_DEVICE={DEVICE}: CUDA is not available here")
     if DEVICE.type == "mps" and not torch.backends.mps.is_available():
         raise pytest.UsageError(f"CLIPSTYLE_TEST_DEVICE={DEVICE}: Apple MPS is not available here")
+    if DEVICE.type == "cuda":
+        # cuDNN's default TF32 convolutions keep 10 mantissa bits: the tests pin
+        # equal maths (fast paths, batches, chunks) to fp32 rounding.
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_report_header(config):
