@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# clipstyle on one CUDA GPU: the device tests there, then its speed; about 8 minutes.
+# clipstyle on one CUDA GPU: the device tests there, then its speed; about 8 minutes (an estimate:
+# the earlier measurements alone took about 5; the tests, the compiled run and the profiles are new).
 #
 #   bash benchmarks/gpu.sh                      # on the GPU machine, from the repository root
 #   CLIPSTYLE_BENCH_DRY=1 bash benchmarks/gpu.sh  # a quick run of the same script on the CPU
