@@ -81,3 +81,30 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path):
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_makes_its_card_the_current_one_before_loading(monkeypatch):
+    # Otherwise what uses the current card (cuBLAS handles, a context) lands on cuda:0.
+    import queue
+
+    import torch
+
+    from clipstyle import workers as W
+    from clipstyle.errors import ClipstyleError
+
+    order = []
+    monkeypatch.setattr(W, "_stop_with", lambda parent: None)  # in-process: no parent-death signal
+    monkeypatch.setattr(W.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda card: order.append(("current", str(card))))
+
+    def loader(device):
+        order.append(("load", device))
+        raise ClipstyleError("no models here")
+
+    results = queue.Queue()
+    W._worker(0, "cuda:1", loader, None, None, queue.Queue(), results, os.getppid())
+    assert order == [("current", "cuda:1"), ("load", "cuda:1")]
+    assert results.get_nowait() == ("fatal", 0, "cuda:1: no models here")
+    order.clear()
+    W._worker(0, "cpu", loader, None, None, queue.Queue(), queue.Queue(), os.getppid())
+    assert order == [("load", "cpu")]

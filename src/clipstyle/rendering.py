@@ -166,8 +166,9 @@ def render(
     - When a whole-image pass runs out of GPU memory and ``tile`` is None, it is
       retried in tiles of 1024, 512, then 256.
     - ``device``: where the networks run (they are moved there; default: that
-      of the first network's parameters); the image and the result stay on the image's device, so a
-      huge image can sit in CPU memory while tiles go through a GPU.
+      of the first network's parameters); the image and the result stay on
+      the image's device, so a huge image can sit in CPU memory while tiles go
+      through a GPU.
     - ``callback(done, total)`` after each network pass over a tile.
 
     Returns (1, 3, H, W) float32 in [0, 1] on ``image``'s device.
@@ -269,7 +270,7 @@ def _image_stats(net, x, dev, rows, cols, tile_size, progress) -> dict:
     tile's core (cores partition the image, so no pixel counts twice)."""
     stats: dict = {}
     for layer in _norm_layers(net):
-        total = [0.0, 0.0, 0]  # sum, sum of squares (float64 but on MPS, (C,)), count
+        total = [0.0, 0.0, 0]  # sum, sum of squares ((C,), float64; float32 on MPS), count
 
         def measure(t, core=None):
             # the tile was padded to a multiple of 8; scale core bounds to this level

@@ -176,7 +176,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     type=click.Choice(PRECISIONS),
     default=D.precision,
     show_default=True,
-    help="Encoder precision: auto is fp32 on CPU, bf16 on CUDA, fp16 on MPS.",
+    help="Encoder precision: auto is fp32 on CPU, bf16 on CUDA (fp16 on cards before Ampere), fp16 on MPS.",
 )
 @click.option(
     "--crop-batch",
