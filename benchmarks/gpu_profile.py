@@ -4,7 +4,7 @@
     python benchmarks/gpu_profile.py --batch 8 --json p.json
     python benchmarks/gpu_profile.py --device cpu --size 64 --crops 2   # a quick check of the script
 
-Runs the loop itself (clipstyle.optimize.stylize_many, random weights of the
+Runs the loop itself (clipstyle.method.loop.stylize_many, random weights of the
 real architectures, nothing downloaded) under torch.profiler: warm-up steps
 first, then --steps recorded steps. Per recorded step:
 
@@ -32,9 +32,9 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from clipstyle.bench import bench_images, bench_models
 from clipstyle.config import Settings
-from clipstyle.optimize import stylize_many
+from clipstyle.evaluation.bench import bench_images, bench_models
+from clipstyle.method.loop import stylize_many
 from clipstyle.prompts import NO_TEMPLATES
 
 

@@ -12,8 +12,8 @@ import sys
 import torch
 
 from clipstyle.config import Settings
-from clipstyle.loading import load_models
-from clipstyle.optimize import stylize_many
+from clipstyle.method.loop import stylize_many
+from clipstyle.models.loading import load_models
 
 
 def resident() -> int:

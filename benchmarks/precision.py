@@ -16,12 +16,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from clipstyle import losses as L
-from clipstyle.augment import random_crop_grids, sample_crops
-from clipstyle.bench import bench_images, bench_models
 from clipstyle.config import Settings
 from clipstyle.device import autocast
-from clipstyle.optimize import text_embedding
+from clipstyle.evaluation.bench import bench_images, bench_models
+from clipstyle.method import losses as L
+from clipstyle.method.augment import random_crop_grids, sample_crops
+from clipstyle.method.text import text_embedding
 
 
 def gradient(models, content, output, grids, text_dir, dtype, s: Settings) -> torch.Tensor:

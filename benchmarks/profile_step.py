@@ -8,7 +8,7 @@ floor passes alternate in one process and each part is reported as the median
 of its per-repeat ratio to the floor pass of the same repeat, which holds up
 under load from other processes better than seconds. Also printed: alpha, the
 cost of a no-grad CLIP forward of a row relative to its forward and backward
-(clipstyle.rejection.NO_GRAD_COST).
+(clipstyle.method.rejection.NO_GRAD_COST).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from clipstyle import losses as L
-from clipstyle.augment import sample_crops
-from clipstyle.bench import Floor, bench_images, bench_models
 from clipstyle.config import Settings
+from clipstyle.evaluation.bench import Floor, bench_images, bench_models
+from clipstyle.method import losses as L
+from clipstyle.method.augment import sample_crops
+from clipstyle.method.loop import _adam, _PairState
 from clipstyle.prompts import NO_TEMPLATES
-from clipstyle.optimize import _adam, _PairState
 
 
 def main() -> None:

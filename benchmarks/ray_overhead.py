@@ -1,7 +1,7 @@
 """How many pairs a minute the driver of `clipstyle run --executor ray` handles.
 
 The actors run a stand-in for the stylizer that returns a fixed PNG at once
-(clipstyle.ray_executor.instant_batch), so what is timed is the driver and Ray:
+(clipstyle.jobs.ray_executor.instant_batch), so what is timed is the driver and Ray:
 reading each input, sending it, receiving the PNG, writing it atomically, the
 report record. Inputs are 512-px JPEGs, outputs a 512-px PNG of about the size
 a real one has; five prompts per image, as in the planning table of docs/scale.md.
@@ -58,7 +58,7 @@ class Clock:
     """Timestamps of finished pairs: the steady rate excludes starting the actors."""
 
     def __init__(self):
-        from clipstyle.batch import Events as RunEvents
+        from clipstyle.jobs.batch import Events as RunEvents
 
         self.times: list[float] = []
         self.events = type("Events", (RunEvents,), {"finished": lambda _, p, r: self.times.append(
@@ -78,11 +78,11 @@ def main() -> None:
     import ray
 
     from clipstyle.config import Settings
-    from clipstyle.ray_executor import instant_batch, run_with_ray
-    from clipstyle.inputs import collect_inputs
-    from clipstyle.pairs import plan_pairs
-    from clipstyle.report import Report
-    from clipstyle.runner import RunOptions
+    from clipstyle.jobs.inputs import collect_inputs
+    from clipstyle.jobs.pairs import plan_pairs
+    from clipstyle.jobs.ray_executor import instant_batch, run_with_ray
+    from clipstyle.jobs.report import Report
+    from clipstyle.jobs.run import RunOptions
 
     root = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     try:

@@ -21,13 +21,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from clipstyle import losses as L
 from clipstyle.config import Settings
-from clipstyle.loading import load_models
-from clipstyle.images import enhance_contrast
+from clipstyle.images import enhance_contrast, prepare_content
+from clipstyle.method import losses as L
+from clipstyle.method.loop import stylize_many
+from clipstyle.method.text import text_embedding
+from clipstyle.models.loading import load_models
 from clipstyle.prompts import NO_TEMPLATES
-from clipstyle.images import prepare_content
-from clipstyle.optimize import stylize_many, text_embedding
 
 
 def global_loss_gradient(models, content, output, text_dir, antialias: bool):

@@ -22,7 +22,7 @@ import urllib.request
 CHILD = """
 import sys, time
 import clipstyle.cli.serve as serve
-from clipstyle.encoders import load_models
+from clipstyle.models.encoders import load_models
 from clipstyle.serve.jobs import JobQueue
 
 def loader(*args, device="auto", **kwargs):

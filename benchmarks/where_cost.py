@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from clipstyle import where
 from clipstyle.config import Settings
 from clipstyle.device import resolve_device, synchronize
-from clipstyle.loading import load_models
-from clipstyle.optimize import stylize_many
+from clipstyle.method.loop import stylize_many
+from clipstyle.models.loading import load_models
+from clipstyle.regions import where
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="auto")

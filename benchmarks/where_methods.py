@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from clipstyle.config import WhereSettings
-from clipstyle.where import phrase_embeddings, relevance, where_mask
+from clipstyle.regions.where import phrase_embeddings, relevance, where_mask
 from planted import PlantedClip, iou, scene
 
 torch.set_num_threads(1)

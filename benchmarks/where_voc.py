@@ -25,8 +25,8 @@ from PIL import Image
 from clipstyle.config import WhereSettings
 from clipstyle.device import resolve_device
 from clipstyle.images import to_tensor
-from clipstyle.loading import load_clip
-from clipstyle.where import where_mask
+from clipstyle.models.loading import load_clip
+from clipstyle.regions.where import where_mask
 
 CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table",
            "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]

@@ -47,7 +47,7 @@ def tiny_clip(seed: int = 0, image_size: int = 32):
     import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    from clipstyle.encoders import ClipEncoder
+    from clipstyle.models.encoders import ClipEncoder
 
     torch.manual_seed(seed)
     model = CLIP(
@@ -60,7 +60,7 @@ def tiny_clip(seed: int = 0, image_size: int = 32):
 
 
 def tiny_vgg(seed: int = 0):
-    from clipstyle.encoders import VggEncoder, vgg19_features
+    from clipstyle.models.encoders import VggEncoder, vgg19_features
 
     torch.manual_seed(seed)
     features = vgg19_features(width_divisor=16)
@@ -77,7 +77,7 @@ def tiny_vgg(seed: int = 0):
 
 def tiny_models(seed: int = 0, device: torch.device | str = DEVICE):
     """Tiny models on the test device (CLIPSTYLE_TEST_DEVICE, the CPU by default)."""
-    from clipstyle.encoders import Models
+    from clipstyle.models.encoders import Models
 
     return Models(
         tiny_clip(seed).to(device),
@@ -172,5 +172,8 @@ def counting_loader(monkeypatch, command: str = "run") -> list:
         calls.append(args)
         return tiny_models(device=resolve_device(device))
 
-    monkeypatch.setattr(f"clipstyle.cli.{command}.load_models_from_options", load)
+    target = (
+        "clipstyle.jobs.plan.load_models" if command == "run" else f"clipstyle.cli.{command}.load_models_from_options"
+    )
+    monkeypatch.setattr(target, load)
     return calls

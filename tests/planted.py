@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipstyle.encoders import ClipEncoder
+from clipstyle.models.encoders import ClipEncoder
 
 WIDTH, PATCH, IMAGE = 8, 4, 16
 SHARED = 0.3  # the constant every token carries (channels 3 and 4, +/-)

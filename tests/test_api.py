@@ -51,7 +51,7 @@ def test_public_names_are_the_objects_in_a_fresh_interpreter():
         "for f in (stylize, stylize_many, load_models, render, load_style):\n"
         "    assert inspect.isfunction(f), f\n"
         "assert inspect.isclass(Settings)\n"
-        "import clipstyle.rendering, clipstyle.optimize\n"  # importing the modules shadows nothing
+        "import clipstyle.styles.rendering, clipstyle.method.loop\n"  # importing the modules shadows nothing
         "from clipstyle import render, stylize\n"
         "assert inspect.isfunction(render) and inspect.isfunction(stylize)\n"
     )
@@ -106,7 +106,8 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
 
 @pytest.mark.device
 def test_stylize_loads_the_default_models_once(monkeypatch, tiny_settings):
-    from clipstyle import loading, optimize
+    from clipstyle.method import stylize as entry
+    from clipstyle.models import loading
 
     from conftest import tiny_models
 
@@ -120,8 +121,8 @@ def test_stylize_loads_the_default_models_once(monkeypatch, tiny_settings):
     loading.default_models.cache_clear()
     try:
         image = torch.rand(1, 3, 32, 32)
-        first = optimize.stylize(image, "fire", settings=tiny_settings, device=str(DEVICE))
-        second = optimize.stylize(image, "ice", settings=tiny_settings, device=str(DEVICE))
+        first = entry.stylize(image, "fire", settings=tiny_settings, device=str(DEVICE))
+        second = entry.stylize(image, "ice", settings=tiny_settings, device=str(DEVICE))
     finally:
         loading.default_models.cache_clear()
     assert len(calls) == 1
@@ -130,13 +131,13 @@ def test_stylize_loads_the_default_models_once(monkeypatch, tiny_settings):
 
 @pytest.mark.device
 def test_a_device_that_disagrees_with_the_models_is_an_error(models, tiny_settings, monkeypatch):
-    from clipstyle import optimize
     from clipstyle.errors import ClipstyleError
+    from clipstyle.method import stylize as entry
 
-    monkeypatch.setattr(optimize, "resolve_device", lambda name: torch.device(name))  # as if CUDA were here
+    monkeypatch.setattr(entry, "resolve_device", lambda name: torch.device(name))  # as if CUDA were here
     with pytest.raises(ClipstyleError, match="differs from the models' device"):
-        optimize.stylize(torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings, device="cuda:1")
-    result = optimize.stylize(
+        entry.stylize(torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings, device="cuda:1")
+    result = entry.stylize(
         torch.rand(1, 3, 32, 32), "fire", models=models, settings=tiny_settings, device=str(DEVICE)
     )  # the models' own device is fine
     assert result.image is not None

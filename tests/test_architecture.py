@@ -1,9 +1,13 @@
-"""The layout holds: no import cycle (module level or inside functions), the library never
-imports the CLI, and no public name is shadowed by a submodule of the same name."""
+"""The layout holds: each subpackage imports only its own layer and those below it, no import
+cycle (module level or inside functions), no module imports another's private names, the
+paper's loop loads none of the job machinery, and no public name is shadowed by a submodule.
+
+The tree is parsed once per session (:func:`import_graph` is cached)."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +16,26 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clipstyle"
 
+# Lowest first. A module may import modules of its own layer and of the layers before it.
+# "root": the modules directly in clipstyle/ (config, errors, device, images, prompts,
+# interrupts, provenance and the package itself), which everything may use.
+LAYERS = ["root", "models", "method", "regions", "styles", "jobs", "evaluation", "serve", "cli", "__main__"]
+# What the paper's loop must never load, directly or through another module.
+JOB_MACHINERY = ["jobs", "cli", "serve", "models.loading", "evaluation"]
+
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "root"
+    if parts[1] == "__main__":
+        return "__main__"
+    return parts[1] if (PACKAGE / parts[1]).is_dir() else "root"
 
 
 def _type_checking_only(node: ast.AST, parents: dict) -> bool:
@@ -26,30 +46,37 @@ def _type_checking_only(node: ast.AST, parents: dict) -> bool:
     return False
 
 
-def import_graph() -> dict[str, set[str]]:
-    """clipstyle module -> the clipstyle modules it imports anywhere in its code (TYPE_CHECKING blocks aside)."""
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+@functools.cache
+def _parsed() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text(encoding="utf-8")) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+@functools.cache
+def _imports() -> dict[str, list[tuple[str, str | None]]]:
+    """clipstyle module -> (imported module, imported name or None) for every import of a clipstyle
+    module anywhere in its code (TYPE_CHECKING blocks aside)."""
+    modules = _parsed()
+    found: dict[str, list[tuple[str, str | None]]] = {}
+    for name, tree in modules.items():
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-        edges = set()
+        edges = []
         for node in ast.walk(tree):
             if _type_checking_only(node, parents):
                 continue
             if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                # "from clipstyle import losses" imports the submodule; other names come from the package
-                targets = [
-                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                    for a in node.names
-                ]
-            else:
-                continue
-            edges |= {t for t in targets if t in modules and t != name}
-        graph[name] = edges
-    return graph
+                edges += [(a.name, None) for a in node.names if a.name in modules]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module in modules:
+                for a in node.names:
+                    # "from clipstyle.method import losses" imports the submodule; other names come from the module
+                    sub = f"{node.module}.{a.name}"
+                    edges.append((sub, None) if sub in modules else (node.module, a.name))
+        found[name] = [(target, imported) for target, imported in edges if target != name]
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """clipstyle module -> the clipstyle modules it imports anywhere in its code."""
+    return {name: {target for target, _ in edges} for name, edges in _imports().items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -73,25 +100,80 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_scan_finds_cycles_and_nested_imports():
+def upward_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """module -> the modules it imports from a higher layer."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    found = {name: sorted(t for t in targets if rank[layer(t)] > rank[layer(name)]) for name, targets in graph.items()}
+    return {k: v for k, v in found.items() if v}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_scan_finds_cycles_upward_imports_and_nested_imports():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    planted = {"clipstyle.method.loop": {"clipstyle.jobs.batch"}, "clipstyle.jobs.batch": {"clipstyle.errors"}}
+    assert upward_imports(planted) == {"clipstyle.method.loop": ["clipstyle.jobs.batch"]}
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
     graph = import_graph()
-    assert "clipstyle.optimize" in graph["clipstyle.runner"]  # module level
-    assert "clipstyle.loading" in graph["clipstyle.cli.common"]  # inside a function
+    assert "clipstyle.method.loop" in graph["clipstyle.jobs.run"]  # module level
+    assert "clipstyle.jobs.plan" in graph["clipstyle.cli.common"]  # inside a function
+    assert layer("clipstyle") == layer("clipstyle.config") == "root" and layer("clipstyle.jobs.run") == "jobs"
+
+
+def test_every_subpackage_has_a_layer_and_says_what_it_is():
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == set(LAYERS) - {"root", "__main__"}
+    for name in packages:
+        doc = ast.get_docstring(_parsed()[f"clipstyle.{name}"])
+        assert doc and len(doc) > 200, f"clipstyle.{name} needs a docstring saying what it holds and may import"
+
+
+def test_no_layer_imports_a_higher_one():
+    assert upward_imports(import_graph()) == {}
 
 
 def test_no_import_cycle_anywhere():
     assert find_cycle(import_graph()) is None
 
 
-def test_the_library_never_imports_the_cli():
-    upward = {
-        name: sorted(e for e in edges if e.startswith("clipstyle.cli"))
-        for name, edges in import_graph().items()
-        if not name.startswith("clipstyle.cli") and name != "clipstyle.__main__"
-    }  # the entry point
-    assert {k: v for k, v in upward.items() if v} == {}
+def test_no_module_imports_another_modules_private_names():
+    private = {
+        name: sorted(
+            f"{target}.{imported}"
+            for target, imported in edges
+            if imported and imported.startswith("_") and not imported.endswith("__")
+        )
+        for name, edges in _imports().items()
+    }
+    assert {k: v for k, v in private.items() if v} == {}
+
+
+def test_the_loop_loads_none_of_the_job_machinery():
+    graph = import_graph()
+    for entry in ("clipstyle.method.loop", "clipstyle.method.losses", "clipstyle.models.encoders"):
+        loaded = reachable(graph, entry)
+        assert not [
+            m for m in loaded if any(m == f"clipstyle.{j}" or m.startswith(f"clipstyle.{j}.") for j in JOB_MACHINERY)
+        ]
+
+
+def test_the_loop_imports_no_job_machinery_when_run():
+    code = (
+        "import sys, clipstyle.method.loop\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('clipstyle.jobs', 'clipstyle.cli', "
+        "'clipstyle.serve', 'clipstyle.models.loading', 'clipstyle.evaluation'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_no_public_name_is_shadowed_by_a_submodule():

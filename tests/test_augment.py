@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipstyle.augment import random_crop_grids, sample_crops
+from clipstyle.method.augment import random_crop_grids, sample_crops
 
 from conftest import DEVICE
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipstyle import bench as B
+from clipstyle.evaluation import bench as B
 
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
 from conftest import DEVICE, invoke

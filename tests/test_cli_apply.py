@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipstyle.stylefile import save_style
-from clipstyle.unet import StyleNet
+from clipstyle.method.unet import StyleNet
+from clipstyle.styles.stylefile import save_style
 
 from conftest import invoke
 

@@ -241,7 +241,7 @@ def tiny_architectures(monkeypatch, tmp_path):
     returns valid CLIP and VGG weight files for them."""
     import open_clip
 
-    import clipstyle.loading as enc
+    import clipstyle.models.loading as enc
 
     monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: conftest.tiny_clip().model)
     narrow = enc.vgg19_features

@@ -84,7 +84,7 @@ def test_same_seed_gives_identical_files(tmp_path, photo, fake_loader):
 def test_save_style_then_apply_reproduces_the_run_at_full_resolution(tmp_path, fake_loader):
     import numpy as np
 
-    from clipstyle.stylefile import load_style
+    from clipstyle.styles.stylefile import load_style
 
     src = tmp_path / "wide.png"
     Image.new("RGB", (101, 61), (30, 140, 90)).save(src)

@@ -7,7 +7,7 @@ import torch
 
 from clipstyle.config import Settings
 from clipstyle.errors import ClipstyleError
-from clipstyle.optimize import stylize_many
+from clipstyle.method.loop import stylize_many
 
 from conftest import tiny_models
 

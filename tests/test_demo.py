@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from clipstyle.errors import WeightsError
-from clipstyle.loading import load_models
+from clipstyle.models.loading import load_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def offline(tmp_path, monkeypatch):
 
 
 def test_missing_weights_are_all_named_at_once_before_any_model_is_built(tmp_path, offline, monkeypatch):
-    import clipstyle.loading as loading
+    import clipstyle.models.loading as loading
 
     monkeypatch.setattr(loading, "load_clip", lambda *a, **k: pytest.fail("a model was built"))
     with pytest.raises(WeightsError) as info:
@@ -49,7 +49,7 @@ def test_missing_weights_are_all_named_at_once_before_any_model_is_built(tmp_pat
 
 
 def test_only_the_missing_weights_are_named(tmp_path, offline, monkeypatch):
-    import clipstyle.loading as loading
+    import clipstyle.models.loading as loading
 
     monkeypatch.setattr(loading, "load_clip", lambda *a, **k: pytest.fail("a model was built"))
     cached_vgg = tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"

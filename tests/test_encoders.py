@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 
-from clipstyle.encoders import IMAGENET_MEAN, IMAGENET_STD
 from clipstyle.errors import WeightsError
-from clipstyle.loading import load_clip, load_vgg
+from clipstyle.models.encoders import IMAGENET_MEAN, IMAGENET_STD
+from clipstyle.models.loading import load_clip, load_vgg
 
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
 from conftest import DEVICE
@@ -79,7 +79,7 @@ def test_clip_encoder_is_frozen_but_passes_gradients_to_the_images(clip_from_sta
 
 
 def test_openai_torchscript_file_loads_without_running_its_code(checkpoints, monkeypatch):  # noqa: F811
-    from clipstyle.weights import read_torchscript_tensors
+    from clipstyle.models.weights import read_torchscript_tensors
 
     def refuse(*args, **kwargs):
         raise AssertionError("torch.jit.load would run the archive's code")

@@ -17,12 +17,12 @@ TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--
 
 @pytest.fixture
 def three(tmp_path, monkeypatch):
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", conftest.tiny_loader)
+    monkeypatch.setattr("clipstyle.jobs.plan.load_models", conftest.tiny_loader)
     return conftest.three_photos(tmp_path)
 
 
 def interrupt_second_call(monkeypatch, interrupt):
-    import clipstyle.runner as S
+    import clipstyle.jobs.run as S
 
     real = S.stylize_many
     calls = []
@@ -58,7 +58,7 @@ def test_interrupt_stops_cleanly_with_flushed_report(tmp_path, three, monkeypatc
 
 @pytest.mark.device
 def test_non_finite_loss_fails_the_pair_and_writes_nothing(tmp_path, three, monkeypatch):
-    import clipstyle.losses as L
+    import clipstyle.method.losses as L
 
     monkeypatch.setattr(L, "total_variation", lambda x: x.float().sum(dim=(1, 2, 3)) * float("nan"))
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
@@ -72,7 +72,7 @@ def test_non_finite_loss_fails_the_pair_and_writes_nothing(tmp_path, three, monk
 
 @pytest.mark.device
 def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, three, monkeypatch):
-    import clipstyle.runner as S
+    import clipstyle.jobs.run as S
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -86,7 +86,7 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, three, monkeypat
 
 @pytest.mark.device
 def test_crop_batch_gives_the_same_result(models, tiny_settings):
-    from clipstyle.optimize import stylize_many
+    from clipstyle.method.loop import stylize_many
 
     content = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     whole = stylize_many([content], ["red"], [1], models=models, settings=tiny_settings)[0]

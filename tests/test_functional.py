@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipstyle import losses as L
 from clipstyle.config import Settings
-from clipstyle.encoders import Models, VggEncoder
-from clipstyle.optimize import stylize_many
+from clipstyle.method import losses as L
+from clipstyle.method.loop import stylize_many
+from clipstyle.models.encoders import Models, VggEncoder
 from clipstyle.prompts import NO_TEMPLATES
 
 from conftest import DEVICE, tiny_vgg

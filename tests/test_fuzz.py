@@ -73,7 +73,7 @@ def mutate(data: bytes, rng: random.Random, others: list[bytes]) -> bytes:
 
 @pytest.fixture
 def loader(monkeypatch):
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", conftest.tiny_loader)
+    monkeypatch.setattr("clipstyle.jobs.plan.load_models", conftest.tiny_loader)
 
 
 def test_mutated_images_end_in_valid_png_or_one_error_line(tmp_path, loader):

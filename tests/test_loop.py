@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from clipstyle import optimize as S
-from clipstyle.optimize import LOSS_NAMES, _PairState, make_network, stylize, stylize_many
+from clipstyle.method import loop as S
+from clipstyle.method.loop import LOSS_NAMES, _PairState, make_network, stylize_many
+from clipstyle.method.stylize import stylize
 
 from conftest import DEVICE
 
@@ -203,7 +204,7 @@ def test_stylize_keeps_the_aspect_ratio_and_refuses_an_empty_prompt(shared_model
 
 
 def test_crops_drawn_up_front_are_the_crops_each_step_would_draw(shared_models, tiny_settings):
-    from clipstyle.augment import random_crop_grids
+    from clipstyle.method.augment import random_crop_grids
 
     settings = tiny_settings.replace(steps=3, crops=5)
     content = torch.rand(1, 3, 24, 32)
@@ -254,7 +255,7 @@ def test_step_seconds_leave_out_the_callbacks_time(shared_models, tiny_settings)
 
 
 def test_seconds_per_step_are_timed_over_the_stretches_between_loss_reads():
-    from clipstyle.optimize import _seconds_per_step
+    from clipstyle.method.loop import _seconds_per_step
 
     # log_every 3: on a GPU the host runs ahead for two steps and the read waits
     # for all three; the first stretch is slow (warm-up). Per step: 1.1 s.

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipstyle import losses as L
+from clipstyle.method import losses as L
 
 # Total variation -------------------------------------------------------------
 
@@ -155,7 +155,7 @@ def test_embed_texts_averages_before_normalising():
 
 
 def test_text_embedding_puts_the_prompt_in_every_template_and_caches_it():
-    from clipstyle.optimize import text_embedding
+    from clipstyle.method.text import text_embedding
 
     encode = FakeTextEncoder()
 

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 from clipstyle import images as io
-from clipstyle import masks as M
-from clipstyle.colour import luma, preserve_colour, rgb_to_ycbcr
-from clipstyle.masks import MaskError, Region
+from clipstyle.errors import MaskError
+from clipstyle.method.masked import composite, crop_sampler
+from clipstyle.regions import masks as M
+from clipstyle.regions.colour import luma, preserve_colour, rgb_to_ycbcr
+from clipstyle.regions.region import Region
 
 from conftest import DEVICE, counting_loader, invoke
 
@@ -132,7 +134,7 @@ def test_where_is_refused_empty_and_invert_needs_a_mask():
     with pytest.raises(MaskError, match="empty"):
         Region(where="  ").check()
     with pytest.raises(MaskError, match="needs --mask or --where"):
-        Region(invert=True, preserve_color=True).check()
+        Region(invert=True, preserve_colour=True).check()
 
 
 def test_mask_and_where_combine_as_their_product(tmp_path, monkeypatch):
@@ -165,7 +167,7 @@ def test_composite_is_exact_at_both_ends():
     styled, photo = torch.rand(1, 3, 6, 6), torch.rand(1, 3, 6, 6)
     m = torch.zeros(1, 1, 6, 6)
     m[..., :3] = 1
-    out = M.composite(styled, photo, m)
+    out = composite(styled, photo, m)
     assert torch.equal(out[..., :3], styled[..., :3]) and torch.equal(out[..., 3:], photo[..., 3:])
 
 
@@ -210,7 +212,7 @@ def test_ycbcr_is_jpegs():
 def test_crops_are_drawn_where_the_mask_is():
     mask = torch.zeros(1, 1, 64, 96)
     mask[..., :, :40] = 1  # left strip
-    draw = M.crop_sampler(mask, 32)(64, 96, 500, 32, 0.5, torch.Generator().manual_seed(0))
+    draw = crop_sampler(mask, 32)(64, 96, 500, 32, 0.5, torch.Generator().manual_seed(0))
     left = draw.offset[:, 0]
     assert int(left.max()) < 40  # every crop covers some of the region
     # crops wholly inside are drawn far more often than uniformly (9 of 65 positions)
@@ -222,7 +224,7 @@ def test_crops_are_drawn_where_the_mask_is():
 def test_clip_sees_the_photo_outside_the_mask(models, tiny_settings, monkeypatch):
     """The global row CLIP encodes is the output composited over the photo: outside the
     region it equals the photo. With the composite removed (p.seen = leaf) it does not."""
-    from clipstyle import optimize as S
+    from clipstyle.method import loop as S
 
     seen = []
     encode = models.clip.encode_image
@@ -244,7 +246,7 @@ def test_clip_sees_the_photo_outside_the_mask(models, tiny_settings, monkeypatch
 
 @pytest.mark.device
 def test_no_mask_gives_the_same_result_as_before(models, tiny_settings):
-    from clipstyle.optimize import stylize_many
+    from clipstyle.method.loop import stylize_many
 
     content = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     a = stylize_many([content], ["fire"], [3], models=models, settings=tiny_settings)[0].tensor
@@ -265,8 +267,8 @@ def scene(tmp_path):
 
 
 def test_run_with_a_hard_half_mask_composites_exactly(scene, monkeypatch):
-    from clipstyle.rendering import render
-    from clipstyle.stylefile import load_style
+    from clipstyle.styles.rendering import render
+    from clipstyle.styles.stylefile import load_style
 
     counting_loader(monkeypatch)
     out, style = scene / "out.png", scene / "s.style"
@@ -353,8 +355,8 @@ def test_bad_masks_are_one_line_and_write_nothing(scene, monkeypatch, args, reas
 
 
 def test_apply_with_a_mask_and_preserved_colour(scene, monkeypatch):
-    from clipstyle.stylefile import save_style
-    from clipstyle.unet import StyleNet
+    from clipstyle.method.unet import StyleNet
+    from clipstyle.styles.stylefile import save_style
 
     torch.manual_seed(0)
     save_style(scene / "s.style", StyleNet(), {"prompt": "fire"})
@@ -391,9 +393,9 @@ def test_apply_with_a_mask_and_preserved_colour(scene, monkeypatch):
 def test_the_library_recipe_in_the_docs(scene, models, tiny_settings):
     """docs/regions.md, "Library": the same steps as the CLI, from Python."""
     from clipstyle.images import prepare_content
-    from clipstyle.optimize import stylize_many
+    from clipstyle.method.loop import stylize_many
 
-    region = Region(mask=scene / "half.png", feather=0, preserve_color=True)
+    region = Region(mask=scene / "half.png", feather=0, preserve_colour=True)
     photo = io.open_image(scene / "photo.png").image
     full = M.photo_mask(region, photo, models.clip)
     content = prepare_content(photo, 32)
@@ -409,8 +411,8 @@ def test_a_region_that_selects_nothing_names_the_photo(scene, monkeypatch):
     """--where's verdict is about the photo, not a file of its own: the line names the photo."""
     from types import SimpleNamespace
 
-    from clipstyle.batch import job_error
     from clipstyle.errors import ClipstyleError
+    from clipstyle.jobs.batch import job_error
 
     job = SimpleNamespace(input=SimpleNamespace(path=scene / "photo.png"))
     assert job_error(job, ClipstyleError("--where 'x' selects nothing in this image")) == (

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from clipstyle.errors import is_out_of_memory
-from clipstyle.stylefile import save_style
-from clipstyle.unet import StyleNet
+from clipstyle.method.unet import StyleNet
+from clipstyle.styles.stylefile import save_style
 
 import conftest
 from conftest import counting_loader, invoke
@@ -37,7 +37,7 @@ def three(tmp_path):
 @pytest.fixture
 def eight_gb(monkeypatch):
     """The host has 8 GB. Tests using it pass --device cpu: on a GPU machine, auto would check the GPU's memory."""
-    monkeypatch.setattr("clipstyle.memory.host_memory", lambda: 8_000_000_000)
+    monkeypatch.setattr("clipstyle.jobs.memory.host_memory", lambda: 8_000_000_000)
 
 
 def records(path):
@@ -87,7 +87,7 @@ def test_running_out_while_preparing_an_image_fails_only_that_pair(tmp_path, thr
 
 
 def test_the_cpu_allocators_error_while_optimising_is_out_of_memory(tmp_path, three, loads, monkeypatch):
-    import clipstyle.runner as R
+    import clipstyle.jobs.run as R
 
     real, calls = R.stylize_many, []
 

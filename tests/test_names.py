@@ -89,8 +89,8 @@ def test_the_divergence_hint_suggests_fp32_only_when_not_fp32(
 ):
     import torch
 
-    import clipstyle.losses as L
-    from clipstyle.optimize import stylize_many
+    import clipstyle.method.losses as L
+    from clipstyle.method.loop import stylize_many
 
     monkeypatch.setattr(L, "total_variation", lambda x: x.float().sum(dim=(1, 2, 3)) * float("nan"))
     (result,) = stylize_many(
@@ -115,8 +115,8 @@ def test_the_divergence_hint_suggests_fp32_only_when_not_fp32(
 def test_absurd_style_metadata_gets_the_true_reason(tmp_path, header, reason):
     from safetensors.torch import save
 
-    from clipstyle.stylefile import StyleError, load_style
-    from clipstyle.unet import StyleNet
+    from clipstyle.method.unet import StyleNet
+    from clipstyle.styles.stylefile import StyleError, load_style
 
     meta = {"clipstyle.style": "1", "clipstyle.width": "16", "clipstyle.metadata": "{}", **header}
     path = tmp_path / "odd.style"

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipstyle import claims
-from clipstyle.inputs import collect_inputs
-from clipstyle.pairs import pair_seed, plan_pairs
+from clipstyle.jobs import claims
+from clipstyle.jobs.inputs import collect_inputs
+from clipstyle.jobs.pairs import pair_seed, plan_pairs
 
 import conftest
 from conftest import invoke
@@ -31,7 +31,7 @@ TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--
 
 @pytest.fixture
 def loader(monkeypatch):
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", conftest.tiny_loader)
+    monkeypatch.setattr("clipstyle.jobs.plan.load_models", conftest.tiny_loader)
 
 
 def image(path: Path, colour=(200, 40, 40), size=(24, 16)) -> Path:
@@ -147,8 +147,8 @@ def test_rerun_skips_only_what_was_made_with_the_same_settings(tmp_path, photo, 
 
 
 def test_apply_rerun_with_another_strength_is_refused(tmp_path, photo):
-    from clipstyle.stylefile import save_style
-    from clipstyle.unet import StyleNet
+    from clipstyle.method.unet import StyleNet
+    from clipstyle.styles.stylefile import save_style
 
     torch.manual_seed(0)
     style = tmp_path / "ink.style"
@@ -232,6 +232,8 @@ def load(*args, **kwargs):  # tiny random models instead of CLIP and VGG-19 (no 
     return tiny_models()
 
 common.load_models_from_options = load
+import clipstyle.jobs.plan as plan
+plan.load_models = load
 from clipstyle.cli import main
 main()
 """
@@ -330,8 +332,8 @@ def test_report_into_an_input_or_an_output_is_refused_before_any_work(tmp_path, 
 
 
 def test_apply_report_into_the_input_is_refused(tmp_path, photo):
-    from clipstyle.stylefile import save_style
-    from clipstyle.unet import StyleNet
+    from clipstyle.method.unet import StyleNet
+    from clipstyle.styles.stylefile import save_style
 
     style = tmp_path / "ink.style"
     save_style(style, StyleNet(), {"prompt": "ink"})
@@ -348,7 +350,7 @@ SUMMARY = re.compile(r"clipstyle: interrupted: (\d+) ok, (\d+) skipped, (\d+) fa
 
 
 def test_an_interrupted_run_ends_with_its_summary_line(tmp_path, loader, monkeypatch):
-    import clipstyle.runner as runner
+    import clipstyle.jobs.run as runner
 
     inputs = [image(tmp_path / f"in{i}.png", (60 * i, 50, 50)) for i in range(3)]
     real, calls = runner.stylize_many, []

@@ -10,7 +10,7 @@ from PIL import Image
 
 from clipstyle.config import Settings
 from clipstyle.errors import ClipstyleError
-from clipstyle.inputs import collect_inputs
+from clipstyle.jobs.inputs import collect_inputs
 
 from conftest import counting_loader, invoke
 
@@ -142,7 +142,7 @@ def test_a_recursive_glob_never_enters_a_folder_twice(tmp_path, monkeypatch):
 def test_globs_match_what_glob_matches_in_a_tree_without_links(tmp_path, monkeypatch):
     import glob
 
-    from clipstyle.globs import expand_glob
+    from clipstyle.jobs.globs import expand_glob
 
     for name in ["p/a.jpg", "p/b.JPG", "p/.hidden.jpg", "p/.h/x.jpg", "p/s/c.jpg", "p/s/t/d.png", "p/x1.jpg"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

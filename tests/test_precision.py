@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipstyle.device import autocast_dtype, use_channels_last, wide_dtype
-from clipstyle.optimize import stylize_many
+from clipstyle.method.loop import stylize_many
 
 from conftest import DEVICE, tiny_models
 
@@ -85,7 +85,7 @@ def test_autocast_covers_clip_and_vgg_only(tiny_settings):
 def test_text_embeddings_are_fp32_whatever_autocast_the_caller_runs():
     # They are cached per Models and shared by runs of every precision: a bf16
     # run first must not hand a later fp32 run its rounded embeddings.
-    from clipstyle.optimize import text_embedding
+    from clipstyle.method.text import text_embedding
 
     plain = text_embedding(tiny_models(), "fire", ("a {}",))
     models = tiny_models()
@@ -127,7 +127,7 @@ def test_bf16_loss_curves_stay_close_to_fp32(tiny_settings):
 @pytest.mark.parametrize("which", ["clip", "vgg"])
 def test_bf16_gradients_point_where_fp32_gradients_point(which):
     # What the optimisation follows: the gradient reaching the U-Net's output.
-    from clipstyle import losses as L
+    from clipstyle.method import losses as L
 
     models = tiny_models()
     g = torch.Generator().manual_seed(0)

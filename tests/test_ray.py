@@ -35,7 +35,7 @@ def cluster():
 
 @pytest.fixture
 def loader(monkeypatch):
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", conftest.tiny_loader)
+    monkeypatch.setattr("clipstyle.jobs.plan.load_models", conftest.tiny_loader)
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_shards_on_ray_write_the_local_bytes_once_then_a_rerun_skips(tmp_path, f
 
 def die_once(marker: str, models, batch, data, settings, options):
     """The stand-in job, but the first actor to get img2.png exits on the spot."""
-    from clipstyle.ray_executor import instant_batch
+    from clipstyle.jobs.ray_executor import instant_batch
 
     if any(p.input.rel == "img2.png" for p in batch):
         try:
@@ -123,12 +123,12 @@ def die_once(marker: str, models, batch, data, settings, options):
 
 
 def test_a_killed_worker_is_replaced_and_every_pair_ends_once(tmp_path, folder, tiny_settings, cluster):
-    from clipstyle.batch import Events as RunEvents
-    from clipstyle.inputs import collect_inputs
-    from clipstyle.pairs import plan_pairs
-    from clipstyle.ray_executor import run_with_ray
-    from clipstyle.report import Report
-    from clipstyle.runner import RunOptions
+    from clipstyle.jobs.batch import Events as RunEvents
+    from clipstyle.jobs.inputs import collect_inputs
+    from clipstyle.jobs.pairs import plan_pairs
+    from clipstyle.jobs.ray_executor import run_with_ray
+    from clipstyle.jobs.report import Report
+    from clipstyle.jobs.run import RunOptions
 
     class Notes(RunEvents):
         def __init__(self):
@@ -163,11 +163,11 @@ def test_more_workers_than_the_cluster_can_place_still_finish(tmp_path, folder, 
     """Four one-CPU workers on two CPUs: two never start, and must not hold work back."""
     import threading
 
-    from clipstyle.inputs import collect_inputs
-    from clipstyle.pairs import plan_pairs
-    from clipstyle.ray_executor import instant_batch, run_with_ray
-    from clipstyle.report import Report
-    from clipstyle.runner import RunOptions
+    from clipstyle.jobs.inputs import collect_inputs
+    from clipstyle.jobs.pairs import plan_pairs
+    from clipstyle.jobs.ray_executor import instant_batch, run_with_ray
+    from clipstyle.jobs.report import Report
+    from clipstyle.jobs.run import RunOptions
 
     (folder / "broken.jpg").unlink()
     pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b", "c"], tmp_path / "out", 0)
@@ -190,11 +190,11 @@ def missing_weights(device="cpu"):
 
 
 def test_workers_whose_models_do_not_load_fail_every_pair_with_the_reason(tmp_path, folder, tiny_settings, cluster):
-    from clipstyle.inputs import collect_inputs
-    from clipstyle.pairs import plan_pairs
-    from clipstyle.ray_executor import run_with_ray
-    from clipstyle.report import Report
-    from clipstyle.runner import RunOptions
+    from clipstyle.jobs.inputs import collect_inputs
+    from clipstyle.jobs.pairs import plan_pairs
+    from clipstyle.jobs.ray_executor import run_with_ray
+    from clipstyle.jobs.report import Report
+    from clipstyle.jobs.run import RunOptions
 
     pairs = plan_pairs(collect_inputs([str(folder)]), ["a", "b"], tmp_path / "out", 0)
     summary = run_with_ray(pairs, missing_weights, tiny_settings, RunOptions(), Report(None), workers=2)
@@ -206,7 +206,7 @@ def test_workers_whose_models_do_not_load_fail_every_pair_with_the_reason(tmp_pa
 
 
 def test_one_worker_per_gpu_else_per_group_of_cpus():
-    from clipstyle.ray_executor import default_workers
+    from clipstyle.jobs.ray_executor import default_workers
 
     assert default_workers({"CPU": 64.0, "GPU": 8.0}, cpus_per_worker=4) == (8, True)
     assert default_workers({"CPU": 64.0}, cpus_per_worker=4) == (16, False)
@@ -251,7 +251,7 @@ def test_a_cluster_address_nothing_answers_at_is_one_line(tmp_path, folder, load
 DRIVER = """
 import functools, sys, time
 import clipstyle.cli.run as cli_run
-import clipstyle.ray_executor as executor
+import clipstyle.jobs.ray_executor as executor
 
 def no_model(*args, device="cpu", **kwargs):
     return None
@@ -260,7 +260,8 @@ def slow(models, batch, data, settings, options):
     time.sleep(0.4)
     return executor.instant_batch(models, batch, data, settings, options)
 
-cli_run.load_models_from_options = no_model
+import clipstyle.jobs.plan as plan
+plan.load_models = no_model
 executor.run_with_ray = functools.partial(executor.run_with_ray, job=slow)
 from clipstyle.cli import main
 main(sys.argv[1:])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from clipstyle.optimize import stylize_many
+from clipstyle.method.loop import stylize_many
 
 from conftest import DEVICE, invoke, tiny_clip, tiny_models
 
@@ -57,7 +57,7 @@ def test_the_output_has_seen_steps_minus_one_adam_updates(tiny_settings):
 def test_random_init_models_use_the_activation_of_the_tags_weights():
     from open_clip.transformer import QuickGELU
 
-    from clipstyle.loading import load_models
+    from clipstyle.models.loading import load_models
 
     models = load_models(device="cpu", random_init=True)  # ViT-B-32, tag openai: trained with QuickGELU
     model = models.clip.model

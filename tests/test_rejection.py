@@ -1,13 +1,13 @@
-"""The two-pass CLIP path (clipstyle.rejection): the single pass's gradient, for less work."""
+"""The two-pass CLIP path (clipstyle.method.rejection): the single pass's gradient, for less work."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from clipstyle import rejection as R
-from clipstyle.optimize import stylize_many
-from clipstyle.rejection import Rejection
+from clipstyle.method import rejection as R
+from clipstyle.method.loop import stylize_many
+from clipstyle.method.rejection import Rejection
 
 from conftest import DEVICE, tiny_models
 

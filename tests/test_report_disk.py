@@ -62,7 +62,7 @@ def test_no_report_file_when_nothing_ended(tmp_path, three, monkeypatch):
     def no_weights(*args, **kwargs):
         raise WeightsError("CLIP weights are not in the cache")
 
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", no_weights)
+    monkeypatch.setattr("clipstyle.jobs.plan.load_models", no_weights)
     report = tmp_path / "out" / "r.jsonl"
     result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", "--report", report, *TINY)
     assert result.exit_code == 1 and "not in the cache" in result.stderr

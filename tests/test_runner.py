@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from clipstyle.errors import ClipstyleError
-from clipstyle.inputs import collect_inputs
-from clipstyle.pairs import pair_seed, parse_shard, plan_pairs
+from clipstyle.jobs.inputs import collect_inputs
+from clipstyle.jobs.pairs import pair_seed, parse_shard, plan_pairs
 
 import conftest
 from conftest import DEVICE, invoke
@@ -21,7 +21,7 @@ TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--
 
 @pytest.fixture
 def loader(monkeypatch):
-    monkeypatch.setattr("clipstyle.cli.run.load_models_from_options", conftest.tiny_loader)
+    monkeypatch.setattr("clipstyle.jobs.plan.load_models", conftest.tiny_loader)
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_output_does_not_depend_on_order_or_batch(tmp_path, folder, loader):
 
 @pytest.mark.device
 def test_batch_matches_single_pairs_in_the_library(models, tiny_settings):
-    from clipstyle.optimize import stylize_many
+    from clipstyle.method.loop import stylize_many
 
     # Two steps: the output then shows one Adam update. Adam's first update is
     # close to lr * sign(gradient), so rounding-level gradient differences can
@@ -174,7 +174,7 @@ def test_undecodable_and_very_long_file_names_do_not_stop_the_run(tmp_path, load
 
 
 def test_a_crash_in_one_pair_is_that_pairs_failure(tmp_path, folder, loader, monkeypatch):
-    import clipstyle.runner as S
+    import clipstyle.jobs.run as S
 
     real = S.stylize_many
     calls = []

@@ -1,4 +1,4 @@
-"""Quality metrics (clipstyle.metrics) and the score command, on tiny random models."""
+"""Quality metrics (clipstyle.evaluation.metrics) and the score command, on tiny random models."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipstyle import metrics
-from clipstyle.optimize import text_embedding
+from clipstyle.evaluation import metrics
+from clipstyle.method.text import text_embedding
 from clipstyle.prompts import NO_TEMPLATES
 
 from conftest import DEVICE, counting_loader, invoke
@@ -125,7 +125,7 @@ def test_patch_score_repeats_with_its_seed_and_depends_on_the_crops(models):
 
 @pytest.mark.device
 def test_directional_similarity_is_one_minus_the_loss_and_antisymmetric(models):
-    from clipstyle import losses as L
+    from clipstyle.method import losses as L
 
     out, content = structured(seed=1).to(DEVICE), structured(seed=2).to(DEVICE)
     text_dir = L.text_direction(

@@ -108,7 +108,7 @@ def test_a_job_streams_progress_then_lands_in_the_gallery_with_its_files(server,
     # the style file is a clipstyle style with the run's prompt and seed
     status, headers, body = request("GET", f"{server}/files/results/{job['style']}")
     assert status == 200 and 'filename="photo-fire.style"' in headers["Content-Disposition"]
-    from clipstyle.stylefile import load_style
+    from clipstyle.styles.stylefile import load_style
 
     style_path = queue.results / job["style"]
     assert style_path.read_bytes() == body

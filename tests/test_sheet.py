@@ -1,4 +1,4 @@
-"""Contact sheets (clipstyle.sheet, the sheet command) and the evaluation protocol end to end."""
+"""Contact sheets (clipstyle.evaluation.sheet, the sheet command) and the evaluation protocol end to end."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipstyle import sheet as sheets
 from clipstyle.errors import ClipstyleError
-from clipstyle.report import read_report
+from clipstyle.evaluation import sheet as sheets
+from clipstyle.jobs.report import read_report
 
 from conftest import invoke
 
@@ -187,6 +187,8 @@ def load(*args, **kwargs):  # tiny random models instead of CLIP and VGG-19 (no 
     return tiny_models()
 
 common.load_models_from_options = load
+import clipstyle.jobs.plan as plan
+plan.load_models = load
 from clipstyle.cli import main
 main()
 """

@@ -27,7 +27,8 @@ def slow_loader(*args, **kwargs):
     mark.touch()
     time.sleep(60)
 
-command.load_models_from_options = slow_loader
+import clipstyle.jobs.plan as plan
+plan.load_models = slow_loader
 from clipstyle.cli import main
 sys.argv = ["clipstyle", "run", sys.argv[2], "-p", "ink", "-o", sys.argv[3], "--size", "16", "--steps", "1"]
 main()

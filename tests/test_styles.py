@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipstyle.errors import OutputError
-from clipstyle.rendering import _windows, mix_weights, render, tile_starts
-from clipstyle.stylefile import FORMAT_KEY, StyleError, load_style, save_style, style_metadata
-from clipstyle.unet import StyleNet
+from clipstyle.method.unet import StyleNet
+from clipstyle.styles.rendering import _windows, mix_weights, render, tile_starts
+from clipstyle.styles.stylefile import FORMAT_KEY, StyleError, load_style, save_style, style_metadata
 
 from conftest import DEVICE
 

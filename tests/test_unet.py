@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipstyle.unet import StyleNet
+from clipstyle.method.unet import StyleNet
 
 from conftest import DEVICE
 
@@ -72,7 +72,7 @@ def test_three_channels_in_and_out_and_the_papers_widths():
 
 @pytest.mark.device
 def test_unet_instance_norm_is_torchs_instance_norm():
-    from clipstyle.unet import InstanceNorm
+    from clipstyle.method.unet import InstanceNorm
 
     x = torch.randn(2, 16, 12, 20).to(DEVICE)
     torch.testing.assert_close(InstanceNorm(16)(x), nn.InstanceNorm2d(16)(x), atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipstyle.vit import vit_fast_path_ok, vit_image_embedding
+from clipstyle.models.vit import vit_fast_path_ok, vit_image_embedding
 
 from conftest import DEVICE, tiny_clip, tiny_vgg
 
@@ -26,7 +26,7 @@ def test_fast_vit_path_equals_open_clips_forward_and_input_gradient(image_size, 
     import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    from clipstyle.encoders import ClipEncoder
+    from clipstyle.models.encoders import ClipEncoder
 
     torch.manual_seed(0)
     model = CLIP(

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from clipstyle.errors import WeightsError
-from clipstyle.unet import StyleNet
-from clipstyle.weights import is_torchscript_archive, load_into, read_state_dict
+from clipstyle.method.unet import StyleNet
+from clipstyle.models.weights import is_torchscript_archive, load_into, read_state_dict
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning"),
@@ -258,7 +258,7 @@ def test_compression_bomb_inside_an_archive_is_refused(tmp_path):
 
 def _read_w(path):
     """The tensor ``w`` of a hand-made archive whose root is a plain dict."""
-    from clipstyle.weights import _ArchiveUnpickler
+    from clipstyle.models.weights import _ArchiveUnpickler
 
     with zipfile.ZipFile(path) as zf:
         return _ArchiveUnpickler(zf.read("archive/data.pkl"), zf, "archive").load()["w"]

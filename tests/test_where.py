@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from clipstyle import images as io
-from clipstyle import where as W
 from clipstyle.config import WhereSettings
-from clipstyle.guided import guided_upsample
+from clipstyle.regions import where as W
+from clipstyle.regions.guided import guided_upsample
 from planted import PlantedClip, iou, scene
 
 from conftest import DEVICE, invoke, tiny_vgg
@@ -143,10 +143,10 @@ def test_mask_command_writes_a_greyscale_png_at_the_photos_size(red_photo, tmp_p
 
 
 def test_run_where_keeps_the_photo_outside_the_phrase(red_photo, tmp_path, monkeypatch):
-    from clipstyle.encoders import Models
+    from clipstyle.models.encoders import Models
 
     monkeypatch.setattr(
-        "clipstyle.cli.run.load_models_from_options",
+        "clipstyle.jobs.plan.load_models",
         lambda *a, **k: Models(PlantedClip(), tiny_vgg(), {"clip_model": "planted"}),
     )
     path, truth = red_photo
@@ -183,8 +183,8 @@ def test_run_where_keeps_the_photo_outside_the_phrase(red_photo, tmp_path, monke
 
 
 def test_apply_where(red_photo, tmp_path, monkeypatch):
-    from clipstyle.stylefile import save_style
-    from clipstyle.unet import StyleNet
+    from clipstyle.method.unet import StyleNet
+    from clipstyle.styles.stylefile import save_style
 
     _planted_clip_for_where(monkeypatch)
     torch.manual_seed(0)

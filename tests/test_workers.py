@@ -27,12 +27,12 @@ def loader(device="cpu", **kwargs):
 
 if __name__ == "__main__":
     from clipstyle.config import Settings
-    from clipstyle.inputs import collect_inputs
-    from clipstyle.pairs import plan_pairs
+    from clipstyle.jobs.inputs import collect_inputs
+    from clipstyle.jobs.pairs import plan_pairs
     from clipstyle.prompts import NO_TEMPLATES
-    from clipstyle.report import Report
-    from clipstyle.runner import RunOptions
-    from clipstyle.workers import run_on_devices
+    from clipstyle.jobs.report import Report
+    from clipstyle.jobs.run import RunOptions
+    from clipstyle.jobs.devices import run_on_devices
 
     pairs = plan_pairs(collect_inputs([{inputs!r}]), ["ink"], pathlib.Path({out!r}), 0)
     endless = Settings(steps=10_000_000, size=16, crops=1, crop_size=8, templates=NO_TEMPLATES)
@@ -89,8 +89,8 @@ def test_a_worker_makes_its_card_the_current_one_before_loading(monkeypatch):
 
     import torch
 
-    from clipstyle import workers as W
     from clipstyle.errors import ClipstyleError
+    from clipstyle.jobs import devices as W
 
     order = []
     monkeypatch.setattr(W, "_stop_with", lambda parent: None)  # in-process: no parent-death signal

@@ -17,22 +17,22 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _PUBLIC = {
     # optimising a network per image and prompt
-    "stylize": "clipstyle.optimize",
-    "stylize_many": "clipstyle.optimize",
-    "StylizeResult": "clipstyle.optimize",
-    "StepInfo": "clipstyle.optimize",
+    "stylize": "clipstyle.method.stylize",
+    "stylize_many": "clipstyle.method.loop",
+    "StylizeResult": "clipstyle.method.loop",
+    "StepInfo": "clipstyle.method.loop",
     "Settings": "clipstyle.config",
     "PRESETS": "clipstyle.config",
     "settings_for": "clipstyle.config",
     # the frozen encoders
-    "load_models": "clipstyle.loading",
-    "Models": "clipstyle.encoders",
+    "load_models": "clipstyle.models.loading",
+    "Models": "clipstyle.models.encoders",
     # saved styles: the trained network as a file, and rendering with it
-    "StyleNet": "clipstyle.unet",
-    "Style": "clipstyle.stylefile",
-    "load_style": "clipstyle.stylefile",
-    "save_style": "clipstyle.stylefile",
-    "render": "clipstyle.rendering",
+    "StyleNet": "clipstyle.method.unet",
+    "Style": "clipstyle.styles.stylefile",
+    "load_style": "clipstyle.styles.stylefile",
+    "save_style": "clipstyle.styles.stylefile",
+    "render": "clipstyle.styles.rendering",
     # images in and out
     "open_image": "clipstyle.images",
     "save_png": "clipstyle.images",
@@ -45,14 +45,15 @@ __all__ = ["__version__", *_PUBLIC]
 
 if TYPE_CHECKING:  # what type checkers and IDEs resolve; at run time __getattr__ does it
     from clipstyle.config import PRESETS, Settings, settings_for  # noqa: F401
-    from clipstyle.encoders import Models  # noqa: F401
     from clipstyle.errors import ClipstyleError  # noqa: F401
     from clipstyle.images import open_image, save_png, to_pil, to_tensor  # noqa: F401
-    from clipstyle.loading import load_models  # noqa: F401
-    from clipstyle.optimize import StepInfo, StylizeResult, stylize, stylize_many  # noqa: F401
-    from clipstyle.rendering import render  # noqa: F401
-    from clipstyle.stylefile import Style, load_style, save_style  # noqa: F401
-    from clipstyle.unet import StyleNet  # noqa: F401
+    from clipstyle.method.loop import StepInfo, StylizeResult, stylize_many  # noqa: F401
+    from clipstyle.method.stylize import stylize  # noqa: F401
+    from clipstyle.method.unet import StyleNet  # noqa: F401
+    from clipstyle.models.encoders import Models  # noqa: F401
+    from clipstyle.models.loading import load_models  # noqa: F401
+    from clipstyle.styles.rendering import render  # noqa: F401
+    from clipstyle.styles.stylefile import Style, load_style, save_style  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -139,7 +139,7 @@ def settings_for(preset: str = "paper", **values) -> Settings:
     return Settings(**{**PRESETS[preset], **{k: v for k, v in values.items() if v is not None}})
 
 
-# --- regions (--mask, --where, --preserve-color; clipstyle.masks and clipstyle.where) ---------------------
+# --- regions (--mask, --where, --preserve-color: clipstyle.regions) ---------------------------------------
 
 # Width in output pixels of the soft edge that --feather gives a mask (a tent
 # filter centred on the edge: pixels farther than this from it are untouched).

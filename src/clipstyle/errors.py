@@ -34,6 +34,10 @@ class DeviceError(ClipstyleError):
     """A requested device that is absent."""
 
 
+class MaskError(ClipstyleError):
+    """A mask that is missing, unreadable, of the wrong shape, or selects nothing."""
+
+
 class NonFiniteLossError(ClipstyleError):
     """The optimisation diverged (NaN or inf in the losses)."""
 

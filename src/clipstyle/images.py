@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipstyle.config import MAX_PIXELS
-from clipstyle.errors import ImageError, OutputError
+from clipstyle.errors import ClipstyleError, ImageError, OutputError
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -88,29 +88,48 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | Non
 
     ``data``: the file's bytes, read elsewhere (another machine); errors still name ``path``.
     """
+    notes: list[str] = []
+    return LoadedImage(decode(path, max_pixels, notes, data=data, convert=lambda img: _to_rgb(img, notes)), notes)
+
+
+def decode(
+    path: str | Path,
+    max_pixels: int,
+    notes: list[str],
+    *,
+    data: bytes | None = None,
+    convert=None,
+    what: str = "image",
+    error: type[ClipstyleError] = ImageError,
+):
+    """The one decoder of untrusted image files (photos, masks): checks, limits, first frame, EXIF
+    orientation. Returns ``convert(image)`` (default: the oriented PIL image in its own mode).
+
+    Every failure is ``error(reason, path)``, the reason naming ``what`` the file was meant to be;
+    notes (first frame, unreadable EXIF) are appended to ``notes``.
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
         if data is not None:
             if not data:
-                raise ImageError("empty file", path)
+                raise error("empty file", path)
             fh = io.BytesIO(data)
         else:
             st = path.stat()
             if stat.S_ISDIR(st.st_mode):
-                raise ImageError("is a folder, not an image", path)
+                raise error(f"is a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what}", path)
             if not stat.S_ISREG(st.st_mode):
-                raise ImageError("not a regular file", path)
+                raise error("not a regular file", path)
             if st.st_size == 0:
-                raise ImageError("empty file", path)
+                raise error("empty file", path)
             fh = open(path, "rb")
     except FileNotFoundError:
-        raise ImageError("file not found", path) from None
+        raise error("file not found", path) from None
     except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or exc}", path) from None
+        raise error(f"cannot read: {exc.strerror or exc}", path) from None
 
-    notes: list[str] = []
     # Our own pixel limit replaces Pillow's (which warns, then fails at twice its
     # default); Pillow's is restored afterwards.
     pillow_limit = Image.MAX_IMAGE_PIXELS
@@ -121,15 +140,15 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | Non
             with Image.open(fh, formats=_allowed_formats()) as img:
                 w, h = img.size
                 if w <= 0 or h <= 0:
-                    raise ImageError("image has no pixels", path)
+                    raise error(f"{what} has no pixels", path)
                 if w * h > max_pixels:
-                    raise ImageError(
-                        f"image has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}"
+                    raise error(
+                        f"{what} has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}"
                         " (raise it with --max-pixels if the file is trusted)",
                         path,
                     )
                 if max(w, h) / min(w, h) > MAX_ASPECT:  # before decoding; rotation keeps the ratio
-                    raise ImageError(f"image is {w}x{h}: aspect ratios beyond {MAX_ASPECT:g}:1 are not supported", path)
+                    raise error(f"{what} is {w}x{h}: aspect ratios beyond {MAX_ASPECT:g}:1 are not supported", path)
                 frames = getattr(img, "n_frames", 1)
                 # MPO: a phone's JPEG with extra pictures (depth map, preview) after the main one
                 if frames > 1 and img.format != "MPO":
@@ -137,19 +156,19 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | Non
                 if frames > 1:
                     img.seek(0)
                 img.load()
-                rgb = _to_rgb(_apply_orientation(img, notes), notes)
-    except ImageError:
+                oriented = _apply_orientation(img, notes)
+                return oriented if convert is None else convert(oriented)
+    except error:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not an image, or a format Pillow cannot read", path) from None
+        raise error("not an image, or a format Pillow cannot read", path) from None
     except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes fail in many ways
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated" in reason.lower() or isinstance(exc, EOFError):
             reason = "truncated file"
-        raise ImageError(f"cannot decode image ({reason[:120]})", path) from None
+        raise error(f"cannot decode {'the ' if what != 'image' else ''}{what} ({reason[:120]})", path) from None
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
-    return LoadedImage(rgb, notes)
 
 
 _ORIENTATION = {  # EXIF orientation -> the transpose that shows the image upright

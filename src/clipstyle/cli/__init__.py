@@ -1,7 +1,9 @@
 """The ``clipstyle`` command. Thin: each command is one call into the library.
 
 Commands are imported only when used and torch only inside them, so
-``clipstyle --help`` answers at once.
+``clipstyle --help`` answers at once. The top layer: it may import every
+other (the web app included, for ``clipstyle serve``); only ``__main__``
+imports it.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def mix_from_options(n_styles: int, mix: tuple[float, ...]) -> list[float] | Non
 
 def _events(quiet: bool):
     from clipstyle import interrupts
-    from clipstyle.batch import Events
+    from clipstyle.jobs.batch import Events
 
     class Progress(Events):
         def __init__(self):
@@ -214,14 +214,14 @@ def apply(
     import time
 
     from clipstyle import interrupts
-    from clipstyle.applier import ApplyOptions, apply_files, plan_outputs
-    from clipstyle.batch import Summary
     from clipstyle.device import resolve_device
-    from clipstyle.inputs import check_outputs, collect_inputs
-    from clipstyle.memory import check_render_size
-    from clipstyle.rendering import plan_tiles
-    from clipstyle.report import Report
-    from clipstyle.stylefile import load_style
+    from clipstyle.jobs.apply import ApplyOptions, apply_files, plan_outputs
+    from clipstyle.jobs.batch import Summary
+    from clipstyle.jobs.inputs import check_outputs, collect_inputs
+    from clipstyle.jobs.memory import check_render_size
+    from clipstyle.jobs.report import Report
+    from clipstyle.styles.rendering import plan_tiles
+    from clipstyle.styles.stylefile import load_style
 
     style_paths, images = split_arguments(args, style_options)
     if not style_paths:

@@ -243,8 +243,8 @@ def bench(
     """
     import torch
 
-    from clipstyle.bench import bench_models, run_bench
     from clipstyle.device import resolve_device
+    from clipstyle.evaluation.bench import bench_models, run_bench
 
     if (clip_weights is None) != (vgg_weights is None):
         raise click.UsageError("--clip-weights and --vgg-weights go together")
@@ -278,7 +278,7 @@ def bench(
         import open_clip  # noqa: F401
         import torchvision  # noqa: F401
 
-        from clipstyle.loading import cached_weights, load_models
+        from clipstyle.models.loading import cached_weights, load_models
 
         import_seconds = time.perf_counter() - start
         if cached:

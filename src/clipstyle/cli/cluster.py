@@ -1,11 +1,11 @@
-"""``clipstyle run --executor ray``: the command-line side of clipstyle.ray_executor."""
+"""``clipstyle run --executor ray``: the command-line side of clipstyle.jobs.ray_executor."""
 
 from __future__ import annotations
 
 import sys
 
-from clipstyle.batch import Events
 from clipstyle.cli.common import echo_outcome, echo_warning
+from clipstyle.jobs.batch import Events
 
 
 def check_executor(
@@ -44,7 +44,7 @@ def check_executor(
         )
     import os
 
-    from clipstyle.ray_executor import check_address, import_ray
+    from clipstyle.jobs.ray_executor import check_address, import_ray
 
     import_ray()
     check_address(ray_address or os.environ.get("RAY_ADDRESS"))

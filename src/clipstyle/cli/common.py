@@ -169,18 +169,10 @@ def model_options(f):
 
 
 def load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device="auto", progress=True):
-    from clipstyle.device import resolve_device
-    from clipstyle.loading import load_models
+    """The models the model options name, on ``device`` (clipstyle.jobs.plan.ModelSpec loads them)."""
+    from clipstyle.jobs.plan import ModelSpec
 
-    dev = resolve_device(device)
-    return load_models(
-        clip_model=clip_model,
-        clip_pretrained=clip_pretrained,
-        clip_weights=clip_weights,
-        vgg_weights=vgg_weights,
-        device=dev,
-        progress=progress,
-    )
+    return ModelSpec(clip_model, clip_pretrained, clip_weights, vgg_weights).load(device, progress)
 
 
 def stop_on_sigterm(f):

@@ -19,16 +19,16 @@ from clipstyle.cli.common import (
 from clipstyle.config import FEATHER
 
 
-def make_region(mask, where, invert, feather, preserve_color):
-    """The options as a clipstyle.masks.Region (None when none is given), checked: a missing,
+def make_region(mask, where, invert, feather, preserve_colour):
+    """The options as a clipstyle.regions.region.Region (None when none is given), checked: a missing,
     unreadable or empty mask file, an empty phrase or a lone --invert-mask stop here."""
-    from clipstyle.masks import Region
+    from clipstyle.regions.region import Region
 
-    if mask is None and where is None and not preserve_color:
+    if mask is None and where is None and not preserve_colour:
         if invert:
             raise UserError("--invert-mask needs --mask or --where")
         return None
-    region = Region(mask=mask, where=where, invert=invert, feather=feather, preserve_color=preserve_color)
+    region = Region(mask=mask, where=where, invert=invert, feather=feather, preserve_colour=preserve_colour)
     region.check()
     return region
 
@@ -65,20 +65,20 @@ def load_where_clip(region, clip_model, clip_pretrained, clip_weights, device):
     """The CLIP encoder that ``--where`` needs, or None without ``--where``."""
     if region is None or region.where is None:
         return None
-    from clipstyle.loading import load_clip
+    from clipstyle.models.loading import load_clip
 
     return load_clip(clip_model, clip_pretrained, clip_weights, device)
 
 
 def region_options(with_clip: bool = False):
     """--mask, --invert-mask, --feather, --where and --preserve-color on a command, which gets them
-    as one ``region`` argument (a clipstyle.masks.Region, or None). ``with_clip``: also the CLIP
+    as one ``region`` argument (a clipstyle.regions.region.Region, or None). ``with_clip``: also the CLIP
     options for commands without a CLIP of their own, given as ``region_clip(device)``, a loader."""
 
     def decorate(f):
         @functools.wraps(f)
-        def wrapper(*args, mask, invert_mask, feather, where, preserve_color, **kwargs):
-            region = make_region(mask, where, invert_mask, feather, preserve_color)
+        def wrapper(*args, mask, invert_mask, feather, where, preserve_colour, **kwargs):
+            region = make_region(mask, where, invert_mask, feather, preserve_colour)
             if with_clip:
                 names = (kwargs.pop("clip_model"), kwargs.pop("clip_pretrained"), kwargs.pop("clip_weights"))
                 kwargs["region_clip"] = functools.partial(load_where_clip, region, *names)
@@ -112,6 +112,8 @@ def region_options(with_clip: bool = False):
             ),
             click.option(
                 "--preserve-color",
+                "--preserve-colour",
+                "preserve_colour",
                 is_flag=True,
                 help="Keep the photo's colours: take only luminance (light and texture) from the style.",
             ),
@@ -163,12 +165,13 @@ def mask(
       clipstyle mask --where "the sky" photo.jpg -o sky.png
       clipstyle run -p "starry night" photo.jpg --mask sky.png     # same as --where "the sky"
     """
-    from clipstyle.batch import Events
     from clipstyle.device import resolve_device
-    from clipstyle.inputs import check_outputs, collect_inputs
-    from clipstyle.masks import Region, write_masks
-    from clipstyle.pairs import plan_pairs
-    from clipstyle.report import Report
+    from clipstyle.jobs.batch import Events
+    from clipstyle.jobs.inputs import check_outputs, collect_inputs
+    from clipstyle.jobs.mask import write_masks
+    from clipstyle.jobs.pairs import plan_pairs
+    from clipstyle.jobs.report import Report
+    from clipstyle.regions.region import Region
 
     if not images:
         raise click.UsageError("no input images")

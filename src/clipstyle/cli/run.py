@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from pathlib import Path
@@ -11,12 +10,10 @@ import click
 
 from clipstyle.cli.common import (
     Number,
-    UserError,
     debug_option,
     echo_outcome,
     echo_warning,
     end_of_run,
-    load_models_from_options,
     max_pixels_option,
     model_options,
     stop_on_sigterm,
@@ -29,7 +26,7 @@ D = Settings()  # every default below is read from config (Settings and its cons
 
 def _progress(quiet: bool, steps: int, per_step: bool = True):
     from clipstyle import interrupts
-    from clipstyle.batch import Events
+    from clipstyle.jobs.batch import Events
 
     class Progress(Events):
         def __init__(self):
@@ -356,30 +353,20 @@ def run(
     skipped, 1 when any failed, 130 when interrupted.
     """
     from clipstyle import interrupts
-    from clipstyle.batch import Summary
     from clipstyle.cli.cluster import check_executor
     from clipstyle.config import settings_for
-    from clipstyle.device import resolve_device
-    from clipstyle.inputs import check_outputs, collect_inputs
-    from clipstyle.loading import models_info
-    from clipstyle.memory import check_render_size, check_run_size
-    from clipstyle.pairs import parse_shard, plan_pairs
-    from clipstyle.prompts import choose_templates, is_blank
-    from clipstyle.report import Report
-    from clipstyle.runner import RunOptions, run_pairs
+    from clipstyle.jobs.batch import Summary
+    from clipstyle.jobs.pairs import parse_shard
+    from clipstyle.jobs.plan import Executor, ModelSpec, check_prompts, execute, plan_run
+    from clipstyle.jobs.report import Report
+    from clipstyle.jobs.run import RunOptions
+    from clipstyle.prompts import choose_templates
 
     if not prompts:
         raise click.UsageError("at least one --prompt is needed")
     if not images and from_file is None:
         raise click.UsageError("no input images (give files, folders or globs, or --from-file)")
-    empty = [p for p in prompts if is_blank(p)]
-    if empty:
-        raise UserError("the prompt is empty")
-    for p in prompts:
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError("the prompt is not valid UTF-8 (check the terminal's encoding)") from None
+    check_prompts(list(prompts))
     # every option is checked before anything is read, loaded or written
     settings = settings_for(
         preset,
@@ -414,60 +401,41 @@ def run(
     shard_kn = parse_shard(shard) if shard else None
     check_executor(executor, devices, ray_address, ray_workers, ray_cpus, device)
     device_names = _device_list(devices, "--devices") if devices is not None else None
-    if executor == "local" and not device_names:
-        device = str(_device_list(device, "--device")[0])  # an absent device fails here, before anything is written
-    for name in (device_names or [device]) if executor == "local" else []:  # sizes that cannot fit in memory
-        check_run_size(settings, resolve_device(name))
-        if options.output_longest:
-            check_render_size(options.output_longest, resolve_device(name), "--output-size")
-    inputs = collect_inputs(list(images), recursive=recursive, from_file=from_file, stdin=sys.stdin)
-    if not inputs:
-        raise UserError("no input images found")
-    pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, seed, shard_kn, save_style)
-    check_outputs(pairs, report)
+    if executor == "ray":
+        where = Executor(
+            "ray", device, ray_address=ray_address, ray_workers=ray_workers, ray_cpus_per_worker=ray_cpus or 1
+        )
+    elif device_names:
+        where = Executor("devices", devices=tuple(device_names))
+    else:  # an absent device fails here, before anything is written
+        where = Executor("local", str(_device_list(device, "--device")[0]))
+    plan = plan_run(
+        list(images),
+        list(prompts),
+        output=output,
+        settings=settings,
+        options=options,
+        models=ModelSpec(clip_model, clip_pretrained, clip_weights, vgg_weights),
+        executor=where,
+        recursive=recursive,
+        from_file=from_file,
+        stdin=sys.stdin,
+        shard=shard_kn,
+        save_style=save_style,
+        report=report,
+    )
     report_file = Report(report, warn=lambda message: echo_warning(report, message))
     if executor == "ray":
         from clipstyle.cli.cluster import Overall
 
-        events = Overall(quiet, len(pairs))
+        events = Overall(quiet, len(plan.pairs))
     else:
         events = _progress(quiet, settings.steps, per_step=not devices)
-    info = models_info(clip_model, clip_pretrained, clip_weights, vgg_weights)  # outputs record it; reruns compare
     summary, interrupted = Summary(), False
     start = time.perf_counter()
     with interrupts.raising():  # from here on files are written: a signal unwinds cleanly
         try:
-            if executor == "ray":
-                from clipstyle.ray_executor import run_with_ray
-
-                loader = functools.partial(
-                    load_models_from_options, clip_model, clip_pretrained, clip_weights, vgg_weights, progress=False
-                )
-                summary = run_with_ray(
-                    pairs,
-                    loader,
-                    settings,
-                    options,
-                    report_file,
-                    events,
-                    address=ray_address,
-                    workers=ray_workers,
-                    cpus_per_worker=ray_cpus or 1,
-                    device=device,
-                    models_info=info,
-                )
-            elif device_names:
-                from clipstyle.workers import run_on_devices
-
-                loader = functools.partial(
-                    load_models_from_options, clip_model, clip_pretrained, clip_weights, vgg_weights, progress=False
-                )
-                run_on_devices(pairs, device_names, loader, settings, options, report_file, events, info, summary)
-            else:
-                loader = functools.partial(
-                    load_models_from_options, clip_model, clip_pretrained, clip_weights, vgg_weights, device=device
-                )
-                run_pairs(pairs, loader, settings, options, report_file, events, info, summary)
+            execute(plan, report_file, events, summary)
         except KeyboardInterrupt:
             interrupted = True
         finally:

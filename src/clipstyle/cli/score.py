@@ -23,7 +23,7 @@ D = Settings()
 
 def _jobs(images, prompt, content, reports) -> list[tuple[str, str, str]]:
     """(image, content, prompt) triples from the arguments and from run reports."""
-    from clipstyle.report import read_report
+    from clipstyle.jobs.report import read_report
 
     jobs = [(str(image), str(content), prompt) for image in images]
     for report in reports:
@@ -133,11 +133,11 @@ def score(
     if not jobs:
         raise UserError("nothing to score: the reports list no finished outputs")
 
-    from clipstyle import metrics
     from clipstyle.errors import ClipstyleError
+    from clipstyle.evaluation import metrics
     from clipstyle.images import open_image, to_tensor
-    from clipstyle.optimize import check_prompt
-    from clipstyle.report import escape_undecodable
+    from clipstyle.jobs.report import escape_undecodable
+    from clipstyle.method.text import check_prompt
 
     models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device=device)
     lpips_fn, lpips_note = (None, "lpips not computed: --no-lpips") if no_lpips else metrics.load_lpips(models.device)

@@ -77,9 +77,9 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
     image could not be read (its tile is grey).
     """
     from clipstyle import interrupts
-    from clipstyle import sheet as sheets
+    from clipstyle.evaluation import sheet as sheets
     from clipstyle.images import save_png, write_atomic
-    from clipstyle.report import escape_undecodable, read_json_lines, read_report
+    from clipstyle.jobs.report import escape_undecodable, read_json_lines, read_report
 
     if images and not prompts:
         raise click.UsageError("IMAGES need at least one --prompt")
@@ -91,8 +91,8 @@ def sheet(images, prompts, outputs, reports, score_files, output, html_path, til
             raise UserError(f"{path}: exists (use --overwrite to replace it)")
     cells: list[sheets.Cell] = []
     if images:
-        from clipstyle.inputs import collect_inputs
-        from clipstyle.pairs import plan_pairs
+        from clipstyle.jobs.inputs import collect_inputs
+        from clipstyle.jobs.pairs import plan_pairs
 
         pairs = plan_pairs(collect_inputs(list(images)), list(dict.fromkeys(prompts)), outputs, base_seed=0)
         cells += [sheets.Cell(str(p.input.path), p.prompt, str(p.output)) for p in pairs]

@@ -8,5 +8,6 @@
   events for progress, and the page in ``static/``, which loads nothing from
   the internet.
 
-Starlette and uvicorn come with the optional extra ``clipstyle[web]``.
+It sits on top of the library and beside the CLI: it may import every
+library layer, never clipstyle.cli. Starlette and uvicorn come with the optional extra ``clipstyle[web]``.
 """

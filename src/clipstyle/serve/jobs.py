@@ -23,7 +23,6 @@ server at any moment leaves no partial file.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -34,17 +33,19 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clipstyle.applier import ApplyJob, ApplyOptions, apply_files
-from clipstyle.batch import Events as BatchEvents
 from clipstyle.config import MAX_PIXELS, PRECISIONS, PRESETS, Settings
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import open_image, prepare_content, save_png, slugify, to_pil, write_atomic
-from clipstyle.inputs import InputFile
-from clipstyle.optimize import check_prompt, stylize_many
-from clipstyle.pairs import RunJob, pair_seed
-from clipstyle.report import Report
-from clipstyle.runner import RunOptions, output_metadata
-from clipstyle.stylefile import load_style, save_style, style_metadata
+from clipstyle.jobs.apply import ApplyJob, ApplyOptions, apply_files
+from clipstyle.jobs.batch import Events as BatchEvents
+from clipstyle.jobs.inputs import InputFile
+from clipstyle.jobs.pairs import RunJob, pair_seed
+from clipstyle.jobs.report import Report
+from clipstyle.jobs.run import RunOptions, output_metadata
+from clipstyle.method.loop import stylize_many
+from clipstyle.method.text import check_prompt
+from clipstyle.provenance import bytes_sha256, file_sha256
+from clipstyle.styles.stylefile import load_style, save_style, style_metadata
 
 # The settings the form shows, with the names of `clipstyle run`'s options.
 # Their defaults are read from Settings and PRESETS; the rest stay at Settings' defaults.
@@ -261,7 +262,7 @@ class JobQueue:
     def add_upload(self, data: bytes, name: str | None) -> dict:
         """Check an uploaded photo as the CLI checks its inputs; keep it under its content hash."""
         name = clean_name(name)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = bytes_sha256(data)
         upload_id = digest[:16]
         final = self.uploads / f"{upload_id}.bin"
         tmp = self.uploads / f".{upload_id}.{uuid.uuid4().hex[:8]}.check"
@@ -518,7 +519,7 @@ class JobQueue:
             settings,
             self.models.info,
             RunOptions(base_seed=job.base_seed),
-            hashlib.sha256(source.read_bytes()).hexdigest(),
+            file_sha256(source),
         )
         meta["clipstyle"]["input"] = job.input_name  # the name it was uploaded under, not the stored file's
         try:

@@ -56,7 +56,7 @@ def vit_fast_path_ok(visual) -> bool:
     return True
 
 
-def _patch_embedding(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def patch_embedding(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The ViT's patch convolution as one matmul: (B, 3, H, W) -> (B, N, width).
 
     Kernel = stride and no padding, so the patches do not overlap and the
@@ -72,7 +72,7 @@ def _patch_embedding(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return patches @ conv.weight.reshape(conv.out_channels, -1).t()  # (B, N, width), rows in raster order
 
 
-def _attention(attn: nn.MultiheadAttention, x: torch.Tensor, first_only: bool) -> torch.Tensor:
+def attention(attn: nn.MultiheadAttention, x: torch.Tensor, first_only: bool) -> torch.Tensor:
     """Multi-head self-attention of (B, L, D) tokens; queries of the first token only if ``first_only``.
 
     nn.MultiheadAttention moves batch-first tensors to sequence-first and
@@ -108,13 +108,13 @@ def vit_image_embedding(visual, x: torch.Tensor) -> torch.Tensor:
     ``visual(x)`` (checked by tests to rounding), with two savings that matter
     when gradients flow back to the images:
 
-    - the patch convolution is a matmul (see _patch_embedding);
+    - the patch convolution is a matmul (see patch_embedding);
     - the embedding reads only the class token after the last block, so that
       block computes attention queries, the output projection and the MLP for
       the class token alone (one of the 1 + N tokens), about 1/12 of the
       tower's work for ViT-B/32.
     """
-    tokens = _patch_embedding(visual.conv1, x)  # (B, N, width)
+    tokens = patch_embedding(visual.conv1, x)  # (B, N, width)
     b = tokens.shape[0]
     cls = visual.class_embedding.to(tokens.dtype).expand(b, 1, -1)
     tokens = torch.cat([cls, tokens], dim=1) + visual.positional_embedding.to(tokens.dtype)  # (B, 1+N, width)
@@ -122,7 +122,7 @@ def vit_image_embedding(visual, x: torch.Tensor) -> torch.Tensor:
     blocks = visual.transformer.resblocks
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
-        attended = _attention(block.attn, block.ln_1(tokens), first_only=last)
+        attended = attention(block.attn, block.ln_1(tokens), first_only=last)
         tokens = (tokens[:, :1] if last else tokens) + attended  # last block: (B, 1, width)
         tokens = tokens + block.mlp(block.ln_2(tokens))
     return visual.ln_post(tokens[:, 0]) @ visual.proj  # (B, D)

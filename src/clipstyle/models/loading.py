@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED
-from clipstyle.encoders import (
+from clipstyle.errors import WeightsError
+from clipstyle.models.encoders import (
     OPENAI_MEAN,
     OPENAI_STD,
     ClipEncoder,
@@ -23,8 +24,7 @@ from clipstyle.encoders import (
     VggEncoder,
     vgg19_features,
 )
-from clipstyle.errors import WeightsError
-from clipstyle.weights import load_into, read_state_dict
+from clipstyle.models.weights import load_into, read_state_dict
 
 
 @contextlib.contextmanager

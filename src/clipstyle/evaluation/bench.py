@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipstyle import losses as L
 from clipstyle.config import CLIP_MODEL, Settings
 from clipstyle.device import (
     autocast_dtype,
@@ -38,12 +37,14 @@ from clipstyle.device import (
     synchronize,
     use_channels_last,
 )
-from clipstyle.encoders import Models
-from clipstyle.loading import load_models
-from clipstyle.optimize import make_network, stylize_many, text_embedding
+from clipstyle.method import losses as L
+from clipstyle.method.loop import make_network, stylize_many
+from clipstyle.method.rejection import Rejection
+from clipstyle.method.text import text_embedding
+from clipstyle.method.unet import InstanceNorm
+from clipstyle.models.encoders import Models
+from clipstyle.models.loading import load_models
 from clipstyle.prompts import NO_TEMPLATES
-from clipstyle.rejection import Rejection
-from clipstyle.unet import InstanceNorm
 
 PROMPT = "an oil painting with thick brush strokes"
 

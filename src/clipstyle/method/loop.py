@@ -11,7 +11,7 @@ computed on the leaf (CLIP rows in chunks of ``crop_batch`` when memory is
 short), each chunk back-propagates into the leaf, and one final backward pass
 carries the leaf's gradient through the U-Net. When threshold rejection drops
 enough patches, a no-grad CLIP pass over the crops first finds them and the
-forward and backward pass covers the kept rows only (clipstyle.rejection).
+forward and backward pass covers the kept rows only (clipstyle.method.rejection).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from clipstyle import losses as L
-from clipstyle.augment import CropDraw, crop_grids, draw_crops, sample_crops
 from clipstyle.config import Settings
 from clipstyle.device import (
     autocast,
@@ -35,19 +33,18 @@ from clipstyle.device import (
     peak_memory_bytes,
     precision_name,
     reset_peak_memory,
-    resolve_device,
-    same_device,
     synchronize,
     use_channels_last,
 )
-from clipstyle.encoders import Models
 from clipstyle.errors import ClipstyleError, NonFiniteLossError
-from clipstyle.images import prepare_content, to_pil
-from clipstyle.loading import default_models
-from clipstyle.masks import composite, crop_sampler
-from clipstyle.prompts import is_blank
-from clipstyle.rejection import PathChooser, Rejection, kept_crops, select
-from clipstyle.unet import StyleNet
+from clipstyle.images import to_pil
+from clipstyle.method import losses as L
+from clipstyle.method.augment import CropDraw, crop_grids, draw_crops, sample_crops
+from clipstyle.method.masked import composite, crop_sampler
+from clipstyle.method.rejection import PathChooser, Rejection, kept_crops, select
+from clipstyle.method.text import text_embedding
+from clipstyle.method.unet import StyleNet
+from clipstyle.models.encoders import Models
 
 LOSS_NAMES = ("total", "patch", "dir", "content", "tv")
 
@@ -100,28 +97,6 @@ def make_network(seed: int, device: torch.device) -> StyleNet:
     return net.to(device)
 
 
-def text_embedding(models: Models, text: str, templates: tuple[str, ...]) -> torch.Tensor:
-    """Template-averaged, normalised CLIP embedding of ``text`` (D,), cached per text."""
-    key = (text, templates)
-    if key not in models.text_cache:
-        # fp32 whatever autocast the caller runs in: the cache is shared by runs of every precision
-        with torch.no_grad(), torch.autocast(models.device.type, enabled=False):
-            emb = L.embed_texts(models.clip.encode_text, [t.format(text) for t in templates])
-        models.text_cache[key] = emb.float()
-    return models.text_cache[key]
-
-
-def check_prompt(models: Models, prompt: str) -> list[str]:
-    """Warnings about ``prompt`` (too long for CLIP's context). Raises on an empty prompt."""
-    if is_blank(prompt):
-        raise ClipstyleError("the prompt is empty")
-    n = models.clip.token_count(prompt)
-    limit = models.clip.context_length
-    if n > limit:
-        return [f"prompt has {n} tokens, more than CLIP's {limit}: the end is cut off"]
-    return []
-
-
 def _adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """Adam; its fused kernel where PyTorch has one: the same update rule in one
     kernel per step instead of about ten small ones per parameter tensor (on a
@@ -144,7 +119,7 @@ class _PairState:
         # loop would make the host wait for the device at every step.
         h, w = self.content.shape[-2:]
         # With a mask (1, 1, H, W), crops are drawn where it is and CLIP sees the
-        # output composited over the photo outside it (clipstyle.masks).
+        # output composited over the photo outside it (clipstyle.method.masked).
         self.mask = None if mask is None else mask.to(device)
         draw = draw_crops if mask is None else crop_sampler(mask, settings.crop_size)
         draws = [
@@ -265,7 +240,7 @@ def stylize_many(
     """Optimise one fresh StyleNet per (content, prompt, seed) triple, all in one batch.
 
     contents: (1, 3, H, W) tensors in [0, 1] at the training size (multiples of 8).
-    masks: per pair None or a (1, 1, H, W) region in [0, 1] (clipstyle.masks):
+    masks: per pair None or a (1, 1, H, W) region in [0, 1] (clipstyle.regions.masks):
     the patch crops are drawn in it and CLIP sees the output only there.
     Returns one StylizeResult per pair, in order; a pair whose losses became
     non-finite has ``error`` set and no image, and the others go on.
@@ -474,37 +449,3 @@ def stylize_many(
             r.network = p.net.eval()
         results.append(r)
     return results
-
-
-def stylize(
-    image,
-    prompt: str,
-    *,
-    models: Models | None = None,
-    settings: Settings | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    callback: Callable[[StepInfo], None] | None = None,
-) -> StylizeResult:
-    """Restyle ``image`` (a path, a PIL image, or a (1, 3, H, W) tensor in [0, 1]) after ``prompt``.
-
-    The image is resized to ``settings.size`` on its longest side (aspect ratio
-    kept, sides rounded to multiples of 8). ``models`` defaults to CLIP
-    ViT-B/32 (OpenAI weights) and VGG-19 (ImageNet) on ``device`` (default:
-    auto), loaded once per device and kept for later calls; a ``device`` that
-    differs from the given ``models``' is an error. Raises NonFiniteLossError
-    if the optimisation diverges.
-    """
-    settings = settings or Settings()
-    if models is None:
-        models = default_models(resolve_device("auto" if device is None else str(device)))
-    elif device is not None and not same_device(resolve_device(str(device)), models.device):
-        raise ClipstyleError(
-            f"device {device} differs from the models' device {models.device}; move the models or leave device out"
-        )
-    check_prompt(models, prompt)
-    content = prepare_content(image, settings.size)
-    result = stylize_many([content], [prompt], [seed], models=models, settings=settings, callback=callback)[0]
-    if result.error is not None:
-        raise result.error
-    return result

@@ -32,8 +32,9 @@ from clipstyle import __version__
 from clipstyle.config import STYLE_SUFFIXES
 from clipstyle.errors import ClipstyleError, require_file
 from clipstyle.images import slugify, write_atomic
-from clipstyle.unet import StyleNet
-from clipstyle.weights import describe_mismatch
+from clipstyle.method.unet import StyleNet
+from clipstyle.models.weights import describe_mismatch
+from clipstyle.provenance import file_sha256
 
 FORMAT_KEY = "clipstyle.style"
 FORMAT_VERSION = "1"
@@ -94,15 +95,13 @@ def style_metadata(
     if seed is not None:
         meta["seed"] = int(seed)
     if input_path is not None:
-        import hashlib
-
         p = Path(input_path)
         meta["input"] = p.name
         if input_sha256 is not None:
             meta["input_sha256"] = input_sha256
         else:
             try:
-                meta["input_sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+                meta["input_sha256"] = file_sha256(p)
             except OSError:
                 pass
     if trained_size is not None:

@@ -12,19 +12,20 @@ from pathlib import Path
 
 import torch
 
-from clipstyle import __version__
 from clipstyle import images as io
-from clipstyle.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.config import MAX_PIXELS
 from clipstyle.device import release_cached_memory
 from clipstyle.errors import ClipstyleError, is_out_of_memory
-from clipstyle.masks import Regions
-from clipstyle.memory import check_fits, render_bytes, run_bytes
-from clipstyle.optimize import check_prompt, stylize_many
-from clipstyle.pairs import RunJob
-from clipstyle.rendering import render, target_size
-from clipstyle.resume import file_sha256, settings_identity
-from clipstyle.stylefile import save_style, style_metadata
+from clipstyle.jobs.batch import Events, Summary, Work, job_error, run_jobs
+from clipstyle.jobs.memory import check_fits, render_bytes, run_bytes
+from clipstyle.jobs.pairs import RunJob
+from clipstyle.jobs.resume import settings_identity
+from clipstyle.method.loop import stylize_many
+from clipstyle.method.text import check_prompt
+from clipstyle.provenance import file_sha256, stamp
+from clipstyle.regions.cache import Regions
+from clipstyle.styles.rendering import render, target_size
+from clipstyle.styles.stylefile import save_style, style_metadata
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class RunOptions:
     base_seed: int = 0
     output_size: str | None = None  # None: the training size; "full": the input's; or a longest side
     strength: float = 1.0  # blend of content (0) and styled image (1)
-    region: object | None = None  # --mask/--where/--preserve-color: a masks.Region, None for none
+    region: object | None = None  # --mask/--where/--preserve-color: a regions.region.Region, None for none
 
     def __post_init__(self) -> None:
         size = self.output_size
@@ -87,21 +88,19 @@ def output_metadata(
     the same seed gives the same bytes), and to know on a rerun whether it is done (resume.py)."""
     return {
         "prompt": job.prompt,
-        "Software": f"clipstyle {__version__}",
-        "clipstyle": {
-            "version": __version__,
-            "input": job.input.path.name,
-            "input_sha256": input_sha256,
-            "prompt": job.prompt,
-            "seed": job.seed,
-            "base_seed": options.base_seed,
-            "contrast": options.contrast,
-            "strength": options.strength,
-            "output_size": options.output_size,
-            "settings": settings.to_dict(),
-            "models": models_info,
+        **stamp(
+            input=job.input.path.name,
+            input_sha256=input_sha256,
+            prompt=job.prompt,
+            seed=job.seed,
+            base_seed=options.base_seed,
+            contrast=options.contrast,
+            strength=options.strength,
+            output_size=options.output_size,
+            settings=settings.to_dict(),
+            models=models_info,
             **({"region": options.region.record()} if options.region is not None else {}),
-        },
+        ),
     }
 
 

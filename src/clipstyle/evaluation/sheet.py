@@ -27,7 +27,7 @@ from urllib.parse import quote
 from clipstyle.config import MAX_PIXELS
 from clipstyle.errors import ClipstyleError, ImageError
 from clipstyle.images import open_image
-from clipstyle.report import resolve_path
+from clipstyle.jobs.report import resolve_path
 
 # (metric key, short label) in the order tiles show them.
 SCORE_LABELS = (

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from clipstyle import __version__, masks
 from clipstyle import images as io
-from clipstyle.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.config import MAX_PIXELS, TILE_OVERLAP
 from clipstyle.device import release_cached_memory
 from clipstyle.errors import ClipstyleError
-from clipstyle.inputs import InputFile, mirrored_output, output_file
-from clipstyle.memory import check_fits, render_bytes
-from clipstyle.rendering import (
+from clipstyle.jobs.batch import Events, Summary, Work, job_error, run_jobs
+from clipstyle.jobs.inputs import InputFile, mirrored_output, output_file
+from clipstyle.jobs.memory import check_fits, render_bytes
+from clipstyle.provenance import file_sha256, stamp
+from clipstyle.regions import masks
+from clipstyle.styles.rendering import (
     WHOLE_IMAGE_PIXELS,
     count_tiles,
     mix_weights,
@@ -30,8 +31,7 @@ from clipstyle.rendering import (
     render,
     target_size,
 )
-from clipstyle.resume import file_sha256
-from clipstyle.stylefile import Style
+from clipstyle.styles.stylefile import Style
 
 
 @dataclass
@@ -53,7 +53,7 @@ class ApplyOptions:
     max_pixels: int = MAX_PIXELS  # inputs over this are refused (decompression bombs)
     whole_pixels: int = WHOLE_IMAGE_PIXELS  # whole-image pass up to this, tiles above
     tile_stats: str = "image"  # see rendering.render()
-    region: object | None = None  # --mask/--where/--preserve-color: a masks.Region, None for none
+    region: object | None = None  # --mask/--where/--preserve-color: a regions.region.Region, None for none
     region_clip: object | None = None  # the CLIP encoder --where uses
 
 
@@ -77,22 +77,19 @@ def plan_outputs(inputs: list[InputFile], styles: Sequence[Style], output: Path 
 
 def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, size, identity: dict) -> dict:
     """The PNG's text chunks: what made it, and ``identity`` (what determines it, see _RenderFiles.identity)."""
-    meta = {
-        "Software": f"clipstyle {__version__}",
-        "clipstyle": {
-            "version": __version__,
-            "input": job.input.path.name,
-            "styles": [{"file": s.path.name, "prompt": s.metadata.get("prompt")} for s in styles],
-            "mix": mix_weights(len(styles), options.mix),
-            "strength": options.strength,
-            "size": list(size),
-            "tile": options.tile,
-            "overlap": options.overlap,
-            "tile_stats": options.tile_stats,
-            **identity,
-            **({"region": options.region.record()} if options.region is not None else {}),
-        },
+    fields = {
+        "input": job.input.path.name,
+        "styles": [{"file": s.path.name, "prompt": s.metadata.get("prompt")} for s in styles],
+        "mix": mix_weights(len(styles), options.mix),
+        "strength": options.strength,
+        "size": list(size),
+        "tile": options.tile,
+        "overlap": options.overlap,
+        "tile_stats": options.tile_stats,
+        **identity,
+        **({"region": options.region.record()} if options.region is not None else {}),
     }
+    meta = stamp(**fields)
     prompts = [s.metadata.get("prompt") for s in styles]
     if len(prompts) == 1 and isinstance(prompts[0], str):
         meta["prompt"] = prompts[0]

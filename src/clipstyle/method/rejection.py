@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from clipstyle import losses as L
-from clipstyle.augment import CropGrids, sample_crops
 from clipstyle.device import autocast
+from clipstyle.method import losses as L
+from clipstyle.method.augment import CropGrids, sample_crops
 
 PATHS = ("auto", "single", "two")
 

@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from clipstyle import losses as L
 from clipstyle.config import PATCH_SCORE_CROPS, Settings
 from clipstyle.device import wide_dtype
-from clipstyle.optimize import text_embedding
+from clipstyle.method import losses as L
+from clipstyle.method.text import text_embedding
+from clipstyle.regions.colour import luma
 
 # CLIPstyler appendix B.3: 64 random crops of 64 to 224 px from the 512 px output.
 PATCH_CROPS = PATCH_SCORE_CROPS
@@ -151,12 +152,6 @@ def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
     x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()  # (size,)
-
-
-def luma(images: torch.Tensor) -> torch.Tensor:
-    """ITU-R BT.601 luma of (B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W)."""
-    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipstyle.colour import luma
+from clipstyle.regions.colour import luma
 
 
-def _box(x: torch.Tensor, r: int) -> torch.Tensor:
+def box_filter(x: torch.Tensor, r: int) -> torch.Tensor:
     """Mean over a (2r+1)^2 window, counting only pixels inside the image."""
     if r <= 0:
         return x
@@ -23,12 +23,12 @@ def guided_coefficients(guide: torch.Tensor, src: torch.Tensor, radius: int, eps
     """The guided filter's smoothed linear coefficients (He et al., "Guided Image Filtering", 2010):
     the output is A * guide + B. guide, src: (1, 1, H, W)."""
     r = min(radius, (min(guide.shape[-2:]) - 1) // 2)
-    mean_i, mean_p = _box(guide, r), _box(src, r)
-    var_i = _box(guide * guide, r) - mean_i * mean_i
-    cov_ip = _box(guide * src, r) - mean_i * mean_p
+    mean_i, mean_p = box_filter(guide, r), box_filter(src, r)
+    var_i = box_filter(guide * guide, r) - mean_i * mean_i
+    cov_ip = box_filter(guide * src, r) - mean_i * mean_p
     a = cov_ip / (var_i + eps)
     b = mean_p - a * mean_i
-    return _box(a, r), _box(b, r)
+    return box_filter(a, r), box_filter(b, r)
 
 
 def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:

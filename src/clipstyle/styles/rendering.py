@@ -13,12 +13,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from clipstyle import unet as _unet
 from clipstyle.config import TILE_OVERLAP
 from clipstyle.device import release_cached_memory, wide_dtype
 from clipstyle.errors import is_out_of_memory
-from clipstyle.stylefile import Style
-from clipstyle.unet import StyleNet
+from clipstyle.method import unet as _unet
+from clipstyle.method.unet import StyleNet
+from clipstyle.styles.stylefile import Style
 
 # Whole-image rendering up to this many pixels, tiles above it. A StyleNet
 # forward pass at width 16 keeps roughly 0.5 kB per pixel alive at its peak

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import slugify
-from clipstyle.inputs import InputFile, mirrored_output, output_file
+from clipstyle.jobs.inputs import InputFile, mirrored_output, output_file
 
 
 @dataclass

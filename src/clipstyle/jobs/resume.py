@@ -11,7 +11,6 @@ Imports no torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -30,15 +29,6 @@ def settings_identity(settings) -> dict:
     for name in RESULT_NEUTRAL_SETTINGS:
         data.pop(name, None)
     return data
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks. Raises OSError."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_record(path: str | Path) -> dict | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import hashlib
 import itertools
 import logging
 import os
@@ -30,13 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipstyle import __version__
-from clipstyle.batch import Events, Summary, not_done
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import open_image, png_bytes, write_atomic
-from clipstyle.pairs import RunJob
-from clipstyle.report import Report
-from clipstyle.runner import Files, RunOptions, base_record, run_pairs, run_work
-from clipstyle.stylefile import style_bytes
+from clipstyle.jobs.batch import Events, Outcomes, Summary, not_done
+from clipstyle.jobs.pairs import RunJob
+from clipstyle.jobs.report import Report
+from clipstyle.jobs.run import Files, RunOptions, base_record, run_pairs, run_work
+from clipstyle.provenance import bytes_sha256
+from clipstyle.styles.stylefile import style_bytes
 
 INSTALL_HINT = "Ray is not installed; install it with: pip install 'clipstyle[ray]'"
 DEPTH = 2  # batches queued on an actor: the next one is already there when one ends
@@ -79,7 +79,7 @@ class _Received(Files):
         self.written[str(path)] = style_bytes(network, metadata)
 
     def sha256(self, path) -> str:
-        return hashlib.sha256(self.data[str(path)]).hexdigest()
+        return bytes_sha256(self.data[str(path)])
 
 
 class _Collect(Events):
@@ -239,6 +239,7 @@ def run_with_ray(
     device: str = "auto",
     job=None,
     models_info: dict | None = None,
+    summary: Summary | None = None,
 ) -> Summary:
     """Like runner.run_pairs, on the actors of a Ray cluster.
 
@@ -246,16 +247,11 @@ def run_with_ray(
     and importable there (a module-level function or a functools.partial of one).
     ``workers``: how many actors (default: one per GPU of the cluster, or one
     per ``cpus_per_worker`` CPUs on a cluster without GPUs). ``job`` replaces
-    the actors' stylizing (tests and benchmarks only).
+    the actors' stylizing (tests and benchmarks only). ``summary``: see batch.run_jobs.
     """
-    events = events or Events()
-    summary = Summary()
+    outcomes = Outcomes(report, events, summary)
+    events, summary, finish = outcomes.events, outcomes.summary, outcomes.finish
     start = time.perf_counter()
-
-    def finish(pair: RunJob, record: dict) -> None:
-        summary.add(record)
-        report.write(record)
-        events.finished(pair, record)
 
     work = run_work(None, settings, options, models_info)  # decides, as locally, what is done
     todo = not_done(pairs, work, finish)

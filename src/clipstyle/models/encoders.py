@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipstyle.vit import vit_fast_path_ok, vit_image_embedding
+from clipstyle.models.vit import vit_fast_path_ok, vit_image_embedding
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -28,11 +28,11 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from clipstyle import losses as L
 from clipstyle.config import WhereSettings
 from clipstyle.errors import ClipstyleError
-from clipstyle.guided import _box, grey, guided_upsample
-from clipstyle.vit import _attention, _patch_embedding, vit_fast_path_ok
+from clipstyle.method import losses as L
+from clipstyle.models.vit import attention, patch_embedding, vit_fast_path_ok
+from clipstyle.regions.guided import box_filter, grey, guided_upsample
 
 WINDOW_BATCH = 16  # windows per CLIP pass
 
@@ -56,19 +56,19 @@ def dense_embeddings(clip, images: torch.Tensor, method: str = "clearclip") -> t
     if not vit_fast_path_ok(visual):
         raise WhereError("--where needs a plain vision-transformer CLIP (such as ViT-B-32); this model is not one")
     x = (clip.resize(images) - clip.mean.to(images.dtype)) / clip.std.to(images.dtype)
-    tokens = _patch_embedding(visual.conv1, x)  # (B, N, width)
+    tokens = patch_embedding(visual.conv1, x)  # (B, N, width)
     b = tokens.shape[0]
     cls = visual.class_embedding.to(tokens.dtype).expand(b, 1, -1)
     tokens = visual.ln_pre(torch.cat([cls, tokens], dim=1) + visual.positional_embedding.to(tokens.dtype))
     blocks = visual.transformer.resblocks
     for block in blocks[:-1]:
-        tokens = tokens + _attention(block.attn, block.ln_1(tokens), first_only=False)
+        tokens = tokens + attention(block.attn, block.ln_1(tokens), first_only=False)
         tokens = tokens + block.mlp(block.ln_2(tokens))
     last = blocks[-1]
     attn = last.attn
     y = last.ln_1(tokens)
     if method == "vanilla":
-        out = tokens + _attention(attn, y, first_only=False)
+        out = tokens + attention(attn, y, first_only=False)
         out = out + last.mlp(last.ln_2(out))
     else:
         q, _, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # (B, 1+N, width) each
@@ -184,7 +184,7 @@ def where_mask(
     cell = window_side(wh, ww, settings) / clip.model.visual.grid_size[0]  # one patch's side in work pixels
     r = max(1, round(settings.guide_radius * cell))
     soft = guided_upsample(hard, grey(small), grey(photo), r, settings.guide_eps)
-    near = _box(hard, r)
+    near = box_filter(hard, r)
     near = ((near > 0) & (near < 1)).float()  # within r of an edge of the thresholded map
     near = F.interpolate(near, size=(h, w), mode="nearest").bool()
     return torch.where(near, (soft > 0.5).float(), F.interpolate(hard, size=(h, w), mode="nearest"))

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipstyle.claims import claim
 from clipstyle.errors import ClipstyleError, format_error, is_out_of_memory
-from clipstyle.resume import mismatch
+from clipstyle.jobs.claims import claim
+from clipstyle.jobs.resume import mismatch
 
 
 @dataclass
@@ -129,6 +129,20 @@ class Work:
         gc.collect()
 
 
+class Outcomes:
+    """Where a finished job goes, the same for every executor: counted in the summary, written to
+    the report, announced to the events."""
+
+    def __init__(self, report, events: Events | None = None, summary: Summary | None = None):
+        self.report, self.events = report, events or Events()
+        self.summary = Summary() if summary is None else summary
+
+    def finish(self, job, record: dict) -> None:
+        self.summary.add(record)
+        self.report.write(record)
+        self.events.finished(job, record)
+
+
 def job_error(job, exc: ClipstyleError) -> str:
     """The one line of a job's failure: the error's own file, else the job's input."""
     return str(exc) if exc.path else f"{job.input.path}: {exc.reason}"
@@ -197,8 +211,9 @@ class _Loop:
     """The bookkeeping of one run_jobs call: the summary, the report and the events."""
 
     def __init__(self, work: Work, report, events: Events, total: int, summary: Summary | None = None):
-        self.work, self.report, self.events, self.total = work, report, events, total
-        self.summary = Summary() if summary is None else summary
+        self.work, self.events, self.total = work, events, total
+        self.outcomes = Outcomes(report, events, summary)
+        self.summary = self.outcomes.summary
         self.start = time.perf_counter()
         self.claims: dict[int, object] = {}  # id(job) -> its claims.Claim, while it runs
 
@@ -221,9 +236,7 @@ class _Loop:
         held = self.claims.pop(id(job), None)
         if held is not None:
             held.release()
-        self.summary.add(record)
-        self.report.write(record)
-        self.events.finished(job, record)
+        self.outcomes.finish(job, record)
 
     def process(self, batch: list[tuple]) -> None:
         self.events.started([job for job, _ in batch], len(self.summary.records), self.total)

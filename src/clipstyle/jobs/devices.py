@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from clipstyle.batch import Events, Summary, not_done
 from clipstyle.errors import format_error
-from clipstyle.pairs import RunJob
-from clipstyle.report import Report
-from clipstyle.runner import RunOptions, base_record, run_pairs, run_work
+from clipstyle.jobs.batch import Events, Outcomes, Summary, not_done
+from clipstyle.jobs.pairs import RunJob
+from clipstyle.jobs.report import Report
+from clipstyle.jobs.run import RunOptions, base_record, run_pairs, run_work
 
 
 @dataclass
@@ -121,14 +121,9 @@ def run_on_devices(
     and ``summary``: as for run_pairs (without ``models_info``, deciding whether
     an existing output is done loads the models here too).
     """
-    events = events or Events()
-    summary = Summary() if summary is None else summary
+    outcomes = Outcomes(report, events, summary)
+    events, summary, finish = outcomes.events, outcomes.summary, outcomes.finish
     start = time.perf_counter()
-
-    def finish(pair: RunJob | None, record: dict) -> None:
-        summary.add(record)
-        report.write(record)
-        events.finished(pair, record)
 
     work = run_work(loader, settings, options, models_info)  # the skip decision; workers claim and compute
     todo = not_done(pairs, work, finish)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from clipstyle.errors import ClipstyleError, OutputError
-from clipstyle.globs import expand_glob
 from clipstyle.images import IMAGE_EXTENSIONS
+from clipstyle.jobs.globs import expand_glob
 
 
 @dataclass(frozen=True)
