@@ -1,4 +1,4 @@
-"""Peak memory of one optimisation on the CPU, above the loaded models: the figures behind memory.py.
+"""Peak memory of one optimisation on the CPU, above the loaded models: the figures behind clipstyle/jobs/memory.py.
 
     python benchmarks/memory.py SIZE CROPS     # one process per measurement (the peak is per process)
 

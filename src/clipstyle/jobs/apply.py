@@ -1,7 +1,7 @@
 """``apply``'s jobs: restyle image files with saved styles, one forward pass each.
 
 One :class:`ApplyJob` per input (:func:`plan_outputs`); :func:`apply_files`
-renders them (render.py) through the shared batch loop (batch.py), which
+renders them (clipstyle.styles.rendering) through the shared batch loop (batch.py), which
 skips, isolates failures and reports.
 """
 

@@ -25,6 +25,13 @@ class InputFile:
     # Identity, for output names, seeds and shards: the path relative to the folder it was
     # found in (posix), or the file name; tagged when two inputs would share an output (distinct()).
     rel: str
+    # The name recorded in outputs, when not the path's: a web upload is stored under its
+    # hash and known by the name it was uploaded under (clipstyle serve).
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.label or self.path.name
 
 
 def _glob_chars(s: str) -> bool:

@@ -89,7 +89,7 @@ def output_metadata(
     return {
         "prompt": job.prompt,
         **stamp(
-            input=job.input.path.name,
+            input=job.input.name,
             input_sha256=input_sha256,
             prompt=job.prompt,
             seed=job.seed,

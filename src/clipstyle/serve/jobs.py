@@ -35,17 +35,16 @@ from pathlib import Path
 
 from clipstyle.config import MAX_PIXELS, PRECISIONS, PRESETS, Settings
 from clipstyle.errors import ClipstyleError
-from clipstyle.images import open_image, prepare_content, save_png, slugify, to_pil, write_atomic
+from clipstyle.images import open_image, save_png, slugify, to_pil, write_atomic
 from clipstyle.jobs.apply import ApplyJob, ApplyOptions, apply_files
 from clipstyle.jobs.batch import Events as BatchEvents
 from clipstyle.jobs.inputs import InputFile
 from clipstyle.jobs.pairs import RunJob, pair_seed
+from clipstyle.jobs.plan import RunPlan, execute
 from clipstyle.jobs.report import Report
 from clipstyle.jobs.run import RunOptions, output_metadata
-from clipstyle.method.loop import stylize_many
-from clipstyle.method.text import check_prompt
 from clipstyle.provenance import bytes_sha256, file_sha256
-from clipstyle.styles.stylefile import load_style, save_style, style_metadata
+from clipstyle.styles.stylefile import load_style
 
 # The settings the form shows, with the names of `clipstyle run`'s options.
 # Their defaults are read from Settings and PRESETS; the rest stay at Settings' defaults.
@@ -77,8 +76,9 @@ VIEW_SIDE = 768  # longest side of the upload's view in the page
 FINISHED = ("done", "stopped", "failed", "cancelled", "interrupted")
 
 
-class _Stopped(Exception):
-    """Raised from the step callback to end a job between two steps."""
+class _Stopped(BaseException):
+    """Raised from the step callback to end a job between two steps (a BaseException, so that the
+    batch loop, which turns a batch's errors into failed records, lets it through)."""
 
 
 def form_schema(help_texts: dict | None = None) -> dict:
@@ -485,70 +485,36 @@ class JobQueue:
                 self._changed()
 
     def _stylize(self, job: Job) -> str:
+        """The job as a one-pair plan, executed as `clipstyle run` executes its plans (clipstyle.jobs.plan):
+        the same checks, the same files. Stop keeps the last image (no style file)."""
         settings = self._settings.pop(job.id)
         source = self.uploads / f"{job.upload}.bin"
-        loaded = open_image(source, self.max_pixels)
-        job.notes.extend(loaded.notes)
-        job.notes.extend(check_prompt(self.models, job.prompt))
-        content = prepare_content(loaded.image, settings.size)
-        del loaded
-        last = {"output": None, "preview_at": 0.0}
-
-        def on_step(info) -> None:
-            last["output"] = info.output
-            now = time.perf_counter()
-            stop = job.id in self._stop or self._closing
-            image = None
-            if not stop and (now - last["preview_at"] >= self.preview_seconds or info.step == info.steps):
-                image = _jpeg(to_pil(info.output))  # outside the lock: the page's requests go on meanwhile
-                last["preview_at"] = now
-            with self._wake:
-                job.step, job.seconds = info.step, round(info.seconds, 3)
-                if info.losses:
-                    job.losses.append([info.step, round(info.losses["total"], 6)])
-                if image is not None:
-                    self._previews[job.id] = image
-                    job.preview += 1
-                self._changed()
-            if stop:
-                raise _Stopped()
-
-        pair = RunJob(InputFile(source, job.input_name), job.prompt, self.results / f"{job.id}.png", job.seed)
-        meta = output_metadata(
-            pair,
-            settings,
-            self.models.info,
-            RunOptions(base_seed=job.base_seed),
-            file_sha256(source),
+        pair = RunJob(
+            InputFile(source, job.input_name, label=job.input_name),
+            job.prompt,
+            self.results / f"{job.id}.png",
+            job.seed,
+            style=self.results / f"{job.id}.style",
         )
-        meta["clipstyle"]["input"] = job.input_name  # the name it was uploaded under, not the stored file's
+        options = RunOptions(base_seed=job.base_seed, max_pixels=self.max_pixels)
+        plan = RunPlan([pair], settings, options, models=self.models)
+        events = _JobEvents(self, job)
         try:
-            (result,) = stylize_many(
-                [content], [job.prompt], [job.seed], models=self.models, settings=settings, callback=on_step
-            )
+            execute(plan, Report(None), events)
         except _Stopped:
-            if self._closing or last["output"] is None:
+            if self._closing or events.last is None:
                 return "interrupted" if self._closing else "stopped"
+            meta = output_metadata(pair, settings, self.models.info, options, file_sha256(source))
             meta["clipstyle"]["stopped_at_step"] = job.step
-            self._finish(job, last["output"], meta)
+            self._finish(job, events.last, meta)
             return "stopped"
-        if result.error is not None:
-            raise result.error
-        self._finish(job, result.tensor, meta)
-        style = self.results / f"{job.id}.style"
-        save_style(
-            style,
-            result.network,
-            style_metadata(
-                prompt=job.prompt,
-                settings=settings,
-                seed=job.seed,
-                input_path=source,
-                trained_size=result.size,
-                models_info=self.models.info,
-            ),
-        )
-        job.style = style.name
+        (record,) = events.records
+        if record["status"] != "ok":
+            job.error = (record["error"] or "failed").replace(str(source), job.input_name)
+            return "failed"
+        job.png, job.size = pair.output.name, record["output_size"]
+        job.metadata = _png_text(pair.output)
+        job.style = pair.style.name
         return "done"
 
     def _finish(self, job: Job, tensor, meta: dict) -> None:
@@ -610,6 +576,42 @@ class JobQueue:
             if job.id == path.stem and job.png and (self.results / job.png).is_file():
                 job.preview = 0
                 self.jobs[job.id] = job
+
+
+class _JobEvents(BatchEvents):
+    """A served job's run, as the queue shows it: step previews, notes, the record; Stop ends it."""
+
+    def __init__(self, queue: JobQueue, job: Job):
+        self.queue, self.job = queue, job
+        self.last = None  # the latest step's output, kept when the job is stopped
+        self.preview_at = 0.0
+        self.records: list[dict] = []
+
+    def progress(self, pair, info) -> None:
+        queue, job = self.queue, self.job
+        self.last = info.output
+        now = time.perf_counter()
+        stop = job.id in queue._stop or queue._closing
+        image = None
+        if not stop and (now - self.preview_at >= queue.preview_seconds or info.step == info.steps):
+            image = _jpeg(to_pil(info.output))  # outside the lock: the page's requests go on meanwhile
+            self.preview_at = now
+        with queue._wake:
+            job.step, job.seconds = info.step, round(info.seconds, 3)
+            if info.losses:
+                job.losses.append([info.step, round(info.losses["total"], 6)])
+            if image is not None:
+                queue._previews[job.id] = image
+                job.preview += 1
+            queue._changed()
+        if stop:
+            raise _Stopped()
+
+    def note(self, pair, message) -> None:
+        self.job.notes.append(message)
+
+    def finished(self, pair, record) -> None:
+        self.records.append(record)
 
 
 def _png_text(path: Path) -> dict:
