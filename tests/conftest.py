@@ -7,7 +7,9 @@ the tiny models on that device; unset, everything runs on the CPU."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +153,18 @@ def tiny_loader(*args, device="cpu", **kwargs):
     from clipstyle.device import resolve_device
 
     return tiny_models(device=resolve_device(device))
+
+
+# The least a CLI run takes: the command tests pass these after their own options.
+TINY_16 = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
+"""One step on a 16-pixel picture with one 8-pixel crop, quiet."""
+TINY_32 = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+"""Two steps on a 32-pixel picture with two 16-pixel crops, quiet."""
+
+
+def records(path) -> list[dict]:
+    """The records of a JSON-lines report (``--report``), one a line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def invoke(*args, catch_exceptions: bool = False):

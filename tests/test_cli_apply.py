@@ -13,7 +13,7 @@ from PIL import Image
 from clipstyle.method.unet import StyleNet
 from clipstyle.styles.stylefile import save_style
 
-from conftest import invoke
+from conftest import invoke, records
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_apply_keeps_the_input_size_names_the_output_and_reports(tmp_path, style
     assert img.size == (45, 31)
     assert img.text["prompt"] == "ink painting"
     assert json.loads(img.text["clipstyle"])["styles"][0]["file"] == "ink.style"
-    (record,) = [json.loads(line) for line in report.read_text().splitlines()]
+    (record,) = records(report)
     assert record["status"] == "ok" and record["size"] == [45, 31] and record["output"] == "odd-ink.png"
     assert record["styles"] == [str(styles[0])] and record["seconds"] >= 0 and record["error"] is None
     result = invoke("apply", styles[0], odd, "--size", "20", "-o", tmp_path / "small.png", "-q")

@@ -15,9 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import conftest
-from conftest import counting_loader, invoke
-
-TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
+from conftest import TINY_16, counting_loader, invoke, records
 
 
 @pytest.fixture
@@ -53,7 +51,7 @@ def img(tmp_path):
 
 
 def test_missing_input_is_one_line(tmp_path, loads):
-    result = invoke("run", tmp_path / "nope.jpg", "-p", "x", "-o", tmp_path / "out", *TINY)
+    result = invoke("run", tmp_path / "nope.jpg", "-p", "x", "-o", tmp_path / "out", *TINY_16)
     assert_one_error(result, tmp_path / "nope.jpg", "file not found")
 
 
@@ -78,7 +76,7 @@ def test_traceback_only_with_debug(tmp_path, img):
 
 @pytest.mark.parametrize("prompt", ["", "   ", "\t\n"])
 def test_empty_prompt_is_an_error(tmp_path, img, loads, prompt):
-    result = invoke("run", img, "-p", "ok", "-p", prompt, "-o", tmp_path / "out", *TINY)
+    result = invoke("run", img, "-p", "ok", "-p", prompt, "-o", tmp_path / "out", *TINY_16)
     assert result.exit_code == 1
     assert error_lines(result) == ["clipstyle: error: the prompt is empty"]
     assert loads == [] and not (tmp_path / "out").exists()
@@ -87,7 +85,7 @@ def test_empty_prompt_is_an_error(tmp_path, img, loads, prompt):
 def test_long_prompt_warns_that_it_was_cut(tmp_path, img, loads):
     prompt = "a very detailed oil painting with thick impasto brush strokes " * 8
     report = tmp_path / "r.jsonl"
-    result = invoke("run", img, "-p", prompt, "-o", tmp_path / "out", "--report", report, *TINY)
+    result = invoke("run", img, "-p", prompt, "-o", tmp_path / "out", "--report", report, *TINY_16)
     assert result.exit_code == 0, result.stderr
     warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: warning: ")]
     assert len(warnings) == 1 and "more than CLIP's 77" in warnings[0] and "cut off" in warnings[0]
@@ -99,7 +97,7 @@ def test_long_prompt_warns_that_it_was_cut(tmp_path, img, loads):
 def test_unicode_prompts_give_safe_names_and_keep_the_full_prompt(tmp_path, img, loads):
     prompts = ["../../etc/passwd", "水墨画/ink wash", ".hidden", "🎨", "a\u202egnp.exe", "C:\\windows"]
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    args = ["run", img, "-o", out, "--report", report, *TINY]
+    args = ["run", img, "-o", out, "--report", report, *TINY_16]
     for p in prompts:
         args += ["-p", p]
     result = invoke(*args)
@@ -113,7 +111,7 @@ def test_unicode_prompts_give_safe_names_and_keep_the_full_prompt(tmp_path, img,
     assert "in-水墨画-ink-wash.png" in written and "in-etc-passwd.png" in written
     kept = {Image.open(out / name).text["prompt"] for name in written}
     assert kept == set(prompts)
-    assert {json.loads(ln)["prompt"] for ln in report.read_text().splitlines()} == set(prompts)
+    assert {r["prompt"] for r in records(report)} == set(prompts)
 
 
 # --- paths ----------------------------------------------------------------------------------------
@@ -121,16 +119,16 @@ def test_unicode_prompts_give_safe_names_and_keep_the_full_prompt(tmp_path, img,
 
 def test_missing_output_folders_are_created(tmp_path, img, loads):
     out = tmp_path / "a" / "b" / "c"
-    result = invoke("run", img, "-p", "x", "-o", out, *TINY)
+    result = invoke("run", img, "-p", "x", "-o", out, *TINY_16)
     assert result.exit_code == 0, result.stderr
     assert [p.name for p in out.iterdir()] == ["in-x.png"]
-    result = invoke("run", img, "-p", "x", "-o", tmp_path / "new" / "file.png", *TINY)
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "new" / "file.png", *TINY_16)
     assert result.exit_code == 0 and (tmp_path / "new" / "file.png").is_file()
 
 
 def test_output_that_is_the_input_is_refused_before_compute(tmp_path, img, loads):
     before = img.read_bytes()
-    result = invoke("run", img, "-p", "x", "-o", img, "--overwrite", *TINY)
+    result = invoke("run", img, "-p", "x", "-o", img, "--overwrite", *TINY_16)
     assert_one_error(result, img, "would overwrite an input")
     assert loads == [] and img.read_bytes() == before
 
@@ -138,7 +136,7 @@ def test_output_that_is_the_input_is_refused_before_compute(tmp_path, img, loads
 def test_unwritable_output_is_refused_before_compute(tmp_path, img, loads):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file where a folder should be")
-    result = invoke("run", img, "-p", "x", "-o", blocker / "out", *TINY)
+    result = invoke("run", img, "-p", "x", "-o", blocker / "out", *TINY_16)
     assert_one_error(result, blocker / "out", "cannot create the output folder")
     assert loads == []
 
@@ -149,7 +147,7 @@ def test_read_only_output_folder_is_refused_before_compute(tmp_path, img, loads)
     out.mkdir()
     out.chmod(0o555)
     try:
-        result = invoke("run", img, "-p", "x", "-o", out, *TINY)
+        result = invoke("run", img, "-p", "x", "-o", out, *TINY_16)
     finally:
         out.chmod(0o755)
     assert_one_error(result, out, "not writable")
@@ -170,7 +168,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path, img, loads, monkeypatch):
 
     monkeypatch.setattr(io, "write_atomic", disk_full)
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    result = invoke("run", img, "-p", "x", "-o", out, "--report", report, *TINY)
+    result = invoke("run", img, "-p", "x", "-o", out, "--report", report, *TINY_16)
     assert_one_error(result, out / "in-x.png", "No space left on device")
     assert list(out.iterdir()) == []  # neither the image nor a temporary file
     assert json.loads(report.read_text())["status"] == "failed"
@@ -209,7 +207,7 @@ def _odd_folder(tmp_path):
 def test_odd_images_work_or_fail_with_one_line_each(tmp_path, loads):
     folder, refusals = _odd_folder(tmp_path)
     out = tmp_path / "out"
-    result = invoke("run", folder, "-p", "x", "-o", out, *TINY, "--size", "32")
+    result = invoke("run", folder, "-p", "x", "-o", out, *TINY_16, "--size", "32")
     assert result.exit_code == 1
     lines = error_lines(result)
     assert len(lines) == len(refusals), result.stderr
@@ -227,9 +225,9 @@ def test_odd_images_work_or_fail_with_one_line_each(tmp_path, loads):
 
 
 def test_max_pixels_limit_is_settable(tmp_path, img, loads):
-    result = invoke("run", img, "-p", "x", "-o", tmp_path / "a", "--max-pixels", "100", *TINY)
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "a", "--max-pixels", "100", *TINY_16)
     assert_one_error(result, img, "24x16 = 384 pixels, over the limit of 100", "--max-pixels")
-    assert invoke("run", img, "-p", "x", "-o", tmp_path / "b", "--max-pixels", "384", *TINY).exit_code == 0
+    assert invoke("run", img, "-p", "x", "-o", tmp_path / "b", "--max-pixels", "384", *TINY_16).exit_code == 0
 
 
 # --- weight files, through the real loader (tiny architectures, no downloads) ---------------------
@@ -262,7 +260,7 @@ class _Payload:
 
 def test_weight_files_load_or_fail_with_one_line(tmp_path, img, tiny_architectures):
     clip_file, vgg_file = tiny_architectures
-    run = ["run", img, "-p", "x", "--device", "cpu", *TINY]
+    run = ["run", img, "-p", "x", "--device", "cpu", *TINY_16]
     ok = invoke(*run, "-o", tmp_path / "ok", "--clip-weights", clip_file, "--vgg-weights", vgg_file)
     assert ok.exit_code == 0, ok.stderr  # the real loading path works with good files
     corrupt = tmp_path / "corrupt.pt"
@@ -300,7 +298,7 @@ def test_weight_files_load_or_fail_with_one_line(tmp_path, img, tiny_architectur
 def test_a_bad_option_creates_nothing(tmp_path, img, loads, bad, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = invoke("run", img, "-p", "x", "--report", "r/x.jsonl", "-o", "out/", *TINY, *bad)
+    result = invoke("run", img, "-p", "x", "--report", "r/x.jsonl", "-o", "out/", *TINY_16, *bad)
     assert result.exit_code != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no report folder, no output folder
     assert loads == []

@@ -7,9 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import counting_loader, invoke
-
-TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+from conftest import TINY_32, counting_loader, invoke, records
 
 
 @pytest.fixture
@@ -20,14 +18,14 @@ def fake_loader(monkeypatch):
 def test_run_writes_png_with_aspect_ratio_metadata_and_report(tmp_path, photo, fake_loader):
     out = tmp_path / "out.png"
     report = tmp_path / "report.jsonl"
-    result = invoke("run", "-p", "starry night", str(photo), "-o", str(out), "--report", str(report), *TINY)
+    result = invoke("run", "-p", "starry night", str(photo), "-o", str(out), "--report", str(report), *TINY_32)
     assert result.exit_code == 0, result.output
     img = Image.open(out)
     assert img.size == (32, 24)  # 48x32 input, longest side 32, multiples of 8
     assert img.text["prompt"] == "starry night"
     meta = json.loads(img.text["clipstyle"])
     assert meta["settings"]["steps"] == 2 and meta["prompt"] == "starry night"
-    (record,) = [json.loads(line) for line in report.read_text().splitlines()]
+    (record,) = records(report)
     assert record["status"] == "ok" and record["output"] == str(out)
     for key in (
         "input",
@@ -50,12 +48,12 @@ def test_run_writes_png_with_aspect_ratio_metadata_and_report(tmp_path, photo, f
 def test_existing_output_not_made_by_clipstyle_is_kept_and_refused(tmp_path, photo, fake_loader):
     out = tmp_path / "out.png"
     out.write_bytes(b"mine")
-    result = invoke("run", "-p", "x", str(photo), "-o", str(out), *TINY)
+    result = invoke("run", "-p", "x", str(photo), "-o", str(out), *TINY_32)
     assert result.exit_code == 1  # not skipped as if done: it is not this pair's image
     assert f"clipstyle: error: {out}: exists, not made by clipstyle" in result.stderr
     assert out.read_bytes() == b"mine"
     assert fake_loader == []  # nothing to do: models never loaded
-    result = invoke("run", "-p", "x", str(photo), "-o", str(out), "--overwrite", *TINY)
+    result = invoke("run", "-p", "x", str(photo), "-o", str(out), "--overwrite", *TINY_32)
     assert result.exit_code == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +62,7 @@ def test_several_images_and_prompts_go_to_a_folder_with_safe_names(tmp_path, pho
     second = tmp_path / "second.png"
     Image.new("RGB", (20, 40), (10, 200, 30)).save(second)
     out = tmp_path / "styled"
-    result = invoke("run", "-p", "ink/wash", "-p", "../mosaic", str(photo), str(second), "-o", str(out), *TINY)
+    result = invoke("run", "-p", "ink/wash", "-p", "../mosaic", str(photo), str(second), "-o", str(out), *TINY_32)
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["photo-ink-wash.png", "photo-mosaic.png", "second-ink-wash.png", "second-mosaic.png"]
@@ -73,11 +71,11 @@ def test_several_images_and_prompts_go_to_a_folder_with_safe_names(tmp_path, pho
 
 def test_same_seed_gives_identical_files(tmp_path, photo, fake_loader):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    invoke("run", "-p", "fire", str(photo), "-o", str(a), "--seed", "7", *TINY)
-    invoke("run", "-p", "fire", str(photo), "-o", str(b), "--seed", "7", *TINY)
+    invoke("run", "-p", "fire", str(photo), "-o", str(a), "--seed", "7", *TINY_32)
+    invoke("run", "-p", "fire", str(photo), "-o", str(b), "--seed", "7", *TINY_32)
     assert a.read_bytes() == b.read_bytes()
     c = tmp_path / "c.png"
-    invoke("run", "-p", "fire", str(photo), "-o", str(c), "--seed", "8", *TINY)
+    invoke("run", "-p", "fire", str(photo), "-o", str(c), "--seed", "8", *TINY_32)
     assert a.read_bytes() != c.read_bytes()
 
 
@@ -90,7 +88,7 @@ def test_save_style_then_apply_reproduces_the_run_at_full_resolution(tmp_path, f
     Image.new("RGB", (101, 61), (30, 140, 90)).save(src)
     out, style = tmp_path / "out.png", tmp_path / "ink.style"
     result = invoke(
-        "run", "-p", "ink", str(src), "-o", str(out), "--save-style", str(style), "--output-size", "full", *TINY
+        "run", "-p", "ink", str(src), "-o", str(out), "--save-style", str(style), "--output-size", "full", *TINY_32
     )
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (101, 61)  # trained at 32 px, rendered at the input's resolution
@@ -107,7 +105,7 @@ def test_strength_zero_returns_the_content(tmp_path, photo, fake_loader):
     import numpy as np
 
     out = tmp_path / "s0.png"
-    assert invoke("run", "-p", "x", str(photo), "-o", str(out), "--strength", "0", *TINY).exit_code == 0
+    assert invoke("run", "-p", "x", str(photo), "-o", str(out), "--strength", "0", *TINY_32).exit_code == 0
     from clipstyle.images import fit_size, to_pil, to_tensor
 
     src = Image.open(photo).convert("RGB")

@@ -3,17 +3,16 @@ architectures with random weights written by the tests (no downloads)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from checkpoints import checkpoints  # noqa: F401  (a fixture)
+from conftest import records
 
 
 def clipstyle_script() -> str:
@@ -40,7 +39,6 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
 def test_run_writes_a_repeatable_png_with_metadata_and_a_report(checkpoints, photo, tmp_path):  # noqa: F811
     outputs = [tmp_path / "first.png", tmp_path / "second.png"]
     reports = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
@@ -107,7 +105,7 @@ def test_run_writes_a_repeatable_png_with_metadata_and_a_report(checkpoints, pho
     assert image.text["prompt"] == "starry night"
     assert any(low < high for low, high in image.getextrema())  # a picture, not a flat fill
     for out, report in zip(outputs, reports):
-        (record,) = [json.loads(line) for line in report.read_text().splitlines()]
+        (record,) = records(report)
         assert record["status"] == "ok" and record["error"] is None
         assert record["output"] == str(out)
         assert record["prompt"] == "starry night" and record["steps"] == 2

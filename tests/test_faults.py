@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -10,9 +9,7 @@ import pytest
 import torch
 
 import conftest
-from conftest import DEVICE, invoke
-
-TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+from conftest import DEVICE, TINY_32, invoke, records
 
 
 @pytest.fixture
@@ -48,10 +45,10 @@ def _send_sigterm():
 def test_interrupt_stops_cleanly_with_flushed_report(tmp_path, three, monkeypatch, interrupt):
     interrupt_second_call(monkeypatch, interrupt)
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    result = invoke("run", *three, "-p", "x", "-o", out, "--report", report, *TINY)
+    result = invoke("run", *three, "-p", "x", "-o", out, "--report", report, *TINY_32)
     assert result.exit_code == 130
     assert "interrupted" in result.stderr and "Traceback" not in result.stderr
-    recs = [json.loads(line) for line in report.read_text().splitlines()]
+    recs = records(report)
     assert [r["status"] for r in recs] == ["ok"]
     assert sorted(p.name for p in out.iterdir()) == ["in0-x.png"]  # no partial or temporary files
 
@@ -62,11 +59,11 @@ def test_non_finite_loss_fails_the_pair_and_writes_nothing(tmp_path, three, monk
 
     monkeypatch.setattr(L, "total_variation", lambda x: x.float().sum(dim=(1, 2, 3)) * float("nan"))
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    result = invoke("run", three[0], "-p", "x", "-o", out, "--report", report, *TINY, "--device", DEVICE)
+    result = invoke("run", three[0], "-p", "x", "-o", out, "--report", report, *TINY_32, "--device", DEVICE)
     assert result.exit_code == 1
     assert "diverged" in result.stderr and str(three[0]) in result.stderr
     assert not out.exists() or not any(out.iterdir())
-    (rec,) = [json.loads(line) for line in report.read_text().splitlines()]
+    (rec,) = records(report)
     assert rec["status"] == "failed" and "not finite" in rec["error"]
 
 
@@ -78,7 +75,7 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, three, monkeypat
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(S, "stylize_many", oom)
-    result = invoke("run", three[0], "-p", "x", "-o", tmp_path / "o.png", *TINY, "--device", DEVICE)
+    result = invoke("run", three[0], "-p", "x", "-o", tmp_path / "o.png", *TINY_32, "--device", DEVICE)
     assert result.exit_code == 1
     line = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")][0]
     assert "out of memory at 32x24 px with 2 crops" in line and "--crop-batch" in line and "--size" in line

@@ -14,9 +14,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 import conftest
-from conftest import invoke
+from conftest import TINY_16, invoke
 
-TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
 PER_FORMAT = 64  # mutated files per format: 320 in all
 
 
@@ -91,7 +90,7 @@ def test_mutated_images_end_in_valid_png_or_one_error_line(tmp_path, loader):
     total_ok = total_failed = 0
     for folder in folders:
         out = tmp_path / f"out-{folder.name}"
-        result = invoke("run", folder, "-p", "ink", "-o", out, *TINY)
+        result = invoke("run", folder, "-p", "ink", "-o", out, *TINY_16)
         assert result.exit_code in (0, 1), result.stderr
         assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
         errors = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error: ")]

@@ -16,9 +16,7 @@ from clipstyle.regions import masks as M
 from clipstyle.regions.colour import luma, preserve_colour, rgb_to_ycbcr
 from clipstyle.regions.region import Region
 
-from conftest import DEVICE, counting_loader, invoke
-
-TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+from conftest import DEVICE, TINY_32, counting_loader, invoke
 
 
 def half(width: int, height: int, left: int = 255, right: int = 0) -> np.ndarray:
@@ -279,7 +277,7 @@ def test_run_with_a_hard_half_mask_composites_exactly(scene, monkeypatch):
         scene / "photo.png",
         "-o",
         out,
-        *TINY,
+        *TINY_32,
         "--mask",
         scene / "half.png",
         "--feather",
@@ -318,7 +316,7 @@ def test_run_with_full_output_size_composites_at_full_resolution(scene, monkeypa
         scene / "photo.png",
         "-o",
         out,
-        *TINY,
+        *TINY_32,
         "--mask",
         scene / "half.png",
         "--output-size",
@@ -347,7 +345,7 @@ def test_bad_masks_are_one_line_and_write_nothing(scene, monkeypatch, args, reas
     Image.new("L", (48, 32), 0).save(scene / "black.png")
     Image.new("L", (64, 32), 255).save(scene / "wide.png")
     out = scene / "o" / "x.png"
-    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", out, *TINY, *[a.format(d=scene) for a in args])
+    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", out, *TINY_32, *[a.format(d=scene) for a in args])
     assert r.exit_code != 0
     lines = [ln for ln in r.output.splitlines() if ln.startswith("clipstyle: error")]
     assert len(lines) == 1 and reason in lines[0], r.output
@@ -421,7 +419,7 @@ def test_a_region_that_selects_nothing_names_the_photo(scene, monkeypatch):
     assert job_error(job, ClipstyleError("unreadable", scene / "m.png")) == f"{scene / 'm.png'}: unreadable"
     counting_loader(monkeypatch)
     monkeypatch.setattr(M, "where_mask", lambda *args, **kwargs: torch.zeros(1, 1, 32, 48))
-    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", scene / "o.png", *TINY, "--where", "the sky")
+    r = invoke("run", "-p", "fire", scene / "photo.png", "-o", scene / "o.png", *TINY_32, "--where", "the sky")
     lines = [ln for ln in r.output.splitlines() if ln.startswith("clipstyle: error")]
     assert r.exit_code == 1 and lines == [
         f"clipstyle: error: {scene / 'photo.png'}: --where 'the sky' selects nothing in this image"

@@ -4,7 +4,6 @@ that pair's out-of-memory failure (issue 16, item 6)."""
 from __future__ import annotations
 
 import errno
-import json
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ from clipstyle.method.unet import StyleNet
 from clipstyle.styles.stylefile import save_style
 
 import conftest
-from conftest import counting_loader, invoke
+from conftest import TINY_32, counting_loader, invoke, records
 
-TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
 CPU_ALLOCATOR = (
     "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
     "to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
@@ -38,10 +36,6 @@ def three(tmp_path):
 def eight_gb(monkeypatch):
     """The host has 8 GB. Tests using it pass --device cpu: on a GPU machine, auto would check the GPU's memory."""
     monkeypatch.setattr("clipstyle.jobs.memory.host_memory", lambda: 8_000_000_000)
-
-
-def records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize(
@@ -77,7 +71,7 @@ def test_running_out_while_preparing_an_image_fails_only_that_pair(tmp_path, thr
 
     monkeypatch.setattr(io, "prepare_content", prepare)
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    result = invoke("run", *three, "-p", "x", "-o", out, "--report", report, *TINY)
+    result = invoke("run", *three, "-p", "x", "-o", out, "--report", report, *TINY_32)
     assert result.exit_code == 1 and "internal error" not in result.stderr, result.stderr
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
     assert line.startswith(f"clipstyle: error: {three[1]}: out of memory preparing the image for --size 32")
@@ -98,7 +92,7 @@ def test_the_cpu_allocators_error_while_optimising_is_out_of_memory(tmp_path, th
         return real(*args, **kwargs)
 
     monkeypatch.setattr(R, "stylize_many", stylize_many)
-    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY)
+    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY_32)
     assert result.exit_code == 1 and "internal error" not in result.stderr, result.stderr
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
     assert line.startswith(f"clipstyle: error: {three[0]}: out of memory at 32x24 px with 2 crops; lower --size")
@@ -106,7 +100,7 @@ def test_the_cpu_allocators_error_while_optimising_is_out_of_memory(tmp_path, th
 
 
 def test_a_size_no_image_can_fit_is_refused_before_anything(tmp_path, three, loads, eight_gb):
-    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY, "--size", "100000", "--device", "cpu")
+    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY_32, "--size", "100000", "--device", "cpu")
     assert result.exit_code == 1, result.stderr
     assert result.stderr.startswith(
         "clipstyle: error: --size 100000: optimising even the thinnest image "
@@ -123,7 +117,7 @@ def test_an_image_too_large_at_its_size_fails_alone_before_allocating(tmp_path, 
 
     sizes = []
     monkeypatch.setattr(io, "prepare_content", lambda image, size: sizes.append(size) or torch.rand(1, 3, 16, 16))
-    args = [*TINY, "--size", "4096", "--steps", "1", "--device", "cpu"]
+    args = [*TINY_32, "--size", "4096", "--steps", "1", "--device", "cpu"]
     result = invoke("run", three[0], wide, "-p", "x", "-o", tmp_path / "out", *args)
     assert result.exit_code == 1
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]

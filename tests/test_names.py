@@ -10,11 +10,12 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import counting_loader, invoke
+from conftest import TINY_16, counting_loader, invoke
 
 pytestmark = pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="file names here are bytes (Linux)")
 
-TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates"]
+# not quiet (no -q): these tests read the progress and "wrote" lines
+TINY_16_SHOWN = [option for option in TINY_16 if option != "-q"]
 LATIN1 = os.fsdecode(b"caf\xe9")  # 'café' in Latin-1: not UTF-8, a lone surrogate in Python
 
 
@@ -65,7 +66,7 @@ def test_a_failure_after_optimising_starts_its_own_line(tmp_path, loads, monkeyp
 
     monkeypatch.setattr(io, "save_png", disk_full)
     src = image(tmp_path / "in.png")
-    result = invoke("run", src, "-p", "x", "-o", tmp_path / "out", *TINY, "--steps", "3")
+    result = invoke("run", src, "-p", "x", "-o", tmp_path / "out", *TINY_16_SHOWN, "--steps", "3")
     assert result.exit_code == 1
     (line,) = [ln for ln in result.stderr.split("\n") if "clipstyle: error:" in ln]
     shown = line.split("\r")[-1]  # what a terminal shows after the bar's carriage returns
@@ -76,7 +77,7 @@ def test_a_newline_in_a_file_name_does_not_break_the_lines(tmp_path, loads):
     src = image(tmp_path / "two\nlines.png")
     out = tmp_path / "out"
     for _ in range(2):  # "wrote", then "skipped"
-        result = invoke("run", src, "-p", "x", "-o", out, *TINY, "--steps", "1")
+        result = invoke("run", src, "-p", "x", "-o", out, *TINY_16_SHOWN, "--steps", "1")
         assert result.exit_code == 0, result.stderr
         lines = [ln for ln in result.stderr.split("\n") if "lines-x.png" in ln]
         assert len(lines) == 1 and "two\\nlines-x.png" in lines[0], result.stderr

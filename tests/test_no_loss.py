@@ -23,10 +23,9 @@ from clipstyle.jobs.inputs import collect_inputs
 from clipstyle.jobs.pairs import pair_seed, plan_pairs
 
 import conftest
-from conftest import invoke
+from conftest import TINY_32, invoke, records
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
 
 
 @pytest.fixture
@@ -38,10 +37,6 @@ def image(path: Path, colour=(200, 40, 40), size=(24, 16)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path, format="PNG")
     return path
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def recorded(png: Path) -> dict:
@@ -104,14 +99,14 @@ def test_same_stem_with_another_suffix_or_case_gets_its_own_output(tmp_path):
 def test_cli_processes_both_same_named_inputs_then_skips_both(tmp_path, cameras, loader):
     a, b, _ = cameras
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    result = invoke("run", a, b, "-p", "fire", "-o", out, "--report", report, *TINY)
+    result = invoke("run", a, b, "-p", "fire", "-o", out, "--report", report, *TINY_32)
     assert result.exit_code == 0, result.stderr
     made = sorted(out.glob("*.png"))
     assert len(made) == 2 and [r["status"] for r in records(report)] == ["ok", "ok"]
     assert {recorded(p)["input_sha256"] for p in made} == {sha256(a), sha256(b)}  # one from each picture
-    again = invoke("run", a, b, "-p", "fire", "-o", out, "--report", report, *TINY)
+    again = invoke("run", a, b, "-p", "fire", "-o", out, "--report", report, *TINY_32)
     assert again.exit_code == 0 and [r["status"] for r in records(report)][2:] == ["skipped", "skipped"]
-    assert invoke("run", a, b, "-p", "fire", "-o", out, "--overwrite", *TINY).exit_code == 0
+    assert invoke("run", a, b, "-p", "fire", "-o", out, "--overwrite", *TINY_32).exit_code == 0
     assert {recorded(p)["input_sha256"] for p in out.glob("*.png")} == {sha256(a), sha256(b)}
 
 
@@ -120,19 +115,19 @@ def test_cli_processes_both_same_named_inputs_then_skips_both(tmp_path, cameras,
 
 def test_rerun_skips_only_what_was_made_with_the_same_settings(tmp_path, photo, loader):
     out, report = tmp_path / "o.png", tmp_path / "r.jsonl"
-    assert invoke("run", photo, "-p", "fire", "-o", out, *TINY).exit_code == 0
+    assert invoke("run", photo, "-p", "fire", "-o", out, *TINY_32).exit_code == 0
     made = out.read_bytes()
-    same = invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY)
+    same = invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY_32)
     assert same.exit_code == 0 and records(report)[-1]["status"] == "skipped"
     # options that change speed or memory, not the result, still find it done
-    assert invoke("run", photo, "-p", "fire", "-o", out, "--crop-batch", "1", *TINY).exit_code == 0
+    assert invoke("run", photo, "-p", "fire", "-o", out, "--crop-batch", "1", *TINY_32).exit_code == 0
     for change, named in (
         (["--seed", "1"], "seed"),
         (["--steps", "3"], "steps"),
         (["--contrast"], "contrast"),
         (["--strength", "0.5"], "strength"),
     ):
-        result = invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY, *change)  # last wins
+        result = invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY_32, *change)  # last wins
         assert result.exit_code == 1, change
         lines = [ln for ln in result.stderr.splitlines() if ln.startswith("clipstyle: error:")]
         assert len(lines) == 1 and lines[0].startswith(f"clipstyle: error: {out}: exists, made with other settings")
@@ -140,9 +135,9 @@ def test_rerun_skips_only_what_was_made_with_the_same_settings(tmp_path, photo, 
         assert records(report)[-1]["status"] == "failed"
         assert out.read_bytes() == made
     image(photo, (10, 10, 10), (48, 32))  # the input was edited: its image is not this one
-    result = invoke("run", photo, "-p", "fire", "-o", out, *TINY)
+    result = invoke("run", photo, "-p", "fire", "-o", out, *TINY_32)
     assert result.exit_code == 1 and "input_sha256" in result.stderr and out.read_bytes() == made
-    assert invoke("run", photo, "-p", "fire", "-o", out, "--seed", "1", "--overwrite", *TINY).exit_code == 0
+    assert invoke("run", photo, "-p", "fire", "-o", out, "--seed", "1", "--overwrite", *TINY_32).exit_code == 0
     assert out.read_bytes() != made and recorded(out)["seed"] == pair_seed(1, "photo.jpg", "fire")
 
 
@@ -167,13 +162,13 @@ def test_apply_rerun_with_another_strength_is_refused(tmp_path, photo):
 
 def test_save_style_is_written_when_the_image_already_exists(tmp_path, photo, loader):
     out, style, report = tmp_path / "o.png", tmp_path / "o.style", tmp_path / "r.jsonl"
-    assert invoke("run", photo, "-p", "fire", "-o", out, *TINY).exit_code == 0
+    assert invoke("run", photo, "-p", "fire", "-o", out, *TINY_32).exit_code == 0
     made = out.read_bytes()
-    result = invoke("run", photo, "-p", "fire", "-o", out, "--save-style", style, "--report", report, *TINY)
+    result = invoke("run", photo, "-p", "fire", "-o", out, "--save-style", style, "--report", report, *TINY_32)
     assert result.exit_code == 0, result.stderr
     assert style.exists() and out.read_bytes() == made  # the missing output made, the existing one kept
     assert records(report)[-1]["status"] == "ok" and records(report)[-1]["style"] == str(style)
-    again = invoke("run", photo, "-p", "fire", "-o", out, "--save-style", style, "--report", report, *TINY)
+    again = invoke("run", photo, "-p", "fire", "-o", out, "--save-style", style, "--report", report, *TINY_32)
     assert again.exit_code == 0 and records(report)[-1]["status"] == "skipped"
 
 
@@ -209,7 +204,7 @@ def test_a_pair_another_run_is_making_is_skipped_and_said_so(tmp_path, photo, lo
     try:
         lock = claims.lock_path(out)
         lock.write_text(json.dumps({"pid": other.pid, "host": claims.HOST, "started": time.time()}))
-        result = invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY)
+        result = invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY_32)
     finally:
         other.kill()
         other.wait()
@@ -218,7 +213,7 @@ def test_a_pair_another_run_is_making_is_skipped_and_said_so(tmp_path, photo, lo
     assert record["status"] == "skipped" and "another run is making it" in record["error"]
     assert f"pid {other.pid}" in record["error"] and not out.exists() and lock.exists()
     # that run was killed: its lock is stale, and the next run does the pair
-    assert invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY).exit_code == 0
+    assert invoke("run", photo, "-p", "fire", "-o", out, "--report", report, *TINY_32).exit_code == 0
     assert records(report)[-1]["status"] == "ok" and out.exists() and not lock.exists()
 
 
@@ -310,7 +305,7 @@ def test_report_into_an_input_or_an_output_is_refused_before_any_work(tmp_path, 
         (tmp_path / "styled" / "photo-fire.png", "an output"),
     ):
         target = tmp_path / "styled" if report.parent.name == "styled" else out
-        result = invoke("run", photo, "-p", "fire", "-o", target, "--report", report, *TINY)
+        result = invoke("run", photo, "-p", "fire", "-o", target, "--report", report, *TINY_32)
         assert result.exit_code == 1, report
         assert f"clipstyle: error: {report}: the report would be written into {what}" in result.stderr
         assert photo.read_bytes() == before and not out.exists()
@@ -326,7 +321,7 @@ def test_report_into_an_input_or_an_output_is_refused_before_any_work(tmp_path, 
         tmp_path / "s.style",
         "--report",
         tmp_path / "s.style",
-        *TINY,
+        *TINY_32,
     )
     assert result.exit_code == 1 and "into an output" in result.stderr
 
@@ -363,7 +358,7 @@ def test_an_interrupted_run_ends_with_its_summary_line(tmp_path, loader, monkeyp
 
     monkeypatch.setattr(runner, "stylize_many", second_is_interrupted)
     out = tmp_path / "out"
-    result = invoke("run", *inputs, "-p", "x", "-o", out, *TINY)  # -q: the summary is shown all the same
+    result = invoke("run", *inputs, "-p", "x", "-o", out, *TINY_32)  # -q: the summary is shown all the same
     assert result.exit_code == 130
     assert SUMMARY.fullmatch(result.stderr.splitlines()[-1]).groups() == ("1", "0", "0")
     assert sorted(p.name for p in out.iterdir()) == ["in0-x.png"]  # no lock or temporary file left

@@ -12,9 +12,7 @@ from clipstyle.config import Settings
 from clipstyle.errors import ClipstyleError
 from clipstyle.jobs.inputs import collect_inputs
 
-from conftest import counting_loader, invoke
-
-TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
+from conftest import TINY_16, counting_loader, invoke
 
 
 @pytest.fixture
@@ -62,7 +60,7 @@ def test_threshold_must_be_in_the_patch_loss_range(threshold, ok):
     ],
 )
 def test_run_refuses_bad_floats_before_anything(tmp_path, img, loads, option, value, words):
-    result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", *TINY, option, value)
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", *TINY_16, option, value)
     assert result.exit_code == 2 and option in result.stderr and words in result.stderr, result.stderr
     assert loads == [] and not (tmp_path / "out").exists()
 
@@ -74,10 +72,10 @@ def test_apply_refuses_nan(tmp_path, img, option):
 
 
 def test_zero_crops_warns_that_the_patch_loss_is_off(tmp_path, img, loads):
-    result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", *TINY, "--crops", "0")
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", *TINY_16, "--crops", "0")
     assert result.exit_code == 0, result.stderr
     assert "clipstyle: warning: --crops 0" in result.stderr and "patch loss" in result.stderr
-    quiet = invoke("run", img, "-p", "y", "-o", tmp_path / "out", *TINY)
+    quiet = invoke("run", img, "-p", "y", "-o", tmp_path / "out", *TINY_16)
     assert "warning" not in quiet.stderr
 
 
@@ -86,7 +84,7 @@ def test_zero_crops_warns_that_the_patch_loss_is_off(tmp_path, img, loads):
 
 @pytest.mark.parametrize("option, value", [("--devices", ","), ("--devices", ""), ("--device", " , ")])
 def test_a_device_list_naming_no_device_is_a_usage_error(tmp_path, img, loads, option, value):
-    result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", *TINY, option, value)
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", *TINY_16, option, value)
     assert result.exit_code == 2 and option in result.stderr and "names no device" in result.stderr, result.stderr
     assert loads == [] and not (tmp_path / "out").exists()
 
@@ -95,27 +93,27 @@ def test_a_device_list_naming_no_device_is_a_usage_error(tmp_path, img, loads, o
 def test_several_outputs_into_a_name_with_an_image_extension_are_refused(tmp_path, img, loads, name):
     other = tmp_path / "other.png"
     Image.new("RGB", (16, 16)).save(other)
-    result = invoke("run", img, other, "-p", "x", "-o", tmp_path / name, *TINY)
+    result = invoke("run", img, other, "-p", "x", "-o", tmp_path / name, *TINY_16)
     assert result.exit_code == 1 and f"{tmp_path / name}: an output file needs exactly" in result.stderr
     assert not (tmp_path / name).exists() and loads == []
     (tmp_path / name).mkdir()  # a folder that exists is the user's choice
-    assert invoke("run", img, other, "-p", "x", "-o", tmp_path / name, *TINY).exit_code == 0
+    assert invoke("run", img, other, "-p", "x", "-o", tmp_path / name, *TINY_16).exit_code == 0
 
 
 def test_a_folder_named_like_an_image_says_it_holds_no_images(tmp_path, loads):
     folder = tmp_path / "x.jpg"
     (folder / "sub").mkdir(parents=True)
     Image.new("RGB", (16, 16)).save(folder / "sub" / "inside.png")
-    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "out", *TINY)
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "out", *TINY_16)
     assert result.exit_code == 1, result.stderr
     assert f"clipstyle: error: {folder}: is a folder and holds no images" in result.stderr
     assert "-r looks in its subfolders" in result.stderr and loads == []
-    assert invoke("run", folder, "-r", "-p", "x", "-o", tmp_path / "out", *TINY).exit_code == 0
+    assert invoke("run", folder, "-r", "-p", "x", "-o", tmp_path / "out", *TINY_16).exit_code == 0
 
 
 @pytest.mark.parametrize("prompt", ["\u200b", "\u200b\u200c\u200d\u2060\ufeff", " \u3164 ", "\u00ad\u034f", "\u2028"])
 def test_a_prompt_of_invisible_characters_is_empty(tmp_path, img, loads, prompt):
-    result = invoke("run", img, "-p", prompt, "-o", tmp_path / "out", *TINY)
+    result = invoke("run", img, "-p", prompt, "-o", tmp_path / "out", *TINY_16)
     assert result.exit_code == 1 and "the prompt is empty" in result.stderr, result.stderr
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -15,9 +14,7 @@ from pathlib import Path
 import pytest
 
 import conftest
-from conftest import invoke
-
-TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+from conftest import TINY_32, invoke, records
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +42,6 @@ def folder(tmp_path):
     return d
 
 
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -59,7 +52,7 @@ def no_model(device="cpu"):
 
 def test_shards_on_ray_write_the_local_bytes_once_then_a_rerun_skips(tmp_path, folder, loader, cluster):
     local, out, report = tmp_path / "local", tmp_path / "ray", tmp_path / "ray.jsonl"
-    args = [folder, tmp_path / "missing.png", "-p", "ink", "-p", "mosaic", *TINY]
+    args = [folder, tmp_path / "missing.png", "-p", "ink", "-p", "mosaic", *TINY_32]
     expected = invoke("run", *args, "-o", local, "--save-style", local / "styles", "--report", tmp_path / "l.jsonl")
     assert expected.exit_code == 1  # broken.jpg and missing.png
     for k in (1, 2):
@@ -96,7 +89,7 @@ def test_shards_on_ray_write_the_local_bytes_once_then_a_rerun_skips(tmp_path, f
         "ink",
         "-p",
         "mosaic",
-        *TINY,
+        *TINY_32,
         "-o",
         out,
         "--report",
@@ -215,7 +208,7 @@ def test_one_worker_per_gpu_else_per_group_of_cpus():
 
 def test_ray_missing_is_one_line_saying_how_to_install_it(tmp_path, folder, loader, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
-    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "out", "--executor", "ray", *TINY)
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "out", "--executor", "ray", *TINY_32)
     assert result.exit_code == 1
     assert (
         result.stderr.strip() == "clipstyle: error: Ray is not installed; install it with: pip install 'clipstyle[ray]'"
@@ -224,11 +217,11 @@ def test_ray_missing_is_one_line_saying_how_to_install_it(tmp_path, folder, load
 
 
 def test_ray_options_need_the_ray_executor(tmp_path, folder, loader):
-    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--ray-address", "auto", *TINY)
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--ray-address", "auto", *TINY_32)
     assert result.exit_code == 2 and "--ray-address needs --executor ray" in result.stderr
-    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--devices", "cpu", *TINY)
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--devices", "cpu", *TINY_32)
     assert result.exit_code == 2 and "--devices is for the local executor" in result.stderr
-    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", *TINY, "--device", "cuda:1")
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", *TINY_32, "--device", "cuda:1")
     assert result.exit_code == 2 and "--device cuda:1 names a card of this machine" in result.stderr
     assert not (tmp_path / "o").exists()
 
@@ -241,7 +234,7 @@ def test_a_cluster_address_nothing_answers_at_is_one_line(tmp_path, folder, load
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     result = invoke(
-        "run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--ray-address", address, *TINY
+        "run", folder, "-p", "x", "-o", tmp_path / "o", "--executor", "ray", "--ray-address", address, *TINY_32
     )
     assert result.exit_code == 1
     assert result.stderr.strip() == f"clipstyle: error: {address}: cannot reach the Ray cluster: Connection refused"
@@ -290,7 +283,7 @@ def test_sigterm_stops_a_ray_run_cleanly_with_exit_130(tmp_path, folder, cluster
             cluster,
             "--ray-workers",
             "1",
-            *TINY,
+            *TINY_32,
         ],
         stderr=subprocess.PIPE,
         text=True,

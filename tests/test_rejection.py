@@ -9,7 +9,7 @@ from clipstyle.method import rejection as R
 from clipstyle.method.loop import stylize_many
 from clipstyle.method.rejection import Rejection
 
-from conftest import DEVICE, tiny_models
+from conftest import DEVICE, records, tiny_models
 
 
 def content(seed: int, height: int = 24, width: int = 32) -> torch.Tensor:
@@ -170,7 +170,6 @@ def test_rejection_refuses_unknown_paths_and_rates():
 
 
 def test_run_report_records_the_mean_rejected_fraction(tmp_path, photo, monkeypatch):
-    import json
 
     import conftest
 
@@ -199,5 +198,5 @@ def test_run_report_records_the_mean_rejected_fraction(tmp_path, photo, monkeypa
         "-q",
     )
     assert result.exit_code == 0, result.output
-    (record,) = [json.loads(line) for line in report.read_text().splitlines()]
+    (record,) = records(report)
     assert record["rejected_fraction"] == 1.0

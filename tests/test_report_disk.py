@@ -4,15 +4,12 @@ records are written when there is room again, else the last line names the repor
 from __future__ import annotations
 
 import errno
-import json
 import os
 
 import pytest
 
 import conftest
-from conftest import counting_loader, invoke
-
-TINY = ["--size", "16", "--steps", "1", "--crops", "1", "--crop-size", "8", "--no-templates", "-q"]
+from conftest import TINY_16, counting_loader, invoke, records
 
 
 @pytest.fixture
@@ -24,7 +21,7 @@ def three(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
 def test_a_report_on_a_full_disk_does_not_stop_the_run(tmp_path, three):
     out = tmp_path / "out"
-    result = invoke("run", *three, "-p", "x", "-o", out, "--report", "/dev/full", *TINY)
+    result = invoke("run", *three, "-p", "x", "-o", out, "--report", "/dev/full", *TINY_16)
     assert result.exit_code == 1 and "Traceback" not in result.stderr and "internal error" not in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["in0-x.png", "in1-x.png", "in2-x.png"]
     lines = result.stderr.splitlines()
@@ -49,11 +46,11 @@ def test_records_kept_on_a_full_disk_are_written_whole_when_there_is_room(tmp_pa
 
     monkeypatch.setattr(os, "write", write)
     report = tmp_path / "r.jsonl"
-    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", "--report", report, *TINY)
+    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", "--report", report, *TINY_16)
     assert result.exit_code == 0, result.stderr
     assert "cannot write the report" in result.stderr
-    records = [json.loads(line) for line in report.read_text().splitlines()]  # no half line
-    assert [r["input"] for r in records] == [str(p) for p in three] and {r["status"] for r in records} == {"ok"}
+    recs = records(report)  # no half line
+    assert [r["input"] for r in recs] == [str(p) for p in three] and {r["status"] for r in recs} == {"ok"}
 
 
 def test_no_report_file_when_nothing_ended(tmp_path, three, monkeypatch):
@@ -64,6 +61,6 @@ def test_no_report_file_when_nothing_ended(tmp_path, three, monkeypatch):
 
     monkeypatch.setattr("clipstyle.jobs.plan.load_models", no_weights)
     report = tmp_path / "out" / "r.jsonl"
-    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", "--report", report, *TINY)
+    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", "--report", report, *TINY_16)
     assert result.exit_code == 1 and "not in the cache" in result.stderr
     assert not report.exists()  # no empty report left behind

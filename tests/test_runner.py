@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -14,9 +12,7 @@ from clipstyle.jobs.inputs import collect_inputs
 from clipstyle.jobs.pairs import pair_seed, parse_shard, plan_pairs
 
 import conftest
-from conftest import DEVICE, invoke
-
-TINY = ["--size", "32", "--steps", "2", "--crops", "2", "--crop-size", "16", "--no-templates", "-q"]
+from conftest import DEVICE, TINY_32, invoke, records
 
 
 @pytest.fixture
@@ -32,13 +28,9 @@ def folder(tmp_path):
     return d
 
 
-def records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_folder_with_broken_file_two_prompts_then_resume(tmp_path, folder, loader):
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    result = invoke("run", folder, "-p", "ink wash", "-p", "mosaic", "-o", out, "--report", report, *TINY)
+    result = invoke("run", folder, "-p", "ink wash", "-p", "mosaic", "-o", out, "--report", report, *TINY_32)
     assert result.exit_code == 1
     assert len(list(out.glob("*.png"))) == 8
     recs = records(report)
@@ -49,7 +41,7 @@ def test_folder_with_broken_file_two_prompts_then_resume(tmp_path, folder, loade
     # rerun: the eight outputs are skipped, untouched
     before = {p.name: p.read_bytes() for p in out.glob("*.png")}
     report.unlink()
-    again = invoke("run", folder, "-p", "ink wash", "-p", "mosaic", "-o", out, "--report", report, *TINY)
+    again = invoke("run", folder, "-p", "ink wash", "-p", "mosaic", "-o", out, "--report", report, *TINY_32)
     assert again.exit_code == 1  # the broken file still fails
     assert sorted(r["status"] for r in records(report)) == ["failed"] * 2 + ["skipped"] * 8
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
@@ -70,7 +62,7 @@ def test_cli_shards_together_write_every_output_once(tmp_path, folder, loader):
     out = tmp_path / "out"
     good = [folder / f"img{i}.png" for i in range(4)]
     for k in (1, 2):
-        assert invoke("run", *good, "-p", "x", "-p", "y", "-o", out, "--shard", f"{k}/2", *TINY).exit_code == 0
+        assert invoke("run", *good, "-p", "x", "-p", "y", "-o", out, "--shard", f"{k}/2", *TINY_32).exit_code == 0
     assert len(list(out.glob("*.png"))) == 8
 
 
@@ -105,9 +97,9 @@ def test_pair_seed_depends_on_identity_not_order():
 def test_output_does_not_depend_on_order_or_batch(tmp_path, folder, loader):
     good = [folder / f"img{i}.png" for i in range(3)]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    assert invoke("run", *good, "-p", "x", "-o", a, *TINY).exit_code == 0
-    assert invoke("run", *reversed(good), "-p", "x", "-o", b, *TINY).exit_code == 0
-    assert invoke("run", *good, "-p", "x", "-o", c, "--batch", "2", *TINY).exit_code == 0
+    assert invoke("run", *good, "-p", "x", "-o", a, *TINY_32).exit_code == 0
+    assert invoke("run", *reversed(good), "-p", "x", "-o", b, *TINY_32).exit_code == 0
+    assert invoke("run", *good, "-p", "x", "-o", c, "--batch", "2", *TINY_32).exit_code == 0
     for name in (p.name for p in a.glob("*.png")):
         assert (a / name).read_bytes() == (b / name).read_bytes()
         x = torch.from_numpy(np.asarray(Image.open(a / name), dtype=np.float32))
@@ -135,14 +127,13 @@ def test_batch_matches_single_pairs_in_the_library(models, tiny_settings):
         assert t.losses["total"] == pytest.approx(a.losses["total"], rel=1e-3)
 
 
-@pytest.mark.slow
 def test_two_worker_processes_share_the_queue(tmp_path, folder, loader):
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
     single = tmp_path / "single"
-    result = invoke("run", folder, "-p", "x", "-o", out, "--devices", "cpu,cpu", "--report", report, *TINY)
+    result = invoke("run", folder, "-p", "x", "-o", out, "--devices", "cpu,cpu", "--report", report, *TINY_32)
     assert result.exit_code == 1  # broken.jpg
     assert sorted(r["status"] for r in records(report)) == ["failed"] + ["ok"] * 4
-    invoke("run", folder, "-p", "x", "-o", single, *TINY)
+    invoke("run", folder, "-p", "x", "-o", single, *TINY_32)
     for p in single.glob("*.png"):
         assert (out / p.name).read_bytes() == p.read_bytes()  # same seeds, same results
 
@@ -150,7 +141,7 @@ def test_two_worker_processes_share_the_queue(tmp_path, folder, loader):
 def test_absent_device_in_devices_is_one_line(tmp_path, folder, loader):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--devices", "cpu,cuda:3", *TINY)
+    result = invoke("run", folder, "-p", "x", "-o", tmp_path / "o", "--devices", "cpu,cuda:3", *TINY_32)
     assert result.exit_code == 1
     assert result.stderr.startswith("clipstyle: error:") and "CUDA" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -166,7 +157,7 @@ def test_undecodable_and_very_long_file_names_do_not_stop_the_run(tmp_path, load
     long_name = "x" * 240 + ".png"
     Image.new("RGB", (20, 20), (10, 200, 10)).save(d / long_name)
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    result = invoke("run", d, "-p", "ink", "-o", out, "--report", report, *TINY)
+    result = invoke("run", d, "-p", "ink", "-o", out, "--report", report, *TINY_32)
     assert result.exit_code == 0, result.stderr
     assert [r["status"] for r in records(report)] == ["ok", "ok"]
     assert all(len(os.fsencode(p.name)) <= 255 for p in out.iterdir())
@@ -188,7 +179,7 @@ def test_a_crash_in_one_pair_is_that_pairs_failure(tmp_path, folder, loader, mon
     monkeypatch.setattr(S, "stylize_many", flaky)
     good = [folder / f"img{i}.png" for i in range(2)]
     report = tmp_path / "r.jsonl"
-    result = invoke("run", *good, "-p", "x", "-o", tmp_path / "o", "--report", report, *TINY)
+    result = invoke("run", *good, "-p", "x", "-o", tmp_path / "o", "--report", report, *TINY_32)
     assert result.exit_code == 1
     assert [r["status"] for r in records(report)] == ["failed", "ok"]
     assert "something broke inside" in records(report)[0]["error"]

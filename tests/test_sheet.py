@@ -16,7 +16,7 @@ from clipstyle.errors import ClipstyleError
 from clipstyle.evaluation import sheet as sheets
 from clipstyle.jobs.report import read_report
 
-from conftest import invoke
+from conftest import invoke, records
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE, YELLOW = (220, 20, 20), (20, 200, 20), (20, 20, 220), (230, 230, 20)
@@ -194,7 +194,6 @@ main()
 """
 
 
-@pytest.mark.slow
 def test_evaluation_protocol_runs_end_to_end_on_tiny_models(tmp_path):
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(tests=str(ROOT / "tests")))
@@ -226,9 +225,9 @@ def test_evaluation_protocol_runs_end_to_end_on_tiny_models(tmp_path):
     assert done.returncode == 0, done.stderr
     styled = sorted(p.name for p in (out / "styled").iterdir())
     assert styled == ["coffee-ink-wash.png", "coffee-stone-wall.png"]
-    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and {r["prompt"] for r in records} == {"ink <wash>", "stone wall"}
-    for r in records:
+    scores = records(out / "scores.jsonl")
+    assert len(scores) == 2 and {r["prompt"] for r in scores} == {"ink <wash>", "stone wall"}
+    for r in scores:
         for name in ("clip_score", "patch_clip_score", "directional_similarity", "content_distance", "ssim"):
             assert isinstance(r[name], float) and r[name] == r[name]  # finite numbers, not NaN
         assert r["templates"] == "none" and r["patch_crops"] == 4 and r["size"] == [32, 24]

@@ -264,34 +264,81 @@ def _read_w(path):
         return _ArchiveUnpickler(zf.read("archive/data.pkl"), zf, "archive").load()["w"]
 
 
-def test_corrupted_torchscript_archives_fail_with_one_line(tmp_path):
-    """Runs last: without the bounds tested above, a flipped byte can claim terabytes."""
+class _Fuzzed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(4, 4)
+    def forward(self, x):
+        return self.proj(x)
 
-        def forward(self, x):
-            return self.proj(x)
 
+def _read_and_load(path):
+    """The state dict that ``path`` gives and the module it loads into, or the WeightsError
+    that refuses it; any other exception propagates."""
+    try:
+        state = read_state_dict(path)
+        module = _Fuzzed()
+        load_into(module, state, path, "Fuzzed")
+    except WeightsError as exc:
+        return exc, None
+    return state, module
+
+
+def _mutate(data: bytes, rng: random.Random, cut: bool) -> tuple[bytes, str]:
+    """1 to 6 random bytes set and, if ``cut``, the end cut off; with the mutation in words."""
+    data = bytearray(data)
+    steps = []
+    for _ in range(rng.randint(1, 6)):
+        at, value = rng.randrange(len(data)), rng.randrange(256)
+        steps.append(f"byte {at} {data[at]:#04x}->{value:#04x}")
+        data[at] = value
+    if cut:
+        end = rng.randrange(1, len(data))
+        steps.append(f"cut to {end} of {len(data)} bytes")
+        data = data[:end]
+    return bytes(data), ", ".join(steps)
+
+
+def test_corrupted_torchscript_archives_read_and_load_or_fail_with_one_line(tmp_path):
+    """Every mutated archive either reads as a state dict that loads (a harmless flip) or is
+    refused with one WeightsError line naming it; any other exception fails, naming the mutation.
+    Runs last: without the bounds tested above, a flipped byte can claim terabytes."""
+    original = _Fuzzed()
     good = tmp_path / "good.pt"
-    torch.jit.save(torch.jit.script(Tiny()), str(good))
+    torch.jit.save(torch.jit.script(original), str(good))
     with zipfile.ZipFile(good) as zf:
         parts = {n: zf.read(n) for n in zf.namelist()}
     data_name = next(n for n in parts if n.endswith("/data.pkl"))
-    rng = random.Random(3)
-    for i in range(30):
-        pkl = bytearray(parts[data_name])
-        for _ in range(rng.randint(1, 6)):
-            pkl[rng.randrange(len(pkl))] = rng.randrange(256)
-        if i % 3 == 0:
-            pkl = pkl[: rng.randrange(1, len(pkl))]
-        path = tmp_path / f"bad{i}.pt"
+
+    def archive(path, pkl):
         with zipfile.ZipFile(path, "w") as zf:
             for name, data in parts.items():
-                zf.writestr(name, bytes(pkl) if name == data_name else data)
+                zf.writestr(name, pkl if name == data_name else data)
+        return path
+
+    # unmutated, the rebuilt archive loads: what the mutated ones give is the mutations' doing
+    state, module = _read_and_load(archive(tmp_path / "control.pt", parts[data_name]))
+    assert module is not None, state
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(module.state_dict()[name], tensor), name
+    rng = random.Random(3)
+    outcomes = collections.Counter()
+    for i in range(30):
+        pkl, mutation = _mutate(parts[data_name], rng, cut=i % 3 == 0)
+        path = archive(tmp_path / f"bad{i}.pt", pkl)
+        mutation = f"{path.name} ({data_name}: {mutation})"
         try:
-            read_state_dict(path)  # a harmless flip may still read
-        except WeightsError as exc:
-            assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc)
+            result, module = _read_and_load(path)
+        except Exception as exc:  # noqa: BLE001 - the failure this test exists for, named
+            pytest.fail(f"{mutation}: {type(exc).__name__} instead of WeightsError: {exc}")
+        if module is None:
+            message = str(result)
+            assert message.startswith(f"{path}: ") and "\n" not in message, f"{mutation}: {message!r}"
+            outcomes["refused"] += 1
+        else:
+            assert isinstance(result, dict) and set(result) == set(module.state_dict()), f"{mutation}: {result!r}"
+            for name, tensor in module.state_dict().items():
+                assert torch.equal(tensor, result[name].to(tensor.dtype)), f"{mutation}: {name}"
+            outcomes["loaded"] += 1
+    assert outcomes["refused"], outcomes  # the mutations did corrupt: the refusals were checked

@@ -58,12 +58,12 @@ def test_broken_mask_code_fails(clip, monkeypatch, breakage):
         monkeypatch.setattr(W, "phrase_embeddings", lambda *a, **k: real(*a, **k).flip(0))
         W._TEXT_CACHE.clear()
     try:
+        # an error here is a real one and is reported as it is (a mask that selects nothing
+        # raises nothing: its IoU is 0)
         found = W.where_mask(clip, image, "red", settings)
-        assert iou(found, truth) < 0.5, iou(found, truth)
-    except Exception as exc:  # noqa: BLE001 - a mask that selects nothing is a failure too
-        pytest.fail(f"broken code raised instead of giving a wrong mask: {exc}")
     finally:
         W._TEXT_CACHE.clear()
+    assert iou(found, truth) < 0.5, iou(found, truth)
 
 
 @pytest.mark.device
