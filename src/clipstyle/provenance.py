@@ -1,6 +1,6 @@
 """What every file clipstyle writes says about how it was made, written once.
 
-- :func:`stamp`: the record put into output PNGs, masks and reports' outputs:
+- :func:`stamp`: the record put into the PNGs that run, apply and mask write:
   ``Software`` (the PNG convention) and a ``clipstyle`` entry with the version
   and whatever the caller adds (settings, models, seed, region...). Style files
   carry the same version in their header (clipstyle.styles.stylefile).

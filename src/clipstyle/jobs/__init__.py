@@ -3,9 +3,10 @@
 Inputs and outputs (``inputs``, ``globs``, ``pairs``), the one batch loop
 (``batch``: skipping, isolating failures, records) with its helpers
 (``claims``, ``resume``, ``report``, ``memory``), each command's work
-(``run``, ``apply``, ``mask``), the plan a face submits (``plan``) and the
-executors that hand pairs out (``executors``: this process, ``--devices``
-worker processes, a Ray cluster). It may import every layer below it; the
+(``run``, ``apply``, ``mask``), the plan a face submits and the executor it
+names (``plan``), and the two executors beyond this process (``devices``: one
+worker process per device; ``ray_executor``: the actors of a Ray cluster).
+It may import every layer below it; the
 method never imports it. It never prints: what a user sees goes through
 ``batch.Events``.
 """
