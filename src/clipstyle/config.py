@@ -182,3 +182,20 @@ class WhereSettings:
             raise ClipstyleError(f"unknown --where method {self.method!r}")
         if self.windows < 1 or not 0 < self.stride <= 1 or self.work_size < 16 or self.guide_radius < 0:
             raise ClipstyleError("where settings out of range")
+
+
+# --- video (clipstyle.video: apply and run on films) -------------------------------------------------------
+
+# The restyled film: H.264 in yuv420p (what every player plays), at a constant
+# quality. CRF 18 is about visually lossless for x264; each step of 6 halves or
+# doubles the size. "medium" is x264's own default speed/size trade-off.
+VIDEO_CODEC = "libx264"
+VIDEO_CRF = 18
+VIDEO_PRESET = "medium"
+VIDEO_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+# Frames a style is trained on when `run` is given a film, spread evenly over it.
+# Each step trains on one of them: with the paper's 200 steps, 8 frames get about
+# 25 steps each, and eight evenly spaced samples cover the scenes of a holiday
+# clip (one every few seconds of a one-minute film) while their CLIP and VGG
+# constants cost eight forward passes once.
+TRAIN_FRAMES = 8

@@ -19,7 +19,42 @@ from clipstyle.cli.common import (
     stop_on_sigterm,
 )
 from clipstyle.cli.mask import region_options
-from clipstyle.config import STYLE_SUFFIXES, TILE_OVERLAP
+from clipstyle.config import STYLE_SUFFIXES, TILE_OVERLAP, VIDEO_CODEC, VIDEO_CRF, VIDEO_PRESET, VIDEO_PRESETS
+
+
+def video_options(f):
+    """--codec, --crf and --preset: how restyled films are encoded (apply, run)."""
+    f = click.option(
+        "--preset",
+        "video_preset",
+        type=click.Choice(VIDEO_PRESETS),
+        default=VIDEO_PRESET,
+        show_default=True,
+        help="Films: the x264/x265 encoder's speed/size trade-off.",
+    )(f)
+    f = click.option(
+        "--crf",
+        type=click.IntRange(0, 51),
+        default=VIDEO_CRF,
+        show_default=True,
+        help="Films: constant quality, lower is better and larger (18: about visually lossless).",
+    )(f)
+    return click.option(
+        "--codec",
+        default=VIDEO_CODEC,
+        show_default=True,
+        help="Films: the video encoder (frames are yuv420p; audio is copied untouched).",
+    )(f)
+
+
+def encoding_from_options(codec: str, crf: int, preset: str):
+    """The films' Encoding; a codec this FFmpeg lacks is refused before anything is written."""
+    from clipstyle.video import Encoding, encoders
+
+    known = encoders()
+    if known is not None and codec not in known:
+        raise click.BadParameter(f"this FFmpeg has no video encoder {codec!r} (try libx264)", param_hint="'--codec'")
+    return Encoding(codec=codec, crf=crf, preset=preset)
 
 
 def split_arguments(args: tuple[str, ...], style_options: tuple[Path, ...]) -> tuple[list[str], list[str]]:
@@ -59,14 +94,22 @@ def _events(quiet: bool):
         def progress(self, job, info):
             interrupts.check()  # a signal that a library swallowed
             done, total = info.done, info.total
-            if quiet or total <= 1:
+            unit = getattr(info, "unit", "tile")  # a film's frames (FrameProgress), else an image's tiles
+            if quiet or (total <= 1 and unit == "tile"):
                 return
             if self.bar is None:
                 from tqdm import tqdm
 
                 self.bar = tqdm(
-                    total=total, desc=job.input.path.name, unit="tile", leave=False, file=sys.stderr, dynamic_ncols=True
+                    total=total or None,
+                    desc=job.input.path.name,
+                    unit=unit,
+                    leave=False,
+                    file=sys.stderr,
+                    dynamic_ncols=True,
                 )
+            if total and self.bar.total != total:
+                self.bar.total = total
             self.bar.update(done - self.bar.n)
 
         def finished(self, job, record):
@@ -86,7 +129,7 @@ def _events(quiet: bool):
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.argument("args", nargs=-1, type=str, metavar="STYLE... IMAGES...")
+@click.argument("args", nargs=-1, type=str, metavar="STYLE... IMAGES_OR_VIDEOS...")
 @click.option(
     "-s",
     "--style",
@@ -100,8 +143,8 @@ def _events(quiet: bool):
     "--output",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output .png file (one image) or folder. [default: current folder, named "
-    "<image>-<style>.png, styles joined by '+']",
+    help="Output .png file (one image), video file (one film: .mp4, .mov, .mkv) or folder. "
+    "[default: current folder, named <image>-<style>.png or <film>-<style>.mp4, styles joined by '+']",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
 @click.option(
@@ -115,7 +158,8 @@ def _events(quiet: bool):
     "--size",
     type=click.IntRange(8),
     default=None,
-    help="Longest side of the output in pixels, aspect ratio kept. [default: the input's own size]",
+    help="Longest side of the output in pixels, aspect ratio kept; for films a cap (never enlarged). "
+    "[default: the input's own size]",
 )
 @click.option(
     "--strength",
@@ -157,6 +201,7 @@ def _events(quiet: bool):
     help="Tiles normalise with the whole image's statistics (no seams; about 8x the compute) or "
     "each with its own (one pass; soft seams possible).",
 )
+@video_options
 @device_option
 @region_options(with_clip=True)
 @click.option(
@@ -186,6 +231,9 @@ def apply(
     tile,
     overlap,
     tile_stats,
+    codec,
+    crf,
+    video_preset,
     device,
     overwrite,
     report,
@@ -194,10 +242,13 @@ def apply(
     region,
     region_clip,
 ):
-    """Restyle IMAGES (files, folders or globs) with saved styles, one forward pass each.
+    """Restyle IMAGES and VIDEOS (files, folders or globs) with saved styles, one forward pass each.
 
     Styles are the leading arguments ending in .style or .safetensors (or
-    given with --style); the rest are images. Styles come from
+    given with --style); the rest are images and films (.mp4, .mov, .mkv,
+    .webm, .avi; needs pip install 'clipstyle[video]'). A film is restyled
+    frame by frame, streamed, keeping its frame timing, rotation, pixel aspect
+    and audio. Styles come from
     `clipstyle run --save-style FILE`; files that could run code when loaded
     (pickles, torch.save) are refused.
 
@@ -206,6 +257,7 @@ def apply(
       clipstyle apply ink.style frames/ -o styled/ --size 1080
       clipstyle apply ink.style fire.style --mix 0.3 photo.jpg  # 70% ink, 30% fire
       clipstyle apply ink.style photo.jpg --strength 0.6 -o soft.png
+      clipstyle apply ink.style holiday.mp4 -o holiday-ink.mp4 --size 1280
 
     Outputs made the same way are skipped, others refused, unless
     --overwrite; a file that fails is reported and the rest go on. Exit code 0 when every image is ok or
@@ -249,9 +301,10 @@ def apply(
         tile_stats=tile_stats,
         region=region,
         region_clip=clip,
+        encoding=encoding_from_options(codec, crf, video_preset),
     )
     styles = [load_style(p) for p in style_paths]  # a bad style stops here, before any image
-    inputs = collect_inputs(images, recursive=recursive, from_file=from_file, stdin=sys.stdin)
+    inputs = collect_inputs(images, recursive=recursive, from_file=from_file, stdin=sys.stdin, videos=True)
     if not inputs:
         raise UserError("no input images found")
     jobs = plan_outputs(inputs, styles, output)

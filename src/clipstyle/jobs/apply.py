@@ -1,8 +1,8 @@
-"""``apply``'s jobs: restyle image files with saved styles, one forward pass each.
+"""``apply``'s jobs: restyle image files and films with saved styles, one forward pass per image or frame.
 
 One :class:`ApplyJob` per input (:func:`plan_outputs`); :func:`apply_files`
-renders them (clipstyle.styles.rendering) through the shared batch loop (batch.py), which
-skips, isolates failures and reports.
+renders them (clipstyle.styles.rendering; a film frame by frame, clipstyle.jobs.film)
+through the shared batch loop (batch.py), which skips, isolates failures and reports.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from clipstyle.config import MAX_PIXELS, TILE_OVERLAP
 from clipstyle.device import release_cached_memory
 from clipstyle.errors import ClipstyleError
 from clipstyle.jobs.batch import Events, Summary, Work, job_error, run_jobs
-from clipstyle.jobs.inputs import InputFile, mirrored_output, output_file
+from clipstyle.jobs.film import FrameProgress, film_fields, restyle_film
+from clipstyle.jobs.inputs import InputFile, check_kind, mirrored_output, output_file
 from clipstyle.jobs.memory import check_fits, render_bytes
 from clipstyle.provenance import file_sha256, stamp
 from clipstyle.regions import masks
@@ -32,6 +33,7 @@ from clipstyle.styles.rendering import (
     target_size,
 )
 from clipstyle.styles.stylefile import Style
+from clipstyle.video import Encoding, is_video
 
 
 @dataclass
@@ -55,6 +57,7 @@ class ApplyOptions:
     tile_stats: str = "image"  # see rendering.render()
     region: object | None = None  # --mask/--where/--preserve-color: a regions.region.Region, None for none
     region_clip: object | None = None  # the CLIP encoder --where uses
+    encoding: Encoding = Encoding()  # how films are encoded (--codec, --crf, --preset)
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,19 @@ class TileProgress:
 
 
 def plan_outputs(inputs: list[InputFile], styles: Sequence[Style], output: Path | None) -> list[ApplyJob]:
-    """One job per input: ``<stem>-<style>.png`` (styles joined by '+') in the
-    output folder (default: the current one), under the input's subfolder for
-    folder inputs; or ``output`` itself when it is a .png and there is one input."""
+    """One job per input: ``<stem>-<style>.png`` (``.mp4`` for a film; styles joined by '+')
+    in the output folder (default: the current one), under the input's subfolder for
+    folder inputs; or ``output`` itself when it is a .png (or a video file for a film)
+    and there is one input."""
     label = "+".join(s.name for s in styles)
-    as_file = output_file(output, len(inputs) == 1, "one image")
+    as_file = output_file(output, len(inputs) == 1, "one image", videos=True)
+    check_kind(as_file, inputs)
     folder = Path(".") if output is None else output
-    return [ApplyJob(inp, as_file or mirrored_output(folder, inp, label)) for inp in inputs]
+    return [ApplyJob(inp, as_file or mirrored_output(folder, inp, label, _suffix(inp))) for inp in inputs]
+
+
+def _suffix(inp: InputFile) -> str:
+    return ".mp4" if is_video(inp.path) else ".png"
 
 
 def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, size, identity: dict) -> dict:
@@ -120,6 +129,7 @@ class _RenderFiles(Work):
             "overlap": options.overlap,
             "tile_stats": options.tile_stats,
             "whole_pixels": options.whole_pixels,
+            **({"encoding": options.encoding.record()} if is_video(path) else {}),
         }
 
     def record(self, job: ApplyJob, status: str, error: str | None = None) -> dict:
@@ -149,6 +159,8 @@ class _RenderFiles(Work):
         return [self._render(job, events) for job, _ in batch]
 
     def _render(self, job: ApplyJob, events: Events) -> dict:
+        if is_video(job.input.path):
+            return self._render_film(job, events)
         options = self.options
         record = self.record(job, "ok")
         t0 = time.perf_counter()
@@ -181,6 +193,47 @@ class _RenderFiles(Work):
             meta = _output_metadata(job, self.styles, options, size, self.identity(job, job.output))
             io.save_png(y, job.output, meta, overwrite=self.overwrite)
             record.update(size=list(size))
+        except ClipstyleError as exc:
+            record.update(status="failed", error=job_error(job, exc))
+        record["seconds"] = round(time.perf_counter() - t0, 4)
+        return record
+
+    def _render_film(self, job: ApplyJob, events: Events) -> dict:
+        """Every frame of a film through the styles, streamed (clipstyle.jobs.film)."""
+        options = self.options
+        record = self.record(job, "ok")
+        t0 = time.perf_counter()
+        try:
+            if options.region is not None:
+                raise ClipstyleError("--mask, --where and --preserve-color work on images, not on films")
+            if options.size:
+                check_fits(
+                    render_bytes(options.size, options.size),
+                    self.device,
+                    f"rendering frames at {options.size} px",
+                    "lower --size",
+                    job.input.path,
+                )
+            meta = _output_metadata(job, self.styles, options, (0, 0), self.identity(job, job.output))
+            fields = meta["clipstyle"]
+            fields.update(encoding=options.encoding.record(), size=None)
+            stats = restyle_film(
+                job.input.path,
+                job.output,
+                self.networks,
+                device=self.device,
+                longest=options.size,
+                strength=options.strength,
+                mix=options.mix,
+                tile=options.tile,
+                overlap=options.overlap,
+                tile_stats=options.tile_stats,
+                encoding=options.encoding,
+                record=fields,
+                overwrite=self.overwrite,
+                progress=lambda d, t: events.progress(job, FrameProgress(d, t)),
+            )
+            record.update(size=list(stats.size), **film_fields(stats))
         except ClipstyleError as exc:
             record.update(status="failed", error=job_error(job, exc))
         record["seconds"] = round(time.perf_counter() - t0, 4)

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from clipstyle.errors import ClipstyleError, OutputError
 from clipstyle.images import IMAGE_EXTENSIONS
 from clipstyle.jobs.globs import expand_glob
+from clipstyle.video import OUTPUT_FORMATS, VIDEO_EXTENSIONS, is_video
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,13 @@ def _glob_chars(s: str) -> bool:
 
 
 def collect_inputs(
-    items: list[str], recursive: bool = False, from_file: str | None = None, stdin=None
+    items: list[str], recursive: bool = False, from_file: str | None = None, stdin=None, videos: bool = False
 ) -> list[InputFile]:
     """Expand files, folders and globs into image files, in a stable order.
 
     Folders contribute only files with image extensions (sorted; with
-    ``recursive`` their subfolders too). Files named directly are taken as they
-    are, so a broken one is reported rather than silently skipped.
+    ``recursive`` their subfolders too), and video extensions with ``videos``.
+    Files named directly are taken as they are, so a broken one is reported rather than silently skipped.
     A path that does not exist is still returned, and fails when read.
     """
     listed = list(items)
@@ -62,6 +63,7 @@ def collect_inputs(
         listed += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     found: list[InputFile] = []
     seen: set[str] = set()
+    extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS if videos else IMAGE_EXTENSIONS
 
     def add(path: Path, rel: str) -> None:
         key = os.path.abspath(path)
@@ -78,7 +80,7 @@ def collect_inputs(
                     f
                     for f in walker
                     if f.is_file()
-                    and f.suffix.lower() in IMAGE_EXTENSIONS
+                    and f.suffix.lower() in extensions
                     and not any(part.startswith(".") for part in f.relative_to(p).parts)
                 ),
                 key=lambda f: f.relative_to(p).as_posix(),
@@ -143,19 +145,23 @@ def _no_images(folder: Path, recursive: bool) -> str:
     return f"{reason} (files with image extensions: .jpg, .png, .webp, ...)"
 
 
-def output_file(output: Path | None, single: bool, one: str) -> Path | None:
+def output_file(output: Path | None, single: bool, one: str, videos: bool = False) -> Path | None:
     """``output`` when it names one PNG file (one input, one output), else None (a folder).
 
     A .png path for several outputs, or a single output to a name with another
     suffix, is refused; ``one`` says what one output is made of ("one image").
+    With ``videos``, a video file name (.mp4, .mov, .mkv) is one output too.
     """
-    as_file = output is not None and output.suffix.lower() == ".png" and not output.is_dir()
+    files = (".png", *OUTPUT_FORMATS) if videos else (".png",)
+    as_file = output is not None and output.suffix.lower() in files and not output.is_dir()
     # a new folder named like an image (-o y.jpg for several outputs) is a mistake, not a folder
-    named_as_image = output is not None and output.suffix.lower() in IMAGE_EXTENSIONS and not output.is_dir()
+    named = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS if videos else IMAGE_EXTENSIONS
+    named_as_image = output is not None and output.suffix.lower() in named and not output.is_dir()
     if named_as_image and not single:
         raise ClipstyleError(f"an output file needs exactly {one}; give a folder instead", output)
     if output is not None and output.suffix and not as_file and not output.is_dir() and single:
-        raise ClipstyleError("output files are PNG: use a name ending in .png, or a folder", output)
+        what = "PNG images or .mp4, .mov, .mkv videos" if videos else "PNG: use a name ending in .png, or a folder"
+        raise ClipstyleError(f"output files are {what}", output)
     return output if as_file else None
 
 
@@ -169,10 +175,20 @@ def short_stem(stem: str, max_bytes: int = 100) -> str:
     return f"{cut}-{hashlib.sha256(raw).hexdigest()[:8]}"
 
 
-def mirrored_output(folder: Path, inp: InputFile, label: str) -> Path:
-    """``<folder>/<input's subfolder>/<stem>-<label>.png``."""
+def mirrored_output(folder: Path, inp: InputFile, label: str, suffix: str = ".png") -> Path:
+    """``<folder>/<input's subfolder>/<stem>-<label><suffix>`` (.png, or .mp4 for a film)."""
     rel = Path(inp.rel)
-    return folder / rel.parent / f"{short_stem(rel.stem)}-{label}.png"
+    return folder / rel.parent / f"{short_stem(rel.stem)}-{label}{suffix}"
+
+
+def check_kind(output: Path | None, inputs: list[InputFile]) -> None:
+    """One output file named for one input: a film's must be a video file, an image's a PNG."""
+    if output is None or len(inputs) != 1:
+        return
+    film, to_film = is_video(inputs[0].path), output.suffix.lower() in OUTPUT_FORMATS
+    if film != to_film:
+        need = "a video (.mp4, .mov, .mkv)" if film else "a .png image"
+        raise ClipstyleError(f"the input {inputs[0].path.name} needs {need} as its output", output)
 
 
 def _key(path) -> str:

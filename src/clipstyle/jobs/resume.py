@@ -32,8 +32,14 @@ def settings_identity(settings) -> dict:
 
 
 def read_record(path: str | Path) -> dict | None:
-    """What clipstyle recorded in ``path``: a PNG's ``clipstyle`` text chunk or a style
-    file's metadata, as a dict. None when the file has no such record or cannot be read."""
+    """What clipstyle recorded in ``path``: a PNG's ``clipstyle`` text chunk, a style
+    file's metadata or a film's container tag (clipstyle.video), as a dict. None when
+    the file has no such record or cannot be read."""
+    from clipstyle.video import is_video
+    from clipstyle.video import read_record as film_record
+
+    if is_video(path):
+        return film_record(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
