@@ -220,7 +220,7 @@ def read_record(path: str | Path) -> dict | None:
 
 @dataclass(frozen=True)
 class Encoding:
-    """How the restyled film is encoded (``--codec``, ``--crf``, ``--preset``)."""
+    """How the restyled film is encoded (``--codec``, ``--crf``, ``--video-preset``)."""
 
     codec: str = VIDEO_CODEC
     crf: int = VIDEO_CRF

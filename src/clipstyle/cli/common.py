@@ -12,7 +12,15 @@ from pathlib import Path
 
 import click
 
-from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED, MAX_PIXELS
+from clipstyle.config import (
+    CLIP_MODEL,
+    CLIP_PRETRAINED,
+    MAX_PIXELS,
+    VIDEO_CODEC,
+    VIDEO_CRF,
+    VIDEO_PRESET,
+    VIDEO_PRESETS,
+)
 from clipstyle.errors import ClipstyleError
 
 
@@ -194,3 +202,38 @@ def stop_on_sigterm(f):
             return f(*args, **kwargs)
 
     return wrapper
+
+
+def video_options(f):
+    """--codec, --crf and --video-preset: how restyled films are encoded (apply, run)."""
+    f = click.option(
+        "--video-preset",
+        "video_preset",
+        type=click.Choice(VIDEO_PRESETS),
+        default=VIDEO_PRESET,
+        show_default=True,
+        help="Films: the x264/x265 encoder's speed/size trade-off.",
+    )(f)
+    f = click.option(
+        "--crf",
+        type=click.IntRange(0, 51),
+        default=VIDEO_CRF,
+        show_default=True,
+        help="Films: constant quality, lower is better and larger (18: about visually lossless).",
+    )(f)
+    return click.option(
+        "--codec",
+        default=VIDEO_CODEC,
+        show_default=True,
+        help="Films: the video encoder (frames are yuv420p; audio is copied untouched).",
+    )(f)
+
+
+def encoding_from_options(codec: str, crf: int, preset: str):
+    """The films' Encoding; a codec this FFmpeg lacks is refused before anything is written."""
+    from clipstyle.video import Encoding, encoders
+
+    known = encoders()
+    if known is not None and codec not in known:
+        raise click.BadParameter(f"this FFmpeg has no video encoder {codec!r} (try libx264)", param_hint="'--codec'")
+    return Encoding(codec=codec, crf=crf, preset=preset)

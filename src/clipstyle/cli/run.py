@@ -13,13 +13,15 @@ from clipstyle.cli.common import (
     debug_option,
     echo_outcome,
     echo_warning,
+    encoding_from_options,
     end_of_run,
     max_pixels_option,
     model_options,
     stop_on_sigterm,
+    video_options,
 )
 from clipstyle.cli.mask import region_options
-from clipstyle.config import PRECISIONS, PRESETS, Settings
+from clipstyle.config import PRECISIONS, PRESETS, TRAIN_FRAMES, Settings
 
 D = Settings()  # every default below is read from config (Settings and its constants): written once
 
@@ -52,11 +54,33 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 
         def progress(self, pair, info):
             interrupts.check()
+            if getattr(info, "unit", None) == "frame":  # a film being rendered after its training
+                self._frames(pair, info)
+                return
             if self.bar is None or info.pair != 0:
                 return
             self.bar.update(1)
             if info.losses:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()}, refresh=False)
+
+        def _frames(self, pair, info):
+            if quiet:
+                return
+            if self.bar is None or self.bar.unit != "frame":
+                from tqdm import tqdm
+
+                self.close()
+                self.bar = tqdm(
+                    total=info.total or None,
+                    desc=f"rendering {pair.input.path.name}",
+                    unit="frame",
+                    leave=False,
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
+            if info.total and self.bar.total != info.total:
+                self.bar.total = info.total
+            self.bar.update(info.done - self.bar.n)
 
         def finished(self, pair, record):
             self.close()  # the outcome on a line of its own, never after the bar's
@@ -88,7 +112,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     "--output",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output .png file (one image, one prompt) or folder. [default: current folder, named <image>-<prompt>.png]",
+    help="Output .png file (one image, one prompt), video file (one film: .mp4, .mov, .mkv) or folder. "
+    "[default: current folder, named <image>-<prompt>.png or <film>-<prompt>.mp4]",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
 @click.option(
@@ -266,6 +291,23 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     "image and one prompt, else a folder (<output name>.style).",
 )
 @click.option(
+    "--train-on",
+    "train_on",
+    multiple=True,
+    metavar="FILES_OR_FOLDER",
+    help="Train one style over these images (files, folders, globs; films give --train-frames frames "
+    "each) instead of one per image: each step trains on one of them. Needs --save-style; repeat for more.",
+)
+@click.option(
+    "--train-frames",
+    type=click.IntRange(1),
+    default=TRAIN_FRAMES,
+    show_default=True,
+    metavar="K",
+    help="Films: train the style on K frames spread evenly over the film, then render every frame.",
+)
+@video_options
+@click.option(
     "--output-size",
     type=str,
     default=None,
@@ -334,6 +376,11 @@ def run(
     save_every,
     contrast,
     save_style,
+    train_on,
+    train_frames,
+    codec,
+    crf,
+    video_preset,
     output_size,
     strength,
     overwrite,
@@ -342,11 +389,17 @@ def run(
     quiet,
     region,
 ):
-    """Restyle IMAGES (files, folders or globs) after each --prompt.
+    """Restyle IMAGES and films (files, folders or globs) after each --prompt.
+
+    A film (.mp4, .mov, .mkv, .webm, .avi; pip install 'clipstyle[video]') trains
+    one style on --train-frames frames spread over it, then every frame is
+    restyled with it, keeping the film's timing, rotation, pixel aspect and audio.
 
     \b
       clipstyle run -p "starry night" photo.jpg
       clipstyle run -p "ink wash painting" -p "mosaic" photos/ -o styled/ --report runs.jsonl
+      clipstyle run -p "ink wash painting" holiday.mp4 -o holiday-ink.mp4 --save-style ink.style
+      clipstyle run -p "ink wash painting" --train-on frames/ --save-style ink.style
 
     Outputs made with the same settings are skipped, others refused, unless
     --overwrite; a file that fails is reported and the run goes on. Exit code 0 when every pair is ok or
@@ -364,7 +417,12 @@ def run(
 
     if not prompts:
         raise click.UsageError("at least one --prompt is needed")
-    if not images and from_file is None:
+    if train_on and (images or from_file is not None):
+        raise click.UsageError(
+            "--train-on trains a style only: leave out the images, and restyle them afterwards with "
+            "clipstyle apply STYLE IMAGES"
+        )
+    if not images and from_file is None and not train_on:
         raise click.UsageError("no input images (give files, folders or globs, or --from-file)")
     check_prompts(list(prompts))
     # every option is checked before anything is read, loaded or written
@@ -397,6 +455,8 @@ def run(
         output_size=output_size,
         strength=strength,
         region=region,
+        train_frames=train_frames,
+        encoding=encoding_from_options(codec, crf, video_preset),
     )
     shard_kn = parse_shard(shard) if shard else None
     check_executor(executor, devices, ray_address, ray_workers, ray_cpus, device)
@@ -423,6 +483,8 @@ def run(
         shard=shard_kn,
         save_style=save_style,
         report=report,
+        videos=True,
+        train_on=list(train_on) or None,
     )
     report_file = Report(report, warn=lambda message: echo_warning(report, message))
     if executor == "ray":

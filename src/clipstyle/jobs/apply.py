@@ -57,7 +57,7 @@ class ApplyOptions:
     tile_stats: str = "image"  # see rendering.render()
     region: object | None = None  # --mask/--where/--preserve-color: a regions.region.Region, None for none
     region_clip: object | None = None  # the CLIP encoder --where uses
-    encoding: Encoding = Encoding()  # how films are encoded (--codec, --crf, --preset)
+    encoding: Encoding = Encoding()  # how films are encoded (--codec, --crf, --video-preset)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import slugify
-from clipstyle.jobs.inputs import InputFile, mirrored_output, output_file
+from clipstyle.jobs.inputs import InputFile, check_kind, mirrored_output, output_file
+from clipstyle.video import is_video
 
 
 @dataclass
@@ -23,6 +24,14 @@ class RunJob:
     output: Path
     seed: int
     style: Path | None = None  # where --save-style puts the trained network, if asked
+    # --train-on: the images (and films) one network is trained over; the job's output is then
+    # the style file alone. A film input (no train_on) trains on its own frames and renders itself.
+    train_on: tuple[InputFile, ...] | None = None
+
+    @property
+    def film(self) -> bool:
+        """Whether the input is a film: trained on its frames, rendered to a film."""
+        return self.train_on is None and is_video(self.input.path)
 
 
 def pair_seed(base_seed: int, rel: str, prompt: str) -> int:
@@ -70,11 +79,13 @@ def plan_pairs(
     """One RunJob per (image, prompt), with its output path and seed.
 
     ``output`` is a file when there is one image and one prompt and it ends in
-    .png; otherwise a folder (default: the current folder). Output names are
-    ``<stem>-<prompt-slug>.png``, under the input's subfolder for folder inputs.
+    .png (a video suffix for a film); otherwise a folder (default: the current folder).
+    Output names are ``<stem>-<prompt-slug>.png`` (``.mp4`` for a film), under the
+    input's subfolder for folder inputs.
     """
     single = len(inputs) == 1 and len(prompts) == 1
-    as_file = output_file(output, single, "one image and one prompt")
+    as_file = output_file(output, single, "one image and one prompt", videos=True)
+    check_kind(as_file, inputs)
     folder = Path(".") if output is None else output
     slugs: dict[str, str] = {}
     used: dict[str, str] = {}
@@ -87,8 +98,26 @@ def plan_pairs(
     jobs = []
     for inp in inputs:
         for prompt in prompts:
-            out = as_file or mirrored_output(folder, inp, slugs[prompt])
+            out = as_file or mirrored_output(folder, inp, slugs[prompt], ".mp4" if is_video(inp.path) else ".png")
             job = RunJob(inp, prompt, out, pair_seed(base_seed, inp.rel, prompt), style_path(out, save_style, single))
             if shard is None or in_shard(job, shard):
                 jobs.append(job)
+    return jobs
+
+
+def plan_set(
+    name: InputFile,
+    members: list[InputFile],
+    prompts: list[str],
+    save_style: Path,
+    base_seed: int,
+) -> list[RunJob]:
+    """``--train-on``: one job per prompt, training one network over ``members`` and writing only
+    its style file: ``save_style`` itself for one prompt (a .style name), else
+    ``<save_style>/<set name>-<prompt-slug>.style``. ``name`` identifies the set (records, seed)."""
+    single = len(prompts) == 1 and save_style.suffix == ".style"
+    jobs = []
+    for prompt in prompts:
+        out = save_style if single else save_style / f"{Path(name.rel).stem}-{slugify(prompt)}.style"
+        jobs.append(RunJob(name, prompt, out, pair_seed(base_seed, name.rel, prompt), None, tuple(members)))
     return jobs

@@ -147,13 +147,19 @@ def plan_run(
     shard: tuple[int, int] | None = None,
     save_style: Path | None = None,
     report: Path | None = None,
+    videos: bool = False,
+    train_on: list[str] | None = None,
 ) -> RunPlan:
     """Plan a run of every image of ``sources`` (files, folders, globs; ``from_file``: a list of
     paths, '-' for ``stdin``) with every prompt. Raises ClipstyleError, naming the file, for the
     first thing that cannot work: an empty prompt, an absent device, a size that cannot fit, no
-    input image, outputs that clash with each other, with an input or with ``report``."""
-    from clipstyle.jobs.inputs import check_outputs, collect_inputs
-    from clipstyle.jobs.pairs import plan_pairs
+    input image, outputs that clash with each other, with an input or with ``report``.
+
+    ``videos``: folders give their films too, and a film trains its style on its own frames and
+    is rendered whole. ``train_on``: files, folders or globs of one set that one style per prompt
+    is trained over, saved to ``save_style`` (then ``sources`` must be empty)."""
+    from clipstyle.jobs.inputs import InputFile, check_outputs, collect_inputs
+    from clipstyle.jobs.pairs import plan_pairs, plan_set
     from clipstyle.jobs.run import RunOptions
 
     settings = settings or Settings()
@@ -161,10 +167,26 @@ def plan_run(
     executor = executor or Executor()
     check_prompts(prompts)
     check_sizes(settings, options, executor)
-    inputs = collect_inputs(list(sources), recursive=recursive, from_file=from_file, stdin=stdin)
-    if not inputs:
-        raise ClipstyleError("no input images found")
-    pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, options.base_seed, shard, save_style)
+    prompts = list(dict.fromkeys(prompts))
+    if train_on:
+        if save_style is None:
+            raise ClipstyleError("training on a set (--train-on) needs --save-style FILE.style for the style")
+        members = collect_inputs(list(train_on), recursive=recursive, videos=True)
+        if not members:
+            raise ClipstyleError("no images to train on found", train_on[0])
+        name = InputFile(Path(train_on[0]), Path(train_on[0].rstrip("/\\")).name or "set")
+        pairs = plan_set(name, members, prompts, save_style, options.base_seed)
+        inputs = members
+    else:
+        inputs = collect_inputs(list(sources), recursive=recursive, from_file=from_file, stdin=stdin, videos=videos)
+        if not inputs:
+            raise ClipstyleError("no input images found")
+        pairs = plan_pairs(inputs, prompts, output, options.base_seed, shard, save_style)
+    several = [p for p in pairs if p.film or p.train_on is not None]
+    if several and executor.kind != "local":
+        raise ClipstyleError("films and --train-on run on this machine's device (--device), not with --devices or Ray")
+    if several and options.region is not None:
+        raise ClipstyleError("--mask, --where and --preserve-color work on images, not on films or --train-on sets")
     check_outputs(pairs, report)
     return RunPlan(pairs, settings, options, ModelSpec() if models is None else models, executor)
 

@@ -1,5 +1,9 @@
 """``run``'s work: optimising planned image x prompt pairs (pairs.py) and saving their outputs.
 
+A film input trains its style on frames spread over the film, then renders every frame
+(clipstyle.jobs.film); a ``--train-on`` job trains one style over a set of images and writes
+the style file alone.
+
 :func:`run_pairs` optimises RunJobs through the shared batch loop (batch.py),
 which skips, isolates failures and reports.
 This module never prints: everything a user sees goes through batch.Events.
@@ -13,10 +17,11 @@ from pathlib import Path
 import torch
 
 from clipstyle import images as io
-from clipstyle.config import MAX_PIXELS
+from clipstyle.config import MAX_PIXELS, TRAIN_FRAMES
 from clipstyle.device import release_cached_memory
 from clipstyle.errors import ClipstyleError, is_out_of_memory
 from clipstyle.jobs.batch import Events, Summary, Work, job_error, run_jobs
+from clipstyle.jobs.film import FrameProgress, film_fields, restyle_film, training_frames
 from clipstyle.jobs.memory import check_fits, render_bytes, run_bytes
 from clipstyle.jobs.pairs import RunJob
 from clipstyle.jobs.resume import settings_identity
@@ -26,6 +31,7 @@ from clipstyle.provenance import file_sha256, stamp
 from clipstyle.regions.cache import Regions
 from clipstyle.styles.rendering import render, target_size
 from clipstyle.styles.stylefile import save_style, style_metadata
+from clipstyle.video import Encoding, is_video
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class RunOptions:
     output_size: str | None = None  # None: the training size; "full": the input's; or a longest side
     strength: float = 1.0  # blend of content (0) and styled image (1)
     region: object | None = None  # --mask/--where/--preserve-color: a regions.region.Region, None for none
+    train_frames: int = TRAIN_FRAMES  # frames of a film its style trains on (spread evenly over it)
+    encoding: Encoding = Encoding()  # how restyled films are encoded
 
     def __post_init__(self) -> None:
         size = self.output_size
@@ -54,6 +62,8 @@ class RunOptions:
             raise ClipstyleError("save_every must be 0 or more")
         if self.max_pixels < 1:
             raise ClipstyleError("max_pixels must be at least 1")
+        if self.train_frames < 1:
+            raise ClipstyleError("train_frames must be at least 1")
 
     @property
     def output_longest(self) -> int | None:
@@ -130,8 +140,9 @@ class _Content:
     """A pair's prepared input: the image at the training size, and the original when
     the final image is rendered at another size."""
 
-    tensor: object  # (1, 3, h, w) in [0, 1]
+    tensor: object  # (1, 3, h, w) in [0, 1]; a list of them for a film or a --train-on set
     original: object | None  # PIL image
+    trained_on: object | None = None  # a film's or a set's: what the style was trained on (recorded in it)
 
 
 class _StylizePairs(Work):
@@ -180,17 +191,27 @@ class _StylizePairs(Work):
             "models": self.models_info,
             "input_sha256": self._input_sha256(job),
         }
-        if path == job.output:  # the image; the style file is the network alone
+        if job.film or job.train_on is not None:
+            made["train_frames"] = self.options.train_frames
+        if path == job.output and job.train_on is None:  # the image; the style file is the network alone
             made.update(
                 contrast=self.options.contrast, strength=self.options.strength, output_size=self.options.output_size
             )
+            if job.film:
+                made["encoding"] = self.options.encoding.record()
         return made
 
-    def _input_sha256(self, job: RunJob) -> str | None:
-        key = str(job.input.path)
+    def _input_sha256(self, job: RunJob) -> str | list | None:
+        if job.train_on is not None:  # a set: each member's, in order
+            hashes = [self._file_sha256(m.path) for m in job.train_on]
+            return None if None in hashes else hashes
+        return self._file_sha256(job.input.path)
+
+    def _file_sha256(self, path: Path) -> str | None:
+        key = str(path)
         if key not in self._input_hashes:
             try:
-                self._input_hashes[key] = self.files.sha256(job.input.path)
+                self._input_hashes[key] = self.files.sha256(path)
             except OSError:
                 return None  # unreadable: the pair fails when the image is read
         return self._input_hashes[key]
@@ -199,9 +220,10 @@ class _StylizePairs(Work):
         self._check_prompt(job.prompt, events)
         if self._prompts[job.prompt] is not None:
             raise ClipstyleError(self._prompts[job.prompt], repr(job.prompt))
-        key = str(job.input.path)
+        several = job.film or job.train_on is not None  # frames or a set, trained on together
+        key = "\0".join(str(m.path) for m in job.train_on) if job.train_on is not None else str(job.input.path)
         if self._last is None or self._last[0] != key:
-            self._last = (key, self._load(job, events))
+            self._last = (key, self._load_set(job, events) if several else self._load(job, events))
         content = self._last[1]
         if isinstance(content, ClipstyleError):
             raise content
@@ -235,6 +257,44 @@ class _StylizePairs(Work):
             return exc
         return _Content(tensor, loaded.image if self.options.output_size else None)
 
+    def _load_set(self, job: RunJob, events: Events) -> _Content | ClipstyleError:
+        """A film's training frames, or a --train-on set's images (a film in a set gives its frames),
+        each at the training size. A member that cannot be read is left out with a warning."""
+        size, count = self.settings.size, self.options.train_frames
+        tensors, members = [], []
+        for member in (job.input,) if job.film else job.train_on:
+            try:
+                if is_video(member.path):
+                    frames, indices = training_frames(member.path, count, size)
+                    tensors += frames
+                    members.append({"input": member.name, "frames": indices})
+                else:
+                    loaded = self.files.open_image(member.path, self.options.max_pixels)
+                    for note in loaded.notes:
+                        events.note(job, f"{member.path.name}: {note}")
+                    tensors.append(io.prepare_content(loaded.image, size))
+                    members.append({"input": member.name})
+            except ClipstyleError as exc:
+                if job.film:
+                    return exc
+                events.note(job, f"{exc}; left out of the set")
+                continue
+            members[-1]["input_sha256"] = self._file_sha256(member.path)
+        if not tensors:
+            return ClipstyleError("no image of the set could be read", job.input.path)
+        s, (h, w) = self.settings, max((t.shape[-2:] for t in tensors), key=lambda hw: hw[0] * hw[1])
+        try:
+            check_fits(
+                run_bytes(w, h, s.crops, s.crop_batch),
+                self.models.device,
+                f"optimising at {w}x{h} px with {s.crops} crops",
+                "lower --size or --crops",
+                job.input.path,
+            )
+        except ClipstyleError as exc:
+            return exc
+        return _Content(tensors, None, {"images": len(tensors), "members": members})
+
     def _check_memory(self, job: RunJob, width: int, height: int) -> None:
         """Refuse an image whose training (or output) size cannot fit in the device's memory."""
         s, device = self.settings, self.models.device
@@ -252,7 +312,9 @@ class _StylizePairs(Work):
 
     def out_of_memory(self, batch: list[tuple]) -> str:
         content = batch[0][1]
-        h, w = content.tensor.shape[-2:] if content is not None else (self.settings.size,) * 2
+        tensor = content.tensor[0] if content is not None and isinstance(content.tensor, list) else None
+        tensor = tensor if tensor is not None else (content.tensor if content is not None else None)
+        h, w = tensor.shape[-2:] if tensor is not None else (self.settings.size,) * 2
         several = len(batch) > 1
         where = f"at {w}x{h} px" if content is not None else f"preparing the image for --size {self.settings.size}"
         return (
@@ -275,9 +337,12 @@ class _StylizePairs(Work):
             models=self.models,
             settings=self.settings,
             callback=lambda info: self._on_step(jobs[info.pair], info, events),
-            masks=[self._regions.training_mask(str(j.input.path), c.tensor) for j, c in batch],
+            masks=[
+                None if isinstance(c.tensor, list) else self._regions.training_mask(str(j.input.path), c.tensor)
+                for j, c in batch
+            ],
         )
-        return [self._save(job, content, result) for (job, content), result in zip(batch, results)]
+        return [self._save(job, content, result, events) for (job, content), result in zip(batch, results)]
 
     def _on_step(self, job: RunJob, info, events: Events) -> None:
         events.progress(job, info)
@@ -287,7 +352,7 @@ class _StylizePairs(Work):
             image = io.enhance_contrast(info.output) if self.options.contrast else info.output
             self.files.save_png(image, snap, {"prompt": job.prompt, "step": str(info.step)}, overwrite=True)
 
-    def _save(self, job: RunJob, content: _Content, result) -> dict:
+    def _save(self, job: RunJob, content: _Content, result, events: Events | None = None) -> dict:
         record = self.record(job, "ok")
         record.update(
             size=list(result.size),
@@ -304,7 +369,15 @@ class _StylizePairs(Work):
         if result.error is not None:
             record.update(status="failed", error=f"{job.input.path}: {result.error.reason}")
             return record
+        if content.trained_on is not None:
+            record["trained_on"] = content.trained_on
         try:
+            if job.train_on is not None:  # a set: the style file is the output
+                self._save_style(job, job.output, content, result)
+                return record
+            if job.film:
+                self._save_film(job, content, result, events or Events(), record)
+                return record
             image = self._regions.finish(str(job.input.path), self._final_image(content, result), self.options.contrast)
             if not self.keeps(job.output):
                 meta = output_metadata(job, self.settings, self.models_info, self.options, self._input_sha256(job))
@@ -334,6 +407,49 @@ class _StylizePairs(Work):
                 status="failed", error=f"{job.input.path}: out of memory rendering the final image; lower --output-size"
             )
         return record
+
+    def _save_style(self, job: RunJob, path: Path, content: _Content, result) -> None:
+        """A film's or a set's style file, recording what it was trained on."""
+        if self.keeps(path):
+            return
+        meta = style_metadata(
+            prompt=job.prompt,
+            settings=self.settings,
+            seed=job.seed,
+            input_path=job.input.path if job.film else None,
+            trained_size=result.size,
+            models_info=self.models_info,
+            input_sha256=self._input_sha256(job) if job.film else None,
+        )
+        if not job.film:
+            meta.update(input=job.input.name, input_sha256=self._input_sha256(job))
+        meta.update(trained_on=content.trained_on, train_frames=self.options.train_frames)
+        self.files.save_style(path, result.network, meta, overwrite=self.overwrite)
+
+    def _save_film(self, job: RunJob, content: _Content, result, events: Events, record: dict) -> None:
+        """Every frame of the film through the trained network (at the film's size, or
+        --output-size N as a cap), then the style file if asked."""
+        options = self.options
+        if not self.keeps(job.output):
+            meta = output_metadata(job, self.settings, self.models_info, options, self._input_sha256(job))
+            fields = dict(meta["clipstyle"], prompt=job.prompt, train_frames=options.train_frames)
+            fields.update(encoding=options.encoding.record(), trained_on=content.trained_on)
+            stats = restyle_film(
+                job.input.path,
+                job.output,
+                result.network,
+                device=self.models.device,
+                longest=options.output_longest,
+                strength=options.strength,
+                encoding=options.encoding,
+                record=fields,
+                overwrite=self.overwrite,
+                progress=lambda d, t: events.progress(job, FrameProgress(d, t)),
+            )
+            record.update(output_size=list(stats.size), **film_fields(stats))
+        if job.style is not None:
+            self._save_style(job, job.style, content, result)
+            record["style"] = str(job.style)
 
     def _final_image(self, content: _Content, result):
         """The image to save: the run's output, or the trained network rendered at

@@ -112,7 +112,10 @@ class _PairState:
     def __init__(self, index, content, prompt, seed, models, vgg, settings, amp, mask=None):
         device = models.device
         self.index, self.prompt, self.seed = index, prompt, seed
-        self.content = content.to(device)  # (1, 3, H, W)
+        # A list of contents trains one network over a set (frames of a film): each
+        # step draws which one it trains on (see _draw_set); one content draws nothing.
+        self.contents = [c.to(device) for c in content] if isinstance(content, (list, tuple)) else None
+        self.content = self.contents[0] if self.contents else content.to(device)  # (1, 3, H, W)
         self.generator = torch.Generator().manual_seed(seed)  # crops: CPU generator, same on every device
         # Every step's crops drawn now, in the order the steps would draw them,
         # and moved to the device in one copy: a copy from host memory in the
@@ -122,13 +125,19 @@ class _PairState:
         # output composited over the photo outside it (clipstyle.method.masked).
         self.mask = None if mask is None else mask.to(device)
         draw = draw_crops if mask is None else crop_sampler(mask, settings.crop_size)
-        draws = [
-            draw(h, w, settings.crops, settings.crop_size, settings.distortion, self.generator)
-            for _ in range(settings.steps)
-        ]
+        if self.contents:
+            if mask is not None:
+                raise ClipstyleError("a region (--mask, --where) cannot be used when training on a set of images")
+            draws = self._draw_set(settings)
+        else:
+            draws = [
+                draw(h, w, settings.crops, settings.crop_size, settings.distortion, self.generator)
+                for _ in range(settings.steps)
+            ]
         self.crop_hom = torch.stack([d.hom for d in draws]).to(device)  # (steps, n, 3, 3)
         self.crop_offset = torch.stack([d.offset for d in draws]).to(device)  # (steps, n, 2)
         self.crop_side = draws[0].crop
+        self.crop_sides = [d.crop for d in draws]
         # The U-Net stays NCHW: channels-last was only ~10% faster for it on the
         # CPU and made batch-N results differ from batch 1 by more than rounding
         # after a few Adam steps (different reduction orders per batch size).
@@ -142,6 +151,14 @@ class _PairState:
             self.text_dir = L.text_direction(style, source)  # (D,)
             self.source_emb = F.normalize(models.clip.encode_image(self.content).float(), dim=-1)[0]  # (D,)
             self.content_feats = {k: v.float() for k, v in vgg(self.content).items()}
+            if self.contents:  # each content's own source embedding and content features
+                self.set_constants = [
+                    (
+                        F.normalize(models.clip.encode_image(c).float(), dim=-1)[0],
+                        {k: v.float() for k, v in vgg(c).items()},
+                    )
+                    for c in self.contents
+                ]
         self.step_times: list[float] = []
         self.rejected: list = []  # rejected crops per step (ints, or 0-d tensors read later)
         self.sums: dict[str, torch.Tensor] = {}
@@ -151,8 +168,27 @@ class _PairState:
 
     def crops(self, step: int, out_size: int):
         """Sampling grids of this step's crops, computed on the device."""
-        draw = CropDraw(self.crop_hom[step], self.crop_offset[step], self.crop_side)
+        draw = CropDraw(self.crop_hom[step], self.crop_offset[step], self.crop_sides[step])
         return crop_grids(draw, *self.content.shape[-2:], out_size)
+
+    def _draw_set(self, settings) -> list[CropDraw]:
+        """A set's steps: which content each trains on, drawn from the pair's generator, then that
+        step's crops in that content (contents may differ in size). Unmasked only."""
+        self.choice = []
+        draws = []
+        for _ in range(settings.steps):
+            i = int(torch.randint(len(self.contents), (1,), generator=self.generator))
+            self.choice.append(i)
+            h, w = self.contents[i].shape[-2:]
+            draws.append(draw_crops(h, w, settings.crops, settings.crop_size, settings.distortion, self.generator))
+        return draws
+
+    def use(self, step: int) -> None:
+        """Train this step on the content it drew (a set only; one content stays as it is)."""
+        if self.contents:
+            i = self.choice[step]
+            self.content = self.contents[i]
+            self.source_emb, self.content_feats = self.set_constants[i]
 
 
 # Per-Models variants that a run needs but must not impose on the shared Models
@@ -239,7 +275,8 @@ def stylize_many(
 ) -> list[StylizeResult]:
     """Optimise one fresh StyleNet per (content, prompt, seed) triple, all in one batch.
 
-    contents: (1, 3, H, W) tensors in [0, 1] at the training size (multiples of 8).
+    contents: (1, 3, H, W) tensors in [0, 1] at the training size (multiples of 8); a list of
+    such tensors as one pair's content trains its network over the set, one drawn per step.
     masks: per pair None or a (1, 1, H, W) region in [0, 1] (clipstyle.regions.masks):
     the patch crops are drawn in it and CLIP sees the output only there.
     Returns one StylizeResult per pair, in order; a pair whose losses became
@@ -282,6 +319,7 @@ def stylize_many(
         for p in active:
             for group in p.opt.param_groups:
                 group["lr"] = lr
+            p.use(step)
             out = p.forward(p.content)  # (1, 3, H, W), fp32
             if graphs:
                 out = out.clone()
