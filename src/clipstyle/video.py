@@ -206,6 +206,12 @@ def _frames(path: Path) -> Iterator:
         container.close()
 
 
+def rgb_frames(path: str | Path) -> Iterator:
+    """Every frame of the film in order as an (H, W, 3) uint8 RGB array, as stored (not rotated)."""
+    for frame in _frames(Path(path)):
+        yield frame.to_ndarray(format="rgb24")
+
+
 def read_record(path: str | Path) -> dict | None:
     """The record clipstyle wrote into a film's container metadata, or None."""
     try:

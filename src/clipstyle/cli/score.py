@@ -49,6 +49,16 @@ def _jobs(images, prompt, content, reports) -> list[tuple[str, str, str]]:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Score every output of a 'clipstyle run --report' file (its input is the content). Repeatable.",
 )
+@click.option(
+    "--video",
+    "films",
+    nargs=2,
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="ORIGINAL STYLED",
+    help="Measure the flicker of the film STYLED made from ORIGINAL: the warping error along the "
+    "original's optical flow, beside the original's own (its floor). Needs no model.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image (JSON lines).")
 @click.option(
     "--no-templates",
@@ -93,6 +103,7 @@ def score(
     prompt,
     content,
     reports,
+    films,
     as_json,
     no_templates,
     templates_file,
@@ -112,6 +123,7 @@ def score(
     \b
       clipstyle score styled.png -p "starry night" --content photo.jpg
       clipstyle score --report runs.jsonl --json > scores.jsonl
+      clipstyle score --video holiday.mp4 holiday-ink.mp4
 
     Metrics: clip_score (prompt vs image), patch_clip_score (mean over random
     crops, CLIPstyler appendix B.3), directional_similarity (content->image
@@ -119,9 +131,17 @@ def score(
     for the content image itself), ssim and, when the optional lpips package
     and its weights are installed, lpips. A file that fails is reported and
     the others go on; exit code 1 if any failed.
+
+    With --video: the warping error of the restyled film (temporal stability,
+    lower is steadier) and of the original, and their ratio (docs/evaluation.md).
     """
     from clipstyle.prompts import choose_templates, is_blank, templates_label
 
+    if films:
+        if images or reports:
+            raise click.UsageError("--video scores two films: leave out IMAGES and --report")
+        _score_films(*films, as_json)
+        return
     if images and (prompt is None or content is None):
         raise click.UsageError("scoring IMAGES needs --prompt and --content")
     if not images and not reports:
@@ -207,3 +227,17 @@ def score(
     if failed:
         click.echo(f"clipstyle: {failed} of {len(jobs)} images failed", err=True)
         sys.exit(1)
+
+
+def _score_films(original: Path, styled: Path, as_json: bool) -> None:
+    """Print the flicker of ``styled`` against ``original`` (evaluation.flicker)."""
+    from clipstyle.evaluation.flicker import warping_error
+
+    result = warping_error(original, styled)
+    if as_json:
+        click.echo(json.dumps({"original": str(original), "styled": str(styled), **result.to_dict()}, sort_keys=True))
+        return
+    click.echo(
+        f"{styled}: warping_error {result.warping_error:.6f}  original {result.original_warping_error:.6f}  "
+        f"ratio {result.ratio:.2f}  ({result.pairs} frame pairs, {result.masked_fraction:.1%} of pixels masked)"
+    )

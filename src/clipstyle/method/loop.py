@@ -114,6 +114,8 @@ class _PairState:
         self.index, self.prompt, self.seed = index, prompt, seed
         # A list of contents trains one network over a set (frames of a film): each
         # step draws which one it trains on (see _draw_set); one content draws nothing.
+        if isinstance(content, (list, tuple)) and len(content) == 1:
+            content = content[0]  # a set of one is that image: the same run
         self.contents = [c.to(device) for c in content] if isinstance(content, (list, tuple)) else None
         self.content = self.contents[0] if self.contents else content.to(device)  # (1, 3, H, W)
         self.generator = torch.Generator().manual_seed(seed)  # crops: CPU generator, same on every device
