@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test,web,ray]'
+	$(PY) -m pip install --quiet -e '.[test,web,ray,video]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -114,6 +114,7 @@ class _PairState:
         self.index, self.prompt, self.seed = index, prompt, seed
         # A list of contents trains one network over a set (frames of a film): each
         # step draws which one it trains on (see _draw_set); one content draws nothing.
+        # Beyond the paper, which trains on one image: so a style holds on unseen frames.
         if isinstance(content, (list, tuple)) and len(content) == 1:
             content = content[0]  # a set of one is that image: the same run
         self.contents = [c.to(device) for c in content] if isinstance(content, (list, tuple)) else None
