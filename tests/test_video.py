@@ -58,6 +58,22 @@ def test_apply_keeps_frames_rate_duration_and_audio_bytes(tmp_path, style, clip)
     assert leftovers(tmp_path) == []
 
 
+def test_frames_batched_equal_frames_one_at_a_time(tmp_path, style, clip, monkeypatch):
+    import clipstyle.jobs.film as film
+
+    batches = []
+    real = film.render_batch
+    monkeypatch.setattr(film, "render_batch", lambda nets, x, **kw: batches.append(len(x)) or real(nets, x, **kw))
+    net = load_style(style).network
+    cpu = torch.device("cpu")
+    lossless = video.Encoding(crf=0)  # x264 at CRF 0: what it decodes is what it was given, after yuv420p
+    one = film.restyle_film(clip, tmp_path / "one.mp4", net, device=cpu, batch=1, encoding=lossless)
+    five = film.restyle_film(clip, tmp_path / "five.mp4", net, device=cpu, batch=5, encoding=lossless)
+    assert batches == [5, 5, 5] and one.frames == five.frames == 16  # 16 = 5 + 5 + 5 + a last frame alone
+    a, b = decoded_frames(tmp_path / "one.mp4"), decoded_frames(tmp_path / "five.mp4")
+    assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b)) <= 2
+
+
 def test_variable_frame_rate_is_kept(tmp_path, style):
     times = [0, 80, 160, 300, 340, 500, 580, 700, 720, 900]
     clip = make_video(tmp_path / "vfr.mp4", frames=len(times), times_ms=times)
@@ -280,7 +296,7 @@ def test_flicker_of_a_styled_moving_pattern_is_reported_next_to_the_original(tmp
         count[0] += 1
         return np.clip(rgb.astype(int) + (60 if count[0] % 2 else 0), 0, 255).astype(np.uint8)
 
-    video.transcode(steady, flicker, blink)
+    video.transcode(steady, flicker, lambda frames: np.stack([blink(f) for f in frames]))
     itself = warping_error(clip, clip)
     assert itself.warping_error == itself.original_warping_error and itself.ratio == 1
     good, bad = warping_error(clip, steady), warping_error(clip, flicker)

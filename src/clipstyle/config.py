@@ -199,3 +199,6 @@ VIDEO_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium
 # clip (one every few seconds of a one-minute film) while their CLIP and VGG
 # constants cost eight forward passes once.
 TRAIN_FRAMES = 8
+# Frames restyled together on a GPU (one network pass over the batch); one at a time on a CPU,
+# whose cores one frame already keeps busy.
+FRAME_BATCH = 8

@@ -271,14 +271,19 @@ def transcode(
     record: dict | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    batch: int = 1,
 ) -> FilmStats:
-    """Write ``dst``: every frame of ``src`` passed through ``restyle`` ((H, W, 3) uint8 RGB in,
-    the same out), with the original's timestamps, rotation, pixel aspect and audio.
+    """Write ``dst``: every frame of ``src`` passed through ``restyle``, with the original's
+    timestamps, rotation, pixel aspect and audio.
 
-    ``longest`` caps the stored frames' longest side. ``record`` (JSON-ready) goes into the
-    container's metadata. ``progress(done, total)`` after each frame (total: the film's stated
-    frame count, 0 when unknown). An existing ``dst`` is kept unless ``overwrite``.
+    ``restyle`` takes ``batch`` frames at a time (fewer at the end) as an (N, H, W, 3) uint8
+    RGB array and returns the same. ``longest`` caps the stored frames' longest side.
+    ``record`` (JSON-ready) goes into the container's metadata. ``progress(done, total)``
+    after each batch (total: the film's stated frame count, 0 when unknown). An existing
+    ``dst`` is kept unless ``overwrite``.
     """
+    import numpy as np
+
     av = require_av()
     src, dst = Path(src), Path(dst)
     encoding = encoding or Encoding()
@@ -320,6 +325,27 @@ def transcode(
             out.metadata[RECORD_TAG] = json.dumps(record, sort_keys=True, ensure_ascii=True)
         total = info.frames
         last_end = 0.0
+        pending: list = []  # decoded frames waiting for a full batch: (frame, rgb)
+
+        def flush() -> None:
+            nonlocal last_end
+            t0 = time.perf_counter()
+            styled = restyle(np.stack([rgb for _, rgb in pending]))
+            t1 = time.perf_counter()
+            stats.seconds["restyle"] += t1 - t0
+            for (frame, _), image in zip(pending, styled):
+                new = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                new.pts, new.time_base = frame.pts, frame.time_base
+                for p in vout.encode(new):
+                    out.mux(p)
+                stats.frames += 1
+                if frame.pts is not None and frame.time_base is not None:
+                    last_end = max(last_end, float((frame.pts + (frame.duration or 0)) * frame.time_base))
+            pending.clear()
+            stats.seconds["encode"] += time.perf_counter() - t1
+            if progress is not None:
+                progress(stats.frames, max(total, stats.frames))
+
         decode_t = time.perf_counter()
         for packet in inp.demux(vin, *inp.streams.audio):
             if packet.stream.type == "audio":
@@ -333,24 +359,13 @@ def transcode(
             except (av.FFmpegError, OSError) as exc:
                 raise VideoError(f"cannot decode frame {stats.frames + 1} ({_reason(exc)})", src) from None
             for frame in frames:
-                rgb = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
-                t0 = time.perf_counter()
-                stats.seconds["decode"] += t0 - decode_t
-                styled = restyle(rgb)
-                t1 = time.perf_counter()
-                stats.seconds["restyle"] += t1 - t0
-                new = av.VideoFrame.from_ndarray(styled, format="rgb24")
-                new.pts, new.time_base = frame.pts, frame.time_base
-                for p in vout.encode(new):
-                    out.mux(p)
-                stats.frames += 1
-                if frame.pts is not None and frame.time_base is not None:
-                    end = float((frame.pts + (frame.duration or 0)) * frame.time_base)
-                    last_end = max(last_end, end)
+                pending.append((frame, frame.reformat(width=w, height=h, format="rgb24").to_ndarray()))
+                stats.seconds["decode"] += time.perf_counter() - decode_t
+                if len(pending) >= batch:
+                    flush()
                 decode_t = time.perf_counter()
-                stats.seconds["encode"] += decode_t - t1
-                if progress is not None:
-                    progress(stats.frames, max(total, stats.frames))
+        if pending:
+            flush()
         t0 = time.perf_counter()
         for p in vout.encode(None):
             out.mux(p)

@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 
 from clipstyle import video
+from clipstyle.config import FRAME_BATCH
+from clipstyle.device import release_cached_memory
+from clipstyle.errors import is_out_of_memory
 from clipstyle.images import prepare_content
-from clipstyle.styles.rendering import render
+from clipstyle.styles.rendering import plan_tiles, render, render_batch
 
 
 @dataclass(frozen=True)
@@ -43,21 +46,45 @@ def restyle_film(
     record: dict | None = None,
     overwrite: bool = False,
     progress=None,
+    batch: int | None = None,
 ) -> video.FilmStats:
     """Every frame of ``src`` through ``networks`` (rendering.render's options), written to ``dst``
     with the film's timing, rotation, pixel aspect and audio (clipstyle.video.transcode).
-    ``longest`` caps the frames' longest side; ``progress(done, total)`` after each frame."""
+    ``longest`` caps the frames' longest side; ``progress(done, total)`` after each frame
+    (after each batch of frames). ``batch``: frames per network pass (default: FRAME_BATCH on a
+    GPU, 1 on a CPU)."""
     options = {"strength": strength, "mix": mix, "tile": tile, "tile_stats": tile_stats, "device": device}
     if overlap is not None:
         options["overlap"] = overlap
+    # On a GPU frames go through in batches (one pass each), unless tiles are asked for or
+    # a batch does not fit; one at a time on a CPU.
+    if batch is None:
+        batch = FRAME_BATCH if device.type in ("cuda", "mps") and not tile else 1
 
-    def restyle(rgb):
-        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float().div_(255)
-        y = render(networks, x, **options)
-        return y[0].mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    def restyle(frames):  # (N, H, W, 3) uint8
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255)
+        y = None
+        if len(x) > 1 and plan_tiles(*x.shape[-2:]) is None:
+            try:
+                y = render_batch(networks, x, strength=strength, mix=mix, device=device)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                release_cached_memory(device)
+        if y is None:
+            y = torch.cat([render(networks, x[i : i + 1], **options) for i in range(len(x))])
+        return y.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
     return video.transcode(
-        src, dst, restyle, longest=longest, encoding=encoding, record=record, overwrite=overwrite, progress=progress
+        src,
+        dst,
+        restyle,
+        longest=longest,
+        encoding=encoding,
+        record=record,
+        overwrite=overwrite,
+        progress=progress,
+        batch=batch,
     )
 
 

@@ -212,6 +212,33 @@ def render(
     return torch.lerp(x, styled, strength)
 
 
+@torch.no_grad()
+def render_batch(
+    networks,
+    images: torch.Tensor,
+    *,
+    strength: float = 1.0,
+    mix: Sequence[float] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Restyle a batch of same-size images (N, 3, H, W) in [0, 1] in one pass of each network,
+    whole images only (the frames of a film on a GPU). StyleNet's InstanceNorm normalises each
+    image by its own statistics, so each result equals :func:`render`'s up to rounding.
+    Returns (N, 3, H, W) float32 on ``images``' device."""
+    nets = [
+        n.network if isinstance(n, Style) else n
+        for n in (networks if isinstance(networks, (list, tuple)) else [networks])
+    ]
+    weights = mix_weights(len(nets), mix)
+    dev = torch.device(device) if device is not None else next(nets[0].parameters()).device
+    x = images.float()
+    if strength == 0.0:
+        return x.clone()
+    used = [(n.eval().to(dev), wt) for n, wt in zip(nets, weights) if wt != 0.0]
+    styled = _blend([n for n, _ in used], [wt for _, wt in used], x.to(dev)).to(x.device)
+    return styled if strength == 1.0 else torch.lerp(x, styled, strength)
+
+
 def _render_tiles_shrinking(nets, weights, x, dev, overlap, tile_stats, callback):
     """After an out-of-memory whole pass: tiles of 1024, then 512, then 256."""
     tile = DEFAULT_TILE
