@@ -310,3 +310,12 @@ def test_flicker_of_a_styled_moving_pattern_is_reported_next_to_the_original(tmp
     short = make_video(tmp_path / "short.mp4", frames=5)
     refused = invoke("score", "--video", clip, short)
     assert refused.exit_code == 1 and "fewer frames" in refused.output
+
+
+def test_options_for_images_only_are_refused_for_films(tmp_path, style, clip, monkeypatch):
+    counting_loader(monkeypatch)
+    result = invoke("run", "-p", "fire", clip, "-o", tmp_path / "x.mp4", "--contrast", *TINY_32)
+    assert result.exit_code == 1 and "--contrast" in result.output and "films" in result.output
+    result = invoke("apply", style, clip, "-o", tmp_path / "y.mp4", "--preserve-color")
+    assert result.exit_code == 1 and "--preserve-color" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "ink.style"]

@@ -185,6 +185,8 @@ def plan_run(
     several = [p for p in pairs if p.film or p.train_on is not None]
     if several and executor.kind != "local":
         raise ClipstyleError("films and --train-on run on this machine's device (--device), not with --devices or Ray")
+    if options.contrast and any(p.film for p in pairs):
+        raise ClipstyleError("--contrast (a per-image rescaling, which would flicker) works on images, not on films")
     if several and options.region is not None:
         raise ClipstyleError("--mask, --where and --preserve-color work on images, not on films or --train-on sets")
     check_outputs(pairs, report)
