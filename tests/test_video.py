@@ -136,14 +136,21 @@ def test_a_folder_of_images_and_films_with_broken_ones(tmp_path, style):
     Image.fromarray(pattern(0)).save(folder / "sunset.png")
     whole = make_video(tmp_path / "whole.mp4", frames=12).read_bytes()
     (folder / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    indexed_first = make_video(tmp_path / "fast.mp4", frames=24, audio=False, faststart=True).read_bytes()
+    (folder / "cut.mp4").write_bytes(indexed_first[: len(indexed_first) * 85 // 100])  # opens, then ends early
     (folder / "notes.mp4").write_text("this is not a film\n")
     make_video(folder / "voice.m4a.mp4", video=False)  # audio only
     out = tmp_path / "out"
     result = invoke("apply", style, folder, "-o", out, "-q")
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("clipstyle: error:")]
-    assert len(errors) == 3, result.output
-    for name, why in (("truncated.mp4", "cannot read"), ("notes.mp4", "cannot read"), ("voice.m4a.mp4", "audio only")):
+    assert len(errors) == 4, result.output
+    for name, why in (
+        ("truncated.mp4", "cannot read"),
+        ("cut.mp4", "truncated or damaged"),
+        ("notes.mp4", "cannot read"),
+        ("voice.m4a.mp4", "audio only"),
+    ):
         (line,) = [e for e in errors if name in e]
         assert why in line
     assert video.probe(out / "beach-ink.mp4").frames == 8

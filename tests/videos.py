@@ -29,13 +29,14 @@ def make_video(
     sample_aspect: Fraction | None = None,
     times_ms: list[int] | None = None,
     video: bool = True,
+    faststart: bool = False,
 ) -> Path:
     """Write an H.264 film of ``frames`` pattern frames (``times_ms``: each frame's time, for a variable
     frame rate) with, when ``audio``, a 440 Hz mono AAC track as long as the film."""
     import av
 
     width, height = size
-    out = av.open(str(path), "w")
+    out = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})  # faststart: index first
     stream = None
     if video:
         stream = out.add_stream("libx264", rate=fps)

@@ -374,6 +374,11 @@ def transcode(
         stats.seconds["encode"] += time.perf_counter() - t0
         if stats.frames == 0:
             raise VideoError("holds no frame that can be decoded", src)
+        # A film cut short whose index comes first (MP4 "faststart") opens and decodes until
+        # its data ends: fewer frames than it states. A frame or two may legitimately be
+        # missing (an edit list that starts later), so only a real shortfall fails.
+        if total and total - stats.frames > max(2, total // 100):
+            raise VideoError(f"is truncated or damaged: {stats.frames} of its {total} frames could be read", src)
         stats.fps = float(rate)
         stats.duration = last_end
         with open(tmp, "rb+") as fh:

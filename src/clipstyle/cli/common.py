@@ -233,7 +233,7 @@ def encoding_from_options(codec: str, crf: int, preset: str):
     """The films' Encoding; a codec this FFmpeg lacks is refused before anything is written."""
     from clipstyle.video import Encoding, encoders
 
-    known = encoders()
+    known = encoders() if codec != VIDEO_CODEC else None  # PyAV loads only for a codec asked for
     if known is not None and codec not in known:
         raise click.BadParameter(f"this FFmpeg has no video encoder {codec!r} (try libx264)", param_hint="'--codec'")
     return Encoding(codec=codec, crf=crf, preset=preset)
