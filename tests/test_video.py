@@ -94,6 +94,9 @@ def test_rotation_and_pixel_aspect_are_kept(tmp_path, style, kind, options, disp
     made = video.probe(out)
     assert made.display_size == display, made
     assert (made.rotation, made.sample_aspect or 1) == (options.get("rotation", 0), options.get("sample_aspect", 1))
+    if "rotation" in options:  # the frames a style trains on are upright, as a viewer sees them
+        (frame,), _ = video.sample_frames(clip, 1)
+        assert (frame.shape[1], frame.shape[0]) == display
 
 
 def test_size_caps_the_frames_keeping_the_aspect(tmp_path, style, clip):
