@@ -3,7 +3,8 @@
 Inputs and outputs (``inputs``, ``globs``, ``pairs``), the one batch loop
 (``batch``: skipping, isolating failures, records) with its helpers
 (``claims``, ``resume``, ``report``, ``memory``), each command's work
-(``run``, ``apply``, ``mask``), the plan a face submits and the executor it
+(``run``, ``apply``, ``mask``; ``film``: a film through trained networks and the
+frames a style trains on), the plan a face submits and the executor it
 names (``plan``), and the two executors beyond this process (``devices``: one
 worker process per device; ``ray_executor``: the actors of a Ray cluster).
 It may import every layer below it; the
