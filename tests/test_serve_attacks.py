@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 
 from clipstyle.errors import ClipstyleError, OutputError
 from clipstyle.jobs.pairs import pair_seed
-from clipstyle.serve.jobs import JOB_ID, MAX_STEPS, Job, JobQueue
+from clipstyle.serve.jobs import MAX_STEPS, Job, JobQueue
 from serve_support import TINY, get_json, jpeg, post_json, request, running, start, upload, wait_for
 
 from conftest import counting_loader, invoke, tiny_models
@@ -408,6 +408,33 @@ def test_delete_and_apply_while_running_or_waiting(tmp_path, models):
         assert not (queue.results / f"{apply_id}.png").exists()
 
 
+def test_a_running_apply_job_can_be_stopped(server, queue, monkeypatch):
+    """Apply jobs ignored Stop: a large photo held the device to the end. Now Stop ends them between tiles."""
+    import clipstyle.jobs.apply as apply_module
+
+    _, (source,) = start(server)
+    wait_for(server, source)
+    tiles = []
+
+    def endless_render(*args, callback, **kwargs):  # a render that never ends unless its callback stops it
+        while True:
+            tiles.append(1)
+            callback(len(tiles), 10**9)
+            time.sleep(0.01)
+
+    monkeypatch.setattr(apply_module, "render", endless_render)
+    status, other = upload(server, jpeg(40, 30), "other.jpg")
+    _, body = post_json(f"{server}/api/jobs", {"apply": source, "upload": other["id"]})
+    (apply_id,) = body["jobs"]
+    wait_for(server, apply_id, ("running",))
+    while not tiles:
+        time.sleep(0.01)
+    assert post_json(f"{server}/api/jobs/{apply_id}/stop", {})[0] == 200
+    job = wait_for(server, apply_id)
+    assert job["status"] == "cancelled" and job["png"] is None
+    assert not any(apply_id in f for f in files_in(queue.folder))
+
+
 def test_a_read_only_folder_gives_a_clear_error_and_keeps_the_entry(server, queue, monkeypatch, tmp_path):
     _, (job_id,) = start(server)
     wait_for(server, job_id)
@@ -553,9 +580,3 @@ def test_benchmark_serve_start_imports_what_exists():
         module = importlib.import_module(node.module)
         for alias in node.names:
             assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
-
-
-def test_job_ids_are_what_the_routes_accept():
-    import uuid
-
-    assert JOB_ID.fullmatch(uuid.uuid4().hex[:12])

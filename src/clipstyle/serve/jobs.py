@@ -8,7 +8,9 @@ changes (``submit_*``, ``stop``, ``delete``).
 Stopping a running job: the step callback raises ``_Stopped`` once the stop
 flag is set, which ends ``stylize_many`` between two steps; the last image the
 callback received is kept as the result. No style file is written for a
-stopped job: the network behind that image is not handed to callbacks.
+stopped job: the network behind that image is not handed to callbacks. A job
+stopped before its first step, and an apply job (stopped between two tiles),
+keep nothing: they end "cancelled".
 
 The server's folder holds everything it serves::
 
@@ -768,8 +770,8 @@ class JobQueue:
         try:
             execute(plan, Report(None), events)
         except _Stopped:
-            if self._closing or events.last is None:
-                return "interrupted" if self._closing else "stopped"
+            if self._closing or events.last is None:  # nothing to keep
+                return "interrupted" if self._closing else "cancelled"
             meta = output_metadata(pair, settings, self.models.info, options, file_sha256(source))
             meta["clipstyle"]["stopped_at_step"] = job.step
             try:
@@ -806,21 +808,30 @@ class JobQueue:
         out = self.results / f"{job.id}.png"
         records = []
 
+        queue = self
+
         class Events(BatchEvents):
+            def progress(self, _job, info):  # after each tile: Stop ends the job there, keeping nothing
+                if job.id in queue._stop or queue._closing:
+                    raise _Stopped()
+
             def note(self, _job, message):
                 job.notes.append(message)
 
             def finished(self, _job, record):
                 records.append(record)
 
-        apply_files(
-            [ApplyJob(InputFile(upload, job.input_name, label=job.input_name), out)],
-            [style],
-            ApplyOptions(strength=job.strength, max_pixels=self.max_pixels),
-            Report(None),
-            Events(),
-            device=self.models.device,
-        )
+        try:
+            apply_files(
+                [ApplyJob(InputFile(upload, job.input_name, label=job.input_name), out)],
+                [style],
+                ApplyOptions(strength=job.strength, max_pixels=self.max_pixels),
+                Report(None),
+                Events(),
+                device=self.models.device,
+            )
+        except _Stopped:
+            return "interrupted" if self._closing else "cancelled"
         (record,) = records
         if record["status"] != "ok":
             job.error = self.public((record["error"] or "failed").replace(str(upload), job.input_name))
