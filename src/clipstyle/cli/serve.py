@@ -116,10 +116,11 @@ def serve(
       clipstyle serve                      # then open http://127.0.0.1:7860
       clipstyle serve --device cuda:1 --port 8000 --folder ~/styles
 
-    Jobs from every tab queue on one device; the models load once. Results,
-    style files and their parameters stay in --folder. Nothing is loaded from
-    the internet. Ctrl-C (or SIGTERM) stops after the current step; files are
-    written whole or not at all.
+    Jobs from every tab queue on one device; the models load once (their
+    weights as for `clipstyle run`: local files, else the cache, else a
+    download). Results, style files and their parameters stay in --folder.
+    The page loads nothing from the internet. Ctrl-C (or SIGTERM) stops after
+    the current step; files are written whole or not at all.
     """
     try:
         import uvicorn
