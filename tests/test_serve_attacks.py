@@ -126,9 +126,14 @@ def test_planted_records_never_name_another_file(tmp_path, models):
 def test_every_record_the_server_writes_is_loaded_again(server, queue, models):
     _, (job_id,) = start(server, prompts=("fire <b>é</b>\u202e",))
     wait_for(server, job_id)
-    record = json.loads((queue.results / f"{job_id}.json").read_text())
-    assert Job.from_record(record, job_id) is not None
-    assert list(JobQueue(models, queue.folder).jobs) == [job_id]
+    _, body = post_json(f"{server}/api/jobs", {"apply": job_id, "upload": queue.jobs[job_id].upload, "strength": 0.5})
+    (applied,) = body["jobs"]
+    assert wait_for(server, applied)["status"] == "done"
+    for made in (job_id, applied):
+        record = json.loads((queue.results / f"{made}.json").read_text())
+        assert Job.from_record(record, made) is not None
+    again = JobQueue(models, queue.folder)
+    assert sorted(again.jobs) == sorted([job_id, applied]) and again.skipped == []
 
 
 # --- form values --------------------------------------------------------------------------------------
@@ -580,3 +585,20 @@ def test_benchmark_serve_start_imports_what_exists():
         module = importlib.import_module(node.module)
         for alias in node.names:
             assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
+
+
+def test_cli_serve_names_the_records_it_did_not_load(tmp_path, monkeypatch):
+    import clipstyle.cli.serve as serve_cli
+
+    counting_loader(monkeypatch, "serve")
+    real_bind = serve_cli.bind
+    monkeypatch.setattr(serve_cli, "bind", lambda host, port: real_bind("127.0.0.1", 0))
+    monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets=None: None)
+    results = tmp_path / "served" / "results"
+    results.mkdir(parents=True)
+    (results / "111111111111.json").write_text(json.dumps({**good_record("111111111111"), "png": "../../x.png"}))
+    result = invoke("serve", "--folder", tmp_path / "served")
+    assert result.exit_code == 0, result.output
+    assert f"warning: {results}: 1 record(s) not loaded (not as clipstyle serve writes them): 111111111111.json" in (
+        result.output
+    )
