@@ -504,10 +504,14 @@ def test_a_restart_removes_what_a_killed_server_left(tmp_path, models):
     dead_pid = int(dead.stdout)
     left = queue.results / f".abcdefabcdef.png.{dead_pid}-3.tmp"
     live = queue.results / f".abcdefabcdef.style.{os.getppid()}-1.tmp"  # a writer that is still running
-    for path in (left, live):
+    unfinished = [queue.results / "abcdefabcdef.png", queue.results / "abcdefabcdef.style"]  # killed before its record
+    skipped = [queue.results / "bbbbbbbbbbbb.png", queue.results / "bbbbbbbbbbbb.json"]  # a record not loaded
+    for path in (left, live, *unfinished, *skipped):
         path.write_bytes(b"partial")
-    JobQueue(models, folder)
+    again = JobQueue(models, folder)
     assert not left.exists() and live.exists()
+    assert not any(p.exists() for p in unfinished) and all(p.exists() for p in skipped)
+    assert again.skipped == ["bbbbbbbbbbbb.json"]
     assert not (queue.uploads / f"{info['id']}.bin").exists()  # no job refers to it
 
 

@@ -866,13 +866,18 @@ class JobQueue:
             self.jobs[job.id] = job
 
     def _tidy(self) -> None:
-        """At start: remove the temporary files of a server that was killed (their writer is gone) and
-        uploads no job refers to (a page open across the restart uploads its photo again)."""
+        """At start: remove what a server that was killed left: temporary files (of writers that are
+        gone), results of a job that had not finished (a PNG or style file without a record: the record
+        is written last), and uploads no job refers to (a page open across the restart uploads its
+        photo again). A result whose record was skipped stays: the record may be a newer server's."""
         for folder in (self.uploads, self.results):
             for path in folder.glob(".*.tmp"):
                 match = TEMPORARY.fullmatch(path.name)
                 if match and not _alive(int(match.group(1))):
                     path.unlink(missing_ok=True)
+        for path in self.results.iterdir():
+            if SERVED["results"].fullmatch(path.name) and not path.with_suffix(".json").exists():
+                path.unlink(missing_ok=True)
         for upload_id in self._unreferenced_uploads():
             self._remove_upload(upload_id)
 
