@@ -399,9 +399,8 @@ class JobQueue:
     def public(self, message: str) -> str:
         """``message`` as a client may read it: the server's own folder named by its part inside it
         (``results/...``), never by its absolute path."""
-        for root in {str(self.folder.resolve()), str(self.folder.absolute()), str(self.folder)}:
-            if root not in (".", ""):
-                message = message.replace(root + os.sep, "").replace(root, "the server's folder")
+        for root in sorted({str(self.folder.resolve()), str(self.folder.absolute())}, key=len, reverse=True):
+            message = message.replace(root + os.sep, "").replace(root, "the server's folder")
         return message
 
     # --- uploads ----------------------------------------------------------------------------------------
