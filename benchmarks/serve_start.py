@@ -22,7 +22,7 @@ import urllib.request
 CHILD = """
 import sys, time
 import clipstyle.cli.serve as serve
-from clipstyle.models.encoders import load_models
+from clipstyle.models.loading import load_models
 from clipstyle.serve.jobs import JobQueue
 
 def loader(*args, device="auto", **kwargs):
@@ -40,8 +40,10 @@ serve.load_models_from_options, JobQueue.close = loader, closed
 from clipstyle.cli import main
 main(["serve", "--port", sys.argv[1], "--folder", sys.argv[2]])
 """
-IMPORTS = ("import time; t = time.perf_counter(); import uvicorn, starlette.applications, clipstyle.serve.app; "
-           "print(time.perf_counter() - t)")
+IMPORTS = (
+    "import time; t = time.perf_counter(); import uvicorn, starlette.applications, clipstyle.serve.app; "
+    "print(time.perf_counter() - t)"
+)
 
 
 def free_port() -> int:
@@ -56,8 +58,9 @@ def one_run(folder: str) -> dict[str, float]:
     clock for every process of the machine."""
     port = free_port()
     start = time.monotonic()
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(port), folder], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(port), folder], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/config", timeout=5):
@@ -71,14 +74,20 @@ def one_run(folder: str) -> dict[str, float]:
     out = child.communicate(timeout=120)[0]
     gone = time.monotonic()
     marks = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.strip()}
-    return {"start to first answer": answered - start, "models loaded to first answer": answered - marks["loaded"],
-            "SIGTERM to server stopped": marks["closed"] - answered, "SIGTERM to process gone": gone - answered}
+    return {
+        "start to first answer": answered - start,
+        "models loaded to first answer": answered - marks["loaded"],
+        "SIGTERM to server stopped": marks["closed"] - answered,
+        "SIGTERM to process gone": gone - answered,
+    }
 
 
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    imports = [float(subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True,
-                                    check=True).stdout) for _ in range(runs)]
+    imports = [
+        float(subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, check=True).stdout)
+        for _ in range(runs)
+    ]
     with tempfile.TemporaryDirectory() as folder:
         runs_ = [one_run(folder) for _ in range(runs)]
     print(f"import web layer: {statistics.median(imports):.2f} s")

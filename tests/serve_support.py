@@ -4,6 +4,7 @@ that stops when the test ends; and small HTTP helpers over urllib."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import threading
@@ -12,6 +13,19 @@ import urllib.error
 import urllib.request
 
 HEADERS = {"X-Clipstyle": "1"}
+TINY = {"preset": "draft", "steps": 3, "size": 32, "crops": 2, "crop_size": 16}
+"""A form for tiny models: a few steps on a 32-pixel picture."""
+
+
+def jpeg(width=48, height=32) -> bytes:
+    """A small JPEG with some structure."""
+    from PIL import Image
+
+    img = Image.new("RGB", (width, height))
+    img.putdata([(x * 5 % 256, y * 7 % 256, 128) for y in range(height) for x in range(width)])
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
 
 
 @contextlib.contextmanager
@@ -74,6 +88,15 @@ def upload(base: str, data: bytes, name: str = "photo.jpg"):
         {"X-Filename": urllib.request.quote(name), "Content-Type": "application/octet-stream"},
     )
     return status, json.loads(body)
+
+
+def start(base, prompts=("fire",), form=TINY, data=None, name="photo.jpg"):
+    """Upload a photo and submit one job per prompt: (the upload's info, the job ids)."""
+    status, info = upload(base, data or jpeg(), name)
+    assert status == 200, info
+    status, body = post_json(f"{base}/api/jobs", {"upload": info["id"], "prompts": list(prompts), "form": form})
+    assert status == 200, body
+    return info, body["jobs"]
 
 
 def wait_for(base: str, job_id: str, statuses=("done", "stopped", "failed", "cancelled"), timeout: float = 60):

@@ -18,19 +18,9 @@ pytest.importorskip("uvicorn")
 
 from clipstyle.config import PRESETS, Settings
 from clipstyle.serve.jobs import FORM_FIELDS, JobQueue
-from serve_support import get_json, post_json, request, running, upload, wait_for
+from serve_support import TINY, get_json, jpeg, post_json, request, running, start, upload, wait_for
 
 from conftest import counting_loader, invoke, tiny_models
-
-TINY = {"preset": "draft", "steps": 3, "size": 32, "crops": 2, "crop_size": 16}
-
-
-def jpeg(width=48, height=32) -> bytes:
-    img = Image.new("RGB", (width, height))
-    img.putdata([(x * 5 % 256, y * 7 % 256, 128) for y in range(height) for x in range(width)])
-    buffer = io.BytesIO()
-    img.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -42,14 +32,6 @@ def queue(tmp_path):
 def server(queue):
     with running(queue) as base:
         yield base
-
-
-def start(base, prompts=("fire",), form=TINY, data=None, name="photo.jpg"):
-    status, info = upload(base, data or jpeg(), name)
-    assert status == 200, info
-    status, body = post_json(f"{base}/api/jobs", {"upload": info["id"], "prompts": list(prompts), "form": form})
-    assert status == 200, body
-    return info, body["jobs"]
 
 
 def files_in(folder: Path) -> set[str]:
@@ -114,6 +96,7 @@ def test_a_job_streams_progress_then_lands_in_the_gallery_with_its_files(server,
     assert style_path.read_bytes() == body
     style = load_style(style_path)
     assert style.metadata["prompt"] == "fire" and str(style.metadata["seed"]) == job["seed"]
+    assert style.metadata["input"] == "photo.jpg"  # the name it was uploaded under, not the stored <hash>.bin
 
 
 def test_the_seed_is_derived_as_the_cli_derives_it(tmp_path, server, queue, photo, monkeypatch):
@@ -204,6 +187,7 @@ def test_apply_a_saved_style_to_another_photo(server, queue):
     img = Image.open(queue.results / applied["png"])
     assert img.size == (40, 60)  # the photo's own size, as `clipstyle apply`
     assert img.text["prompt"] == "fire" and json.loads(img.text["clipstyle"])["strength"] == 0.5
+    assert json.loads(img.text["clipstyle"])["input"] == "other.png"  # not the stored <hash>.bin
     status, body = post_json(f"{server}/api/jobs", {"apply": applied["id"], "upload": other["id"]})
     assert status == 400 and "no style file" in body["error"]
 

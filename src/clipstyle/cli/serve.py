@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -25,6 +26,25 @@ def form_help() -> dict:
     from clipstyle.cli.run import run
 
     return {p.name: p.help for p in run.params if getattr(p, "help", None)}
+
+
+def machine_names() -> tuple[str, ...]:
+    """This machine's own names, accepted as Host when serving on the network (with any IP address)."""
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return tuple(sorted(n for n in names if n))
+
+
+def check_folder(folder: Path) -> None:
+    """The server's folder can be made (or is a folder), checked before anything loads or is written."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise UserError(f"{folder}: --folder is not a folder")
+        return
+    parent = folder.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{folder}: cannot create the server's folder there (no write permission in {parent})")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -68,10 +88,27 @@ def bind(host: str, port: int) -> socket.socket:
     show_default=True,
     help="Refuse uploads larger than this many megabytes.",
 )
+@click.option(
+    "--upload-space-mb",
+    type=click.IntRange(1),
+    default=2048,
+    show_default=True,
+    help="Disk space for uploads: when full, uploads no job uses are removed, oldest first, else new ones refused.",
+)
 @debug_option
 @stop_on_sigterm
 def serve(
-    host, port, folder, clip_model, clip_pretrained, clip_weights, vgg_weights, device, max_pixels, max_upload_mb
+    host,
+    port,
+    folder,
+    clip_model,
+    clip_pretrained,
+    clip_weights,
+    vgg_weights,
+    device,
+    max_pixels,
+    max_upload_mb,
+    upload_space_mb,
 ):
     """Start a local web app: upload a photo, type a prompt, watch it form, keep the results.
 
@@ -79,10 +116,11 @@ def serve(
       clipstyle serve                      # then open http://127.0.0.1:7860
       clipstyle serve --device cuda:1 --port 8000 --folder ~/styles
 
-    Jobs from every tab queue on one device; the models load once. Results,
-    style files and their parameters stay in --folder. Nothing is loaded from
-    the internet. Ctrl-C (or SIGTERM) stops after the current step; files are
-    written whole or not at all.
+    Jobs from every tab queue on one device; the models load once (their
+    weights as for `clipstyle run`: local files, else the cache, else a
+    download). Results, style files and their parameters stay in --folder.
+    The page loads nothing from the internet. Ctrl-C (or SIGTERM) stops after
+    the current step; files are written whole or not at all.
     """
     try:
         import uvicorn
@@ -92,13 +130,22 @@ def serve(
         raise UserError(
             f"clipstyle serve needs the web extra ({exc.name} is missing): pip install 'clipstyle[web]'"
         ) from None
+    from clipstyle import interrupts
     from clipstyle.serve.jobs import JobQueue
 
     loopback = host in LOOPBACK
+    check_folder(folder)
     sock = bind(host, port)  # before anything slow: a port in use fails at once
     try:
-        queue = JobQueue(None, folder, max_pixels=max_pixels)
-        queue.models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device=device)
+        # the models before the folder: a server that cannot start leaves nothing behind
+        models = load_models_from_options(clip_model, clip_pretrained, clip_weights, vgg_weights, device=device)
+        queue = JobQueue(models, folder, max_pixels=max_pixels, upload_space=upload_space_mb * 1024 * 1024)
+        if queue.skipped:
+            echo_warning(
+                folder / "results",
+                f"{len(queue.skipped)} record(s) not loaded (not as clipstyle serve writes them): "
+                + ", ".join(queue.skipped[:5]),
+            )
         queue.start()
         server = None
         app = make_app(
@@ -106,6 +153,7 @@ def serve(
             help_texts=form_help(),
             max_upload=max_upload_mb * 1024 * 1024,
             loopback=loopback,
+            hosts=machine_names(),
             closing=lambda: server is not None and server.should_exit,
         )
         server = uvicorn.Server(
@@ -121,7 +169,11 @@ def serve(
             )
         click.echo(f"clipstyle: serving on {url} ({queue.models.device}); Ctrl-C stops", err=True)
         try:
-            server.run(sockets=[sock])
+            # uvicorn raises the signal that stopped it again once it has stopped: here that is a
+            # KeyboardInterrupt (exit 130, "clipstyle: interrupted"), not the start-up handler's
+            # summary of a run, and the queue is closed before the process ends.
+            with interrupts.raising():
+                server.run(sockets=[sock])
         finally:
             queue.close()  # after a signal too: the running job ends between two steps, nothing half-written
     finally:

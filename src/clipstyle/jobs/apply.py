@@ -87,7 +87,7 @@ def _suffix(inp: InputFile) -> str:
 def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, size, identity: dict) -> dict:
     """The PNG's text chunks: what made it, and ``identity`` (what determines it, see _RenderFiles.identity)."""
     fields = {
-        "input": job.input.path.name,
+        "input": job.input.name,
         "styles": [{"file": s.path.name, "prompt": s.metadata.get("prompt")} for s in styles],
         "mix": mix_weights(len(styles), options.mix),
         "strength": options.strength,

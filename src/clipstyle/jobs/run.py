@@ -389,6 +389,7 @@ class _StylizePairs(Work):
                     settings=self.settings,
                     seed=job.seed,
                     input_path=job.input.path,
+                    input_name=job.input.name,
                     trained_size=result.size,
                     models_info=self.models_info,
                     input_sha256=self._input_sha256(job),

@@ -22,13 +22,18 @@ Safety: nothing is loaded from the internet (a Content-Security-Policy says
 so to the browser too); files come only from the server's own folder, by
 names the server made; changing requests need the ``X-Clipstyle`` header,
 which a page from another site cannot send without this server's consent
-(no CORS is granted); on the loopback address only ``127.0.0.1`` and
-``localhost`` are accepted as Host (no DNS rebinding).
+(no CORS is granted); only this machine's own names and IP addresses are
+accepted as Host (on the loopback address ``127.0.0.1``, ``localhost`` and
+``[::1]``), so a page on another site that rebinds its name to this server's
+address is refused (no DNS rebinding); every answer says
+``Cross-Origin-Resource-Policy: same-origin``, so another site's page cannot
+embed the images either. Bodies are bounded before they are read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -36,17 +41,18 @@ from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from clipstyle.errors import ClipstyleError
-from clipstyle.serve.jobs import JobQueue, form_schema
+from clipstyle.serve.jobs import JobQueue, NoSpace, QueueFull, clean_name, form_schema
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 50 * 1024 * 1024  # bytes; the pixel limit is checked after
+MAX_BODY = 64 * 1024  # bytes of a JSON request (16 prompts of 1000 characters fit, escaped, several times)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -55,16 +61,52 @@ EVENT_INTERVAL = 0.1  # seconds between looks at the state
 KEEPALIVE = 15.0  # seconds between comments on an idle event stream
 
 
-class _Headers:
-    """Security headers on every response, and the ``X-Clipstyle`` header required on changing requests."""
+def host_name(header: str | None) -> str | None:
+    """The name in a Host header, lower case, without the port (``[::1]`` keeps its brackets); None
+    when it is absent or malformed."""
+    if not header or any(c.isspace() or c in "/\\@?#" for c in header):
+        return None
+    if header.startswith("["):
+        end = header.find("]")
+        rest = header[end + 1 :]
+        if end < 0 or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return header[: end + 1].lower()
+    name, _, port = header.partition(":")
+    if not name or (port and not port.isdigit()) or ":" in port:
+        return None
+    return name.lower()
 
-    def __init__(self, app):
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+    except ValueError:
+        return False
+    return "." in name or name.startswith("[")
+
+
+class _Headers:
+    """The Host check, security headers on every response, and the ``X-Clipstyle`` header required on
+    changing requests.
+
+    ``hosts``: the names accepted in the Host header (lower case, IPv6 in brackets); ``any_ip``: also
+    any IP address literal (a server on the network is reached by its address). A DNS rebinding
+    attack reaches the server under the attacker's own name, which is neither."""
+
+    def __init__(self, app, hosts: tuple[str, ...] = LOOPBACK_HOSTS, any_ip: bool = False):
         self.app = app
+        self.hosts = {h.lower() for h in hosts}
+        self.any_ip = any_ip
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.lower(): v for k, v in scope["headers"]}
+        host = host_name(headers.get(b"host", b"").decode("latin-1"))
+        if host is None or not (host in self.hosts or (self.any_ip and is_ip_literal(host))):
+            response = JSONResponse({"error": "refused: this server does not answer to that host name"}, 400)
+            return await response(scope, receive, self._wrap(send))
         if scope["method"] not in ("GET", "HEAD") and headers.get(b"x-clipstyle") != b"1":
             response = JSONResponse(
                 {"error": "refused: requests that change something need the X-Clipstyle: 1 header"}, status_code=403
@@ -82,6 +124,7 @@ class _Headers:
                     (b"content-security-policy", CSP.encode()),
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"),
+                    (b"cross-origin-resource-policy", b"same-origin"),
                 ]
             await send(message)
 
@@ -92,15 +135,40 @@ def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _refused(exc: ClipstyleError) -> JSONResponse:
+    """A refusal, with the status that says why: 429 for a full queue, 507 for a full disk, else 400."""
+    status = 429 if isinstance(exc, QueueFull) else 507 if isinstance(exc, NoSpace) else 400
+    return _error(str(exc), status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it is over ``limit`` bytes: refused by its Content-Length before
+    anything is read, else as soon as the bytes read pass the limit."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def make_app(
     queue: JobQueue,
     *,
     help_texts: dict | None = None,
     max_upload: int = DEFAULT_MAX_UPLOAD,
     loopback: bool = True,
+    hosts: tuple[str, ...] = (),
     closing: Callable[[], bool] = lambda: False,
 ) -> Starlette:
-    """The web app over ``queue``. ``closing()`` turns true when the server shuts down (ends event streams)."""
+    """The web app over ``queue``. ``closing()`` turns true when the server shuts down (ends event streams).
+
+    ``loopback``: the server listens on this machine only, and answers only to 127.0.0.1, localhost
+    and [::1]; else also to any IP address and to ``hosts`` (the machine's names)."""
     schema = {**form_schema(help_texts), "max_upload": max_upload}
 
     async def index(request: Request) -> Response:
@@ -132,28 +200,25 @@ def make_app(
         )
 
     async def upload(request: Request) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_upload:
+        data = await _read_body(request, max_upload)
+        if data is None:
             return _error(f"the file is over the upload limit of {max_upload // (1024 * 1024)} MB", 413)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_upload:
-                return _error(f"the file is over the upload limit of {max_upload // (1024 * 1024)} MB", 413)
-            chunks.append(chunk)
-        name = unquote(request.headers.get("x-filename", "upload"))
-        if size == 0:
+        name = clean_name(unquote(request.headers.get("x-filename", "upload")))
+        if not data:
             return _error(f"{name}: empty file")
         try:
-            info = await asyncio.to_thread(queue.add_upload, b"".join(chunks), name)
+            info = await asyncio.to_thread(queue.add_upload, data, name)
         except ClipstyleError as exc:
-            return _error(str(exc))
+            return _refused(exc)
         return JSONResponse(info)
 
     async def submit(request: Request) -> Response:
+        raw = await _read_body(request, MAX_BODY)
+        if raw is None:
+            return _error(f"the request is over {MAX_BODY // 1024} KB", 413)
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return _error("the request is not JSON")
         if not isinstance(body, dict):
             return _error("the request is not a JSON object")
@@ -164,12 +229,9 @@ def make_app(
                 prompts = body.get("prompts")
                 if isinstance(prompts, str):
                     prompts = prompts.splitlines()
-                form = body.get("form") or {}
-                if not isinstance(prompts, list) or not isinstance(form, dict):
-                    return _error("prompts must be a list and form an object")
-                jobs = queue.submit_stylize(body.get("upload"), prompts, form)
+                jobs = queue.submit_stylize(body.get("upload"), prompts, body.get("form") or {})
         except ClipstyleError as exc:
-            return _error(str(exc))
+            return _refused(exc)
         return JSONResponse({"jobs": [j.id for j in jobs]})
 
     async def job(request: Request) -> Response:
@@ -232,7 +294,5 @@ def make_app(
         Route("/files/{folder}/{name}", files),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    middleware = [Middleware(_Headers)]
-    if loopback:
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"]))
-    return Starlette(routes=routes, middleware=middleware)
+    accepted = LOOPBACK_HOSTS if loopback else (*LOOPBACK_HOSTS, *hosts)
+    return Starlette(routes=routes, middleware=[Middleware(_Headers, hosts=accepted, any_ip=not loopback)])

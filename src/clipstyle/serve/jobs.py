@@ -8,7 +8,9 @@ changes (``submit_*``, ``stop``, ``delete``).
 Stopping a running job: the step callback raises ``_Stopped`` once the stop
 flag is set, which ends ``stylize_many`` between two steps; the last image the
 callback received is kept as the result. No style file is written for a
-stopped job: the network behind that image is not handed to callbacks.
+stopped job: the network behind that image is not handed to callbacks. A job
+stopped before its first step, and an apply job (stopped between two tiles),
+keep nothing: they end "cancelled".
 
 The server's folder holds everything it serves::
 
@@ -18,13 +20,24 @@ The server's folder holds everything it serves::
     results/<job>.json  the job's record: reloaded into the gallery when the server starts
 
 Every file is written atomically (temporary file, then rename), so stopping the
-server at any moment leaves no partial file.
+server at any moment leaves no partial file; temporary files of a server that was
+killed are removed at the next start.
+
+Nothing in the folder is trusted: a record is loaded into the gallery only when
+every field has the type and the shape the server writes (file names are the
+job's own id, ids are generated-id shaped), so a planted or edited record can
+never make the server read or serve another file. Limits keep one client from
+filling the queue or the disk: at most ``max_queued`` jobs wait, uploads share a
+disk budget (uploads no job refers to are removed, oldest first, when space is
+needed, and at start).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import re
 import threading
 import time
@@ -35,12 +48,13 @@ from pathlib import Path
 
 from clipstyle.config import MAX_PIXELS, PRECISIONS, PRESETS, Settings
 from clipstyle.errors import ClipstyleError
-from clipstyle.images import open_image, save_png, slugify, to_pil, write_atomic
+from clipstyle.images import fit_size, open_image, save_png, slugify, to_pil, write_atomic
 from clipstyle.jobs.apply import ApplyJob, ApplyOptions, apply_files
 from clipstyle.jobs.batch import Events as BatchEvents
 from clipstyle.jobs.inputs import InputFile
+from clipstyle.jobs.memory import check_fits, check_run_size, run_bytes
 from clipstyle.jobs.pairs import RunJob, pair_seed
-from clipstyle.jobs.plan import RunPlan, execute
+from clipstyle.jobs.plan import RunPlan, check_prompts, execute
 from clipstyle.jobs.report import Report
 from clipstyle.jobs.run import RunOptions, output_metadata
 from clipstyle.provenance import bytes_sha256, file_sha256
@@ -64,7 +78,13 @@ FORM_FIELDS = (
 )
 CHOICES = {"precision": PRECISIONS}
 MAX_PROMPTS = 16  # one job per prompt line
+MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; a longer text is a mistake or an attack
 MAX_NAME = 200
+# Steps of one job. The loop draws every step's crops before the first step (clipstyle.method.loop):
+# time and memory in proportion, before a Stop can be seen; 10,000 is 50 times the paper's 200.
+MAX_STEPS = 10_000
+MAX_QUEUED = 100  # jobs waiting at once; more are refused politely (429) until some have run
+DEFAULT_UPLOAD_SPACE = 2 * 1024**3  # bytes of uploads kept on disk (photo, view, record)
 JOB_ID = re.compile(r"[0-9a-f]{12}")
 UPLOAD_ID = re.compile(r"[0-9a-f]{16}")
 # Files the server hands out: results by job id, upload views by upload id. Nothing else.
@@ -74,6 +94,16 @@ SERVED = {
 }
 VIEW_SIDE = 768  # longest side of the upload's view in the page
 FINISHED = ("done", "stopped", "failed", "cancelled", "interrupted")
+KEPT = ("done", "stopped")  # the statuses of jobs whose record is written (and reloaded)
+TEMPORARY = re.compile(r"\..+\.(\d+)-\d+\.tmp")  # images.write_atomic's temporary files: .<name>.<pid>-<n>.tmp
+
+
+class QueueFull(ClipstyleError):
+    """Too many jobs are waiting (HTTP 429)."""
+
+
+class NoSpace(ClipstyleError):
+    """The server's upload budget or its disk is full (HTTP 507)."""
 
 
 class _Stopped(BaseException):
@@ -100,10 +130,11 @@ def form_schema(help_texts: dict | None = None) -> dict:
 
 
 def settings_from_form(form: dict) -> Settings:
-    """Form values -> Settings: the preset first, then every field given. One-line errors."""
+    """Form values -> Settings: the preset first, then every field given. One-line errors; values
+    that are not plain numbers or text (lists, objects, true/false, infinities) are refused."""
     preset = form.get("preset") or "paper"
-    if preset not in PRESETS:
-        raise ClipstyleError(f"unknown preset {preset!r} (choose {', '.join(sorted(PRESETS))})")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ClipstyleError(f"unknown preset {_shown(preset)} (choose {', '.join(sorted(PRESETS))})")
     values = dict(PRESETS[preset])
     defaults = Settings()
     for name in FORM_FIELDS:
@@ -111,32 +142,58 @@ def settings_from_form(form: dict) -> Settings:
         if raw is None or raw == "":
             continue
         kind = type(getattr(defaults, name))
+        what = "an integer" if kind is int else "a number" if kind is float else "text"
         try:
+            if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+                raise ValueError
             if kind is int:
-                number = float(raw)
-                if not number.is_integer():
-                    raise ValueError
-                values[name] = int(number)
+                values[name] = _integer(raw)
             elif kind is float:
-                values[name] = float(raw)
+                number = float(raw)
+                if not math.isfinite(number):
+                    raise ValueError
+                values[name] = number
             else:
                 values[name] = str(raw)
         except (TypeError, ValueError, OverflowError):
-            what = "an integer" if kind is int else "a number"
-            raise ClipstyleError(f"{name.replace('_', ' ')}: {raw!r} is not {what}") from None
+            raise ClipstyleError(f"{name.replace('_', ' ')}: {_shown(raw)} is not {what}") from None
+        if kind is int and abs(values[name]) >= 2**31:  # means nothing here, and overflows float sums
+            raise ClipstyleError(f"{name.replace('_', ' ')}: {_shown(raw)} is too large")
     if values.get("precision", "auto") not in PRECISIONS:
         raise ClipstyleError(f"precision must be one of {', '.join(PRECISIONS)}")
     if values.get("size", 16) < 16:
         raise ClipstyleError("size must be at least 16")
+    if values.get("steps", 0) > MAX_STEPS:
+        raise ClipstyleError(f"steps: at most {MAX_STEPS:,} on this server")
     return Settings(**values)
+
+
+def _integer(raw) -> int:
+    """A whole number from JSON or text ("12", 12, 12.0, "1e3"); ValueError for 1.7, inf, nan, "x"."""
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+        return int(raw)
+    number = float(raw)
+    if not math.isfinite(number) or not number.is_integer():
+        raise ValueError
+    return int(number)
+
+
+def _shown(value) -> str:
+    """A value a client sent, as an error line shows it: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _seed(form: dict) -> int:
     raw = form.get("seed", 0)
     try:
-        seed = int(raw if raw not in (None, "") else 0)
-    except (TypeError, ValueError):
-        raise ClipstyleError(f"seed: {raw!r} is not an integer") from None
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float, type(None))):
+            raise ValueError
+        seed = _integer(raw if raw not in (None, "") else 0)
+    except (TypeError, ValueError, OverflowError):
+        raise ClipstyleError(f"seed: {_shown(raw)} is not an integer") from None
     if not 0 <= seed < 2**63:
         raise ClipstyleError("seed must be between 0 and 2^63 - 1")
     return seed
@@ -206,18 +263,98 @@ class Job:
                 del data[key]
         return data
 
+    @classmethod
+    def from_record(cls, data, job_id: str) -> Job | None:
+        """The job a record in results/ describes, or None unless every field has the type and the
+        shape this server writes: its files are ``<job_id>.png`` and ``<job_id>.style``, its
+        ids are generated-id shaped, its status is a kept one. A record is data from disk (a shared
+        or copied folder): nothing in it may name another file."""
+        if not isinstance(data, dict) or data.get("id") != job_id or not JOB_ID.fullmatch(job_id):
+            return None
+        fields = cls.__dataclass_fields__
+        if not set(data) <= set(fields):
+            return None
+        checks = {
+            "kind": lambda v: v in ("stylize", "apply"),
+            "upload": lambda v: isinstance(v, str) and UPLOAD_ID.fullmatch(v),
+            "input_name": lambda v: isinstance(v, str) and v == clean_name(v),
+            "prompt": lambda v: isinstance(v, str) and 0 < len(v) <= MAX_PROMPT_CHARS and _utf8(v),
+            "settings": lambda v: isinstance(v, dict),
+            "preset": lambda v: isinstance(v, str),
+            "base_seed": lambda v: _whole(v) and 0 <= v < 2**63,
+            "seed": lambda v: _whole(v) and 0 <= v < 2**64,
+            "style_of": lambda v: v is None or (isinstance(v, str) and JOB_ID.fullmatch(v)),
+            "strength": lambda v: _number(v) and 0 <= v <= 1,
+            "status": lambda v: v in KEPT,
+            "step": lambda v: _whole(v) and v >= 0,
+            "steps": lambda v: _whole(v) and v >= 0,
+            "losses": lambda v: (
+                isinstance(v, list)
+                and all(isinstance(p, list) and len(p) == 2 and _whole(p[0]) and _number(p[1]) for p in v)
+            ),
+            "seconds": _number,
+            "error": lambda v: v is None or isinstance(v, str),
+            "notes": lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+            "created": _number,
+            "finished": lambda v: v is None or _number(v),
+            "size": lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_whole(n) for n in v)),
+            "png": lambda v: v == f"{job_id}.png",
+            "style": lambda v: v is None or v == f"{job_id}.style",
+            "metadata": lambda v: (
+                v is None
+                or (isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, str) for k, t in v.items()))
+            ),
+            "preview": _whole,
+        }
+        required = ("id", "kind", "upload", "input_name", "prompt", "status", "png")
+        if any(name not in data for name in required):
+            return None
+        if not all(check(data[name]) for name, check in checks.items() if name in data):
+            return None
+        job = cls(**data)
+        job.preview = 0
+        return job
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 class JobQueue:
     """Jobs in first-in, first-out order, run by one worker thread that owns ``models``."""
 
-    def __init__(self, models, folder: str | Path, *, max_pixels: int | None = None, preview_seconds: float = 0.5):
+    def __init__(
+        self,
+        models,
+        folder: str | Path,
+        *,
+        max_pixels: int | None = None,
+        preview_seconds: float = 0.5,
+        max_queued: int = MAX_QUEUED,
+        upload_space: int = DEFAULT_UPLOAD_SPACE,
+    ):
         self.models = models
         self.folder = Path(folder)
         self.uploads = self.folder / "uploads"
         self.results = self.folder / "results"
         self.max_pixels = max_pixels or MAX_PIXELS
         self.preview_seconds = preview_seconds
+        self.max_queued = max_queued
+        self.upload_space = upload_space
         self.jobs: dict[str, Job] = {}
+        self.skipped: list[str] = []  # records in results/ that were not loaded (not as this server writes them)
         self._queue: deque[str] = deque()
         self._running: str | None = None
         self._previews: dict[str, bytes] = {}
@@ -225,6 +362,7 @@ class JobQueue:
         self._stop: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._uploading = threading.Lock()  # one upload at a time checks and spends the budget
         self._closing = False
         self.version = 0  # bumps on every change; the event stream sends the state when it moves
         self._thread = threading.Thread(target=self._work, name="clipstyle-worker", daemon=True)
@@ -234,6 +372,7 @@ class JobQueue:
             except OSError as exc:
                 raise ClipstyleError(f"cannot create the server's folder: {exc.strerror or exc}", sub) from None
         self._load_gallery()
+        self._tidy()
 
     # --- lifetime ---------------------------------------------------------------------------------------
 
@@ -257,30 +396,27 @@ class JobQueue:
         self.version += 1
         self._wake.notify_all()
 
+    def public(self, message: str) -> str:
+        """``message`` as a client may read it: the server's own folder named by its part inside it
+        (``results/...``), never by its absolute path."""
+        for root in sorted({str(self.folder.resolve()), str(self.folder.absolute())}, key=len, reverse=True):
+            message = message.replace(root + os.sep, "").replace(root, "the server's folder")
+        return message
+
     # --- uploads ----------------------------------------------------------------------------------------
 
     def add_upload(self, data: bytes, name: str | None) -> dict:
-        """Check an uploaded photo as the CLI checks its inputs; keep it under its content hash."""
+        """Check an uploaded photo as the CLI checks its inputs (from memory: nothing is written until
+        it is known to be a usable image); keep it under an id made of its bytes and its name, so the
+        same bytes under two names are two uploads (the name makes the seed) and re-uploading one
+        changes nothing."""
         name = clean_name(name)
-        digest = bytes_sha256(data)
-        upload_id = digest[:16]
-        final = self.uploads / f"{upload_id}.bin"
-        tmp = self.uploads / f".{upload_id}.{uuid.uuid4().hex[:8]}.check"
         try:
-            tmp.write_bytes(data)
-            try:
-                loaded = open_image(tmp, self.max_pixels)
-            except ClipstyleError as exc:
-                raise ClipstyleError(describe_error(exc, tmp, name)) from None
-            if not final.exists():
-                view = loaded.image.copy()
-                view.thumbnail((VIEW_SIDE, VIEW_SIDE))
-                buffer = io.BytesIO()
-                view.save(buffer, format="JPEG", quality=88)
-                write_atomic(self.uploads / f"{upload_id}.jpg", lambda fh: fh.write(buffer.getvalue()), overwrite=True)
-                write_atomic(final, lambda fh: fh.write(data), overwrite=True)
-        finally:
-            tmp.unlink(missing_ok=True)
+            loaded = open_image(Path(name), self.max_pixels, data=data)
+        except ClipstyleError as exc:
+            raise ClipstyleError(f"{name}: {exc.reason}") from None
+        digest = bytes_sha256(data)
+        upload_id = bytes_sha256(f"{digest}\0{name}".encode())[:16]
         info = {
             "id": upload_id,
             "name": name,
@@ -289,28 +425,119 @@ class JobQueue:
             "sha256": digest,
             "notes": list(loaded.notes),
         }
-        write_atomic(self.uploads / f"{upload_id}.json", lambda fh: fh.write(json.dumps(info).encode()), overwrite=True)
+        paths = [self.uploads / f"{upload_id}.{suffix}" for suffix in ("bin", "jpg", "json")]
+        with self._uploading:
+            if all(p.is_file() for p in paths):
+                return info  # the same bytes under the same name: already kept
+            view = loaded.image.copy()
+            view.thumbnail((VIEW_SIDE, VIEW_SIDE))
+            buffer = io.BytesIO()
+            view.save(buffer, format="JPEG", quality=88)
+            record = json.dumps(info, ensure_ascii=False).encode("utf-8")
+            contents = [data, buffer.getvalue(), record]
+            self._make_room(sum(len(c) for c in contents))
+            try:
+                for path, content in zip(paths, contents):
+                    write_atomic(path, lambda fh, c=content: fh.write(c), overwrite=True)
+            except ClipstyleError as exc:
+                for path in paths:  # all three or none: no orphan files
+                    path.unlink(missing_ok=True)
+                raise self._refusal(f"cannot keep {name}", exc) from None
         return info
+
+    def _refusal(self, what: str, exc: ClipstyleError) -> ClipstyleError:
+        """A write that failed, as one line for the page: NoSpace when the disk is full, no server path."""
+        reason = self.public(exc.reason)
+        if "space" in reason.lower() or "quota" in reason.lower():
+            return NoSpace(f"{what}: the server's disk is full ({reason})")
+        return ClipstyleError(f"{what}: {reason}")
+
+    def upload_bytes(self) -> int:
+        """Bytes the uploads take on disk."""
+        total = 0
+        for path in self.uploads.iterdir():
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def _make_room(self, need: int) -> None:
+        """Remove uploads no job refers to, oldest first, until ``need`` more bytes fit in the budget;
+        NoSpace if they still do not."""
+        used = self.upload_bytes()
+        if used + need <= self.upload_space:
+            return
+        for upload_id in self._unreferenced_uploads():
+            used -= self._remove_upload(upload_id)
+            if used + need <= self.upload_space:
+                return
+        mb = self.upload_space / 1024**2
+        raise NoSpace(f"the server's upload space ({mb:.0f} MB) is full: delete results to free the photos they keep")
+
+    def _unreferenced_uploads(self) -> list[str]:
+        """Ids of uploads no job (waiting, running or in the gallery) refers to, oldest first."""
+        with self._lock:
+            used = {job.upload for job in self.jobs.values()}
+        found = {}
+        for path in self.uploads.glob("*.json"):
+            if UPLOAD_ID.fullmatch(path.stem) and path.stem not in used:
+                try:
+                    found[path.stem] = path.stat().st_mtime
+                except OSError:
+                    pass
+        return sorted(found, key=found.get)
+
+    def _remove_upload(self, upload_id: str) -> int:
+        freed = 0
+        for suffix in ("json", "jpg", "bin"):  # the record first: an upload without it is not offered
+            path = self.uploads / f"{upload_id}.{suffix}"
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except OSError:
+                pass
+        return freed
 
     def upload_info(self, upload_id: str) -> dict:
         if not isinstance(upload_id, str) or not UPLOAD_ID.fullmatch(upload_id):
             raise ClipstyleError("no such upload: upload the photo again")
         try:
-            return json.loads((self.uploads / f"{upload_id}.json").read_text())
+            info = json.loads((self.uploads / f"{upload_id}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise ClipstyleError("no such upload: upload the photo again") from None
+        if (
+            not isinstance(info, dict)
+            or info.get("id") != upload_id
+            or not isinstance(info.get("name"), str)
+            or info["name"] != clean_name(info["name"])
+            or not all(_whole(info.get(k)) and info[k] > 0 for k in ("width", "height"))
+            or not (self.uploads / f"{upload_id}.bin").is_file()
+        ):
+            raise ClipstyleError("no such upload: upload the photo again")
+        return info
 
     # --- submitting -------------------------------------------------------------------------------------
 
     def submit_stylize(self, upload_id: str, prompts: list[str], form: dict) -> list[Job]:
         """One job per prompt; every value is checked before any job is queued."""
         info = self.upload_info(upload_id)
-        prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ClipstyleError("prompts must be a list of texts")
+        prompts = [p.strip() for p in prompts if p.strip()]
         if not prompts:
             raise ClipstyleError("the prompt is empty")
         if len(prompts) > MAX_PROMPTS:
             raise ClipstyleError(f"{len(prompts)} prompts: at most {MAX_PROMPTS} at a time")
+        for p in prompts:
+            if len(p) > MAX_PROMPT_CHARS:
+                raise ClipstyleError(f"a prompt has {len(p):,} characters: at most {MAX_PROMPT_CHARS:,}")
+        check_prompts(prompts)
+        if not isinstance(form, dict):
+            raise ClipstyleError("form must be an object")
         settings = settings_from_form(form)
+        self._check_size(settings, info)
         base_seed = _seed(form)
         preset = form.get("preset") or "paper"
         jobs = [
@@ -329,21 +556,35 @@ class JobQueue:
             )
             for p in dict.fromkeys(prompts)
         ]
-        for job in jobs:
-            self._settings[job.id] = settings
-        self._enqueue(jobs)
+        self._enqueue(jobs, {job.id: settings for job in jobs})
         return jobs
+
+    def _check_size(self, settings: Settings, info: dict) -> None:
+        """Refuse settings the device cannot hold, as `clipstyle run` does before it starts (the size,
+        then this photo at that size): a job that cannot fit is refused here, never queued."""
+        device = self.models.device
+        check_run_size(settings, device)
+        w, h = fit_size(int(info["width"]), int(info["height"]), settings.size)
+        check_fits(
+            run_bytes(w, h, settings.crops, settings.crop_batch),
+            device,
+            f"size {settings.size}: optimising at {w}x{h} px with {settings.crops} crops",
+            "lower the size or the crops",
+        )
 
     def submit_apply(self, style_of: str, upload_id: str, strength: float = 1.0) -> Job:
         info = self.upload_info(upload_id)
-        source = self.jobs.get(style_of) if isinstance(style_of, str) else None
+        with self._lock:
+            source = self.jobs.get(style_of) if isinstance(style_of, str) else None
         if source is None or not source.style:
             raise ClipstyleError("that result has no style file (only finished runs keep one)")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, str)):
+            raise ClipstyleError(f"strength: {_shown(strength)} is not a number")
         try:
             strength = float(strength)
         except (TypeError, ValueError):
-            raise ClipstyleError(f"strength: {strength!r} is not a number") from None
-        if not 0.0 <= strength <= 1.0:
+            raise ClipstyleError(f"strength: {_shown(strength)} is not a number") from None
+        if not 0.0 <= strength <= 1.0:  # false for nan too
             raise ClipstyleError("strength must be between 0 and 1")
         job = Job(
             id=uuid.uuid4().hex[:12],
@@ -359,13 +600,18 @@ class JobQueue:
         self._enqueue([job])
         return job
 
-    def _enqueue(self, jobs: list[Job]) -> None:
+    def _enqueue(self, jobs: list[Job], settings: dict[str, Settings] | None = None) -> None:
         with self._wake:
             if self._closing:
                 raise ClipstyleError("the server is stopping")
+            if len(self._queue) + len(jobs) > self.max_queued:
+                raise QueueFull(
+                    f"{len(self._queue)} jobs are waiting, at most {self.max_queued}: try again when some have run"
+                )
             for job in jobs:
                 self.jobs[job.id] = job
                 self._queue.append(job.id)
+            self._settings.update(settings or {})
             self._changed()
 
     # --- changing ---------------------------------------------------------------------------------------
@@ -376,6 +622,7 @@ class JobQueue:
             job = self._get(job_id)
             if job.status == "queued":
                 self._queue.remove(job_id)
+                self._settings.pop(job_id, None)
                 job.status = "cancelled"
                 job.finished = time.time()
             elif job.status == "running":
@@ -384,16 +631,25 @@ class JobQueue:
             return job
 
     def delete(self, job_id: str) -> None:
-        """Remove a finished job and its files from the gallery."""
+        """Remove a finished job and its files from the gallery. Its files go first: when they cannot
+        (a read-only folder), the job stays, with its files, and the error says why."""
         with self._wake:
             job = self._get(job_id)
             if job.status in ("queued", "running"):
                 raise ClipstyleError("stop the job first")
+            users = [j.id for j in self.jobs.values() if j.style_of == job_id and j.status in ("queued", "running")]
+            if users:
+                raise ClipstyleError(f"a waiting job ({users[0]}) uses its style: cancel it first")
+            # the record first: once it is gone, the job is not reloaded, whatever else stays
+            for name in (f"{job_id}.json", f"{job_id}.png", f"{job_id}.style"):
+                try:
+                    (self.results / name).unlink(missing_ok=True)
+                except OSError as exc:
+                    if name.endswith(".json"):
+                        raise ClipstyleError(f"cannot delete the result: {exc.strerror or exc}") from None
             del self.jobs[job_id]
             self._previews.pop(job_id, None)
             self._changed()
-        for name in (f"{job_id}.png", f"{job_id}.style", f"{job_id}.json"):
-            (self.results / name).unlink(missing_ok=True)
 
     def _get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id) if isinstance(job_id, str) else None
@@ -421,15 +677,16 @@ class JobQueue:
     def preview(self, job_id: str) -> tuple[bytes, str] | None:
         """The latest image of a job: the live preview (JPEG) while it runs, then its PNG."""
         with self._lock:
-            job = self.jobs.get(job_id)
-            data = self._previews.get(job_id)
+            job = self.jobs.get(job_id) if isinstance(job_id, str) else None
+            data = self._previews.get(job_id) if job is not None else None
         if job is None:
             return None
         if data is not None:
             return data, "image/jpeg"
         if job.png:
+            path = self.served_file("results", f"{job.id}.png")  # the job's own name, whatever its record says
             try:
-                return (self.results / job.png).read_bytes(), "image/png"
+                return (path.read_bytes(), "image/png") if path is not None else None
             except OSError:
                 return None
         return None
@@ -437,7 +694,7 @@ class JobQueue:
     def served_file(self, folder: str, name: str) -> Path | None:
         """A file the server may hand out, or None: only known names in its own folders (no traversal)."""
         pattern = SERVED.get(folder)
-        if pattern is None or not pattern.fullmatch(name):
+        if pattern is None or not isinstance(name, str) or not pattern.fullmatch(name):
             return None
         path = (self.folder / folder / name).resolve()
         if path.parent != (self.folder / folder).resolve() or not path.is_file():
@@ -471,7 +728,9 @@ class JobQueue:
                     status = self._apply(job)
             except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the server
                 status = "failed"
-                job.error = describe_error(exc, self.uploads / f"{job.upload}.bin", job.input_name)
+                job.error = self.public(describe_error(exc, self.uploads / f"{job.upload}.bin", job.input_name))
+            if status not in KEPT:
+                self._remove_results(job.id)  # a failed write (a full disk) leaves nothing behind
             with self._wake:
                 job.status = status
                 job.finished = time.time()
@@ -480,14 +739,22 @@ class JobQueue:
                     job.seconds = round(time.perf_counter() - started, 3)
                 self._stop.discard(job.id)
                 self._running = None
-                if status in ("done", "stopped"):
+                if status in KEPT:
                     self._save_record(job)  # before anyone sees it finished (and may delete it)
                 self._changed()
+
+    def _remove_results(self, job_id: str) -> None:
+        for name in (f"{job_id}.png", f"{job_id}.style", f"{job_id}.json"):
+            try:
+                (self.results / name).unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def _stylize(self, job: Job) -> str:
         """The job as a one-pair plan, executed as `clipstyle run` executes its plans (clipstyle.jobs.plan):
         the same checks, the same files. Stop keeps the last image (no style file)."""
-        settings = self._settings.pop(job.id)
+        with self._lock:
+            settings = self._settings.pop(job.id)
         source = self.uploads / f"{job.upload}.bin"
         pair = RunJob(
             InputFile(source, job.input_name, label=job.input_name),
@@ -502,15 +769,19 @@ class JobQueue:
         try:
             execute(plan, Report(None), events)
         except _Stopped:
-            if self._closing or events.last is None:
-                return "interrupted" if self._closing else "stopped"
+            if self._closing or events.last is None:  # nothing to keep
+                return "interrupted" if self._closing else "cancelled"
             meta = output_metadata(pair, settings, self.models.info, options, file_sha256(source))
             meta["clipstyle"]["stopped_at_step"] = job.step
-            self._finish(job, events.last, meta)
+            try:
+                self._finish(job, events.last, meta)
+            except ClipstyleError as exc:
+                job.error = str(self._refusal("cannot keep the image", exc))
+                return "failed"
             return "stopped"
         (record,) = events.records
         if record["status"] != "ok":
-            job.error = (record["error"] or "failed").replace(str(source), job.input_name)
+            job.error = self.public((record["error"] or "failed").replace(str(source), job.input_name))
             return "failed"
         job.png, job.size = pair.output.name, record["output_size"]
         job.metadata = _png_text(pair.output)
@@ -524,29 +795,45 @@ class JobQueue:
         job.metadata = _png_text(path)
 
     def _apply(self, job: Job) -> str:
-        source_job = self.jobs[job.style_of]
-        style = load_style(self.results / source_job.style)
+        """`clipstyle apply`'s work (apply_files, as that command calls it) on one upload."""
+        with self._lock:
+            source_job = self.jobs.get(job.style_of)
+        style_path = self.results / f"{job.style_of}.style"
+        if source_job is None or not source_job.style or not style_path.is_file():
+            job.error = "the style was deleted before this job ran"
+            return "failed"
+        style = load_style(style_path)
+        upload = self.uploads / f"{job.upload}.bin"
         out = self.results / f"{job.id}.png"
         records = []
 
+        queue = self
+
         class Events(BatchEvents):
+            def progress(self, _job, info):  # after each tile: Stop ends the job there, keeping nothing
+                if job.id in queue._stop or queue._closing:
+                    raise _Stopped()
+
             def note(self, _job, message):
                 job.notes.append(message)
 
             def finished(self, _job, record):
                 records.append(record)
 
-        apply_files(
-            [ApplyJob(InputFile(self.uploads / f"{job.upload}.bin", job.input_name), out)],
-            [style],
-            ApplyOptions(strength=job.strength, max_pixels=self.max_pixels),
-            Report(None),
-            Events(),
-            device=self.models.device,
-        )
+        try:
+            apply_files(
+                [ApplyJob(InputFile(upload, job.input_name, label=job.input_name), out)],
+                [style],
+                ApplyOptions(strength=job.strength, max_pixels=self.max_pixels),
+                Report(None),
+                Events(),
+                device=self.models.device,
+            )
+        except _Stopped:
+            return "interrupted" if self._closing else "cancelled"
         (record,) = records
         if record["status"] != "ok":
-            job.error = record["error"].replace(str(self.uploads / f"{job.upload}.bin"), job.input_name)
+            job.error = self.public((record["error"] or "failed").replace(str(upload), job.input_name))
             return "failed"
         job.metadata = _png_text(out)
         job.size = record["size"]
@@ -561,21 +848,48 @@ class JobQueue:
         try:
             write_atomic(self.results / f"{job.id}.json", lambda fh: fh.write(data), overwrite=True)
         except ClipstyleError as exc:
-            job.notes.append(f"not kept for the next start: {exc}")
+            job.notes.append(f"not kept for the next start: {self.public(exc.reason)}")
 
     def _load_gallery(self) -> None:
-        names = {f.name for f in Job.__dataclass_fields__.values()}
+        """The records in results/, each checked field by field (Job.from_record); others are skipped."""
         for path in sorted(self.results.glob("*.json")):
-            if not JOB_ID.fullmatch(path.stem):
-                continue
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                job = Job(**{k: v for k, v in data.items() if k in names})
-            except (OSError, ValueError, TypeError):
+                if not path.is_file() or path.stat().st_size > 1024**2:
+                    raise ValueError
+                job = Job.from_record(json.loads(path.read_text(encoding="utf-8")), path.stem)
+            except (OSError, ValueError, RecursionError):
+                job = None
+            if job is None or not (self.results / job.png).is_file():
+                self.skipped.append(path.name)
                 continue
-            if job.id == path.stem and job.png and (self.results / job.png).is_file():
-                job.preview = 0
-                self.jobs[job.id] = job
+            self.jobs[job.id] = job
+
+    def _tidy(self) -> None:
+        """At start: remove what a server that was killed left: temporary files (of writers that are
+        gone), results of a job that had not finished (a PNG or style file without a record: the record
+        is written last), and uploads no job refers to (a page open across the restart uploads its
+        photo again). A result whose record was skipped stays: the record may be a newer server's."""
+        for folder in (self.uploads, self.results):
+            for path in folder.glob(".*.tmp"):
+                match = TEMPORARY.fullmatch(path.name)
+                if match and not _alive(int(match.group(1))):
+                    path.unlink(missing_ok=True)
+        for path in self.results.iterdir():
+            if SERVED["results"].fullmatch(path.name) and not path.with_suffix(".json").exists():
+                path.unlink(missing_ok=True)
+        for upload_id in self._unreferenced_uploads():
+            self._remove_upload(upload_id)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a temporary file of a live writer is left alone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class _JobEvents(BatchEvents):

@@ -84,11 +84,13 @@ def style_metadata(
     trained_size: Sequence[int] | None = None,
     models_info: dict | None = None,
     input_sha256: str | None = None,
+    input_name: str | None = None,
 ) -> dict:
     """The metadata ``run --save-style`` records: enough to know what the style is
     and to repeat its training. The input is identified by name and SHA-256, not
     by its full path (which would leak the user's folder layout); ``input_sha256``
-    when known (the file is read for it otherwise)."""
+    when known (the file is read for it otherwise); ``input_name`` when the file is known by
+    another name than its own (a web upload, stored under its hash)."""
     meta: dict = {"prompt": prompt}
     if settings is not None:
         meta["settings"] = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
@@ -96,7 +98,7 @@ def style_metadata(
         meta["seed"] = int(seed)
     if input_path is not None:
         p = Path(input_path)
-        meta["input"] = p.name
+        meta["input"] = input_name or p.name
         if input_sha256 is not None:
             meta["input_sha256"] = input_sha256
         else:
