@@ -77,6 +77,10 @@ class Settings:
     # seconds to minutes), so it pays off only over long runs and many images;
     # see docs/performance.md.
     compile: str = ""
+    # Record each step once as CUDA graphs and replay them (the step's host
+    # work paid once; CUDA only, elsewhere the same step runs eagerly). Same
+    # crops and maths as without; see docs/performance.md.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool) or self.compile is None:  # True/False as before modes existed
@@ -100,6 +104,7 @@ class Settings:
             (self.memory_format in MEMORY_FORMATS, f"memory format must be one of {', '.join(MEMORY_FORMATS)}"),
             (len(self.templates) > 0, "at least one template is needed"),
             (self.compile in ("", *COMPILE_MODES), f"compile must be off or one of {', '.join(COMPILE_MODES)}"),
+            (not (self.cuda_graph and self.compile), "--cuda-graph and --compile do not combine: choose one"),
         ]
         for lam in ("lambda_patch", "lambda_dir", "lambda_content", "lambda_tv"):
             checks.append((getattr(self, lam) >= 0, f"{lam.replace('_', ' ')} must be 0 or more"))
@@ -110,6 +115,8 @@ class Settings:
     def to_dict(self) -> dict:
         """Plain, JSON-ready values (templates included only when not the default)."""
         data = asdict(self)
+        if not self.cuda_graph:  # off: not recorded, so outputs made before it existed stay as they were
+            del data["cuda_graph"]
         if self.templates == IMAGENET_TEMPLATES:
             data["templates"] = "imagenet-79"
         else:
