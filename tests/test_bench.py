@@ -37,6 +37,13 @@ def test_run_bench_reports_step_floor_ratio_baseline_and_batch(shared_models, ti
     assert r.peak_memory_kind == ("device" if DEVICE.type == "cuda" else "process") and r.peak_memory_bytes > 0
     data = json.loads(json.dumps(r.to_dict()))
     assert data["ratio"] == pytest.approx(r.ratio)
+    # operators per step (clipstyle.method.counting): the accelerator's path never reads device values
+    assert data["ops"] == r.ops and r.ops["calls"] > r.ops["launches"] > 0
+    if DEVICE.type == "cpu":  # the CPU's path reads the rejected count of each pair; a GPU's does not
+        assert r.ops["host_reads"] == 2 and r.ops_accelerator["host_reads"] == 0
+        assert r.ops_accelerator["launches"] < r.ops["launches"]
+    else:
+        assert r.ops["host_reads"] == 0 and r.ops_accelerator is None
 
 
 @pytest.mark.device
@@ -78,8 +85,10 @@ def test_bench_command_prints_json(shared_models, monkeypatch):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["crops"] == 2 and data["size"] == [32, 32] and data["ratio"] > 0
+    assert set(data["ops"]) == {"calls", "launches", "host_reads"}
     text = invoke(*args[:-1], catch_exceptions=True)
     assert text.exit_code == 0 and "x floor" in text.output
+    assert "launching kernels" in text.output and "0 host reads on a GPU's path" in text.output
 
 
 def test_bench_compile_takes_a_mode_and_defaults_to_torchs_default(shared_models, monkeypatch):

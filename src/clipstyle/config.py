@@ -24,6 +24,14 @@ STYLE_SUFFIXES = (".style", ".safetensors")
 # Crops of the patch CLIP score (CLIPstyler appendix B.3: 64 crops of 64 to 224 px).
 PATCH_SCORE_CROPS = 64
 
+# --batch auto (GPUs, clipstyle.jobs.memory.auto_batch): pairs planned in this
+# share of the free memory (the rest: fragmentation, cuDNN's workspaces), and
+# at most this many. Images per minute: batch 8 gave 2.4x batch 1's on an H200
+# (docs/performance.md); where they stop rising above that is what
+# benchmarks/gpu.sh's auto row measures.
+AUTO_BATCH_SHARE = 0.8
+AUTO_BATCH_MAX = 16
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # torch.compile's modes; "reduce-overhead" replays CUDA graphs on a GPU.

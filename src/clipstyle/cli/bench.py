@@ -31,12 +31,20 @@ def _spread(runs: list[float]) -> str:
     return f"{min(runs):.3f}-{max(runs):.3f}" if runs else ""
 
 
+def _ops(counts: dict) -> str:
+    return f"{counts['calls']} calls, {counts['launches']} launching kernels, {counts['host_reads']} host reads"
+
+
 def format_result(r) -> str:
     """The human-readable table of a BenchResult."""
     w, h = r.size
     lines = [
         ("device", f"{r.device} ({r.processor}, {r.threads} threads, torch {r.torch_version})"),
-        ("precision", f"{r.precision}, {r.memory_format}, compile {r.compile or 'off'}"),
+        (
+            "precision",
+            f"{r.precision}, {r.memory_format}, compile {r.compile or 'off'}"
+            + (", CUDA graph" if getattr(r, "cuda_graph", False) else ""),
+        ),
         (
             "settings",
             f"{w}x{h}, {r.crops} crops of {r.crop_size} px, crop batch {r.crop_batch or 'all'}, batch {r.batch}",
@@ -54,6 +62,10 @@ def format_result(r) -> str:
         ),
         ("ratio", f"{r.ratio:.3f} x floor (median step / median floor; paired per repeat: {r.paired_ratio:.3f})"),
     ]
+    if r.ops is not None:
+        lines.append(("operators", f"{_ops(r.ops)} per step, counted on this device's path"))
+    if r.ops_accelerator is not None:
+        lines.append(("", f"{_ops(r.ops_accelerator)} on a GPU's path (no host reads), counted here"))
     if r.rejected_runs and None not in r.rejected_runs:
         lines.append(("rejected", "fraction of the crops per step: " + " ".join(f"{x:.2f}" for x in r.rejected_runs)))
     for f in r.forced:
@@ -149,6 +161,12 @@ def format_result(r) -> str:
     "reduce-overhead adds CUDA graphs on a GPU. The first step compiles.",
 )
 @click.option(
+    "--cuda-graph",
+    is_flag=True,
+    default=D.cuda_graph,
+    help="Time the graph path: each step recorded once as CUDA graphs and replayed (CUDA only).",
+)
+@click.option(
     "--crop-batch",
     type=click.IntRange(0),
     default=D.crop_batch,
@@ -216,6 +234,7 @@ def bench(
     precision,
     memory_format,
     compile_,
+    cuda_graph,
     crop_batch,
     batch,
     baseline,
@@ -268,6 +287,7 @@ def bench(
         memory_format=memory_format,
         compile=compile_ or "",
         crop_batch=crop_batch,
+        cuda_graph=cuda_graph or None,
     )
     dev = resolve_device(device)
     load_seconds = import_seconds = load_from = None

@@ -160,6 +160,8 @@ def plan_run(
     options = options or RunOptions()
     executor = executor or Executor()
     check_prompts(prompts)
+    if options.batch == "auto" and executor.kind != "local":  # chosen where the models load, per device
+        raise ClipstyleError("--batch auto needs one device (--device); with --devices or Ray give a number")
     check_sizes(settings, options, executor)
     inputs = collect_inputs(list(sources), recursive=recursive, from_file=from_file, stdin=stdin)
     if not inputs:

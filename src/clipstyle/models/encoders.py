@@ -32,12 +32,13 @@ def _freeze(module: nn.Module) -> nn.Module:
 def store_autocast_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Store in ``dtype`` (in place) the weights that autocast casts to it at every call.
 
-    Those of linear layers, convolutions, attention projections and a
+    Those of linear layers, convolutions, attention projections and a ViT's
     ``proj`` matrix: autocast runs these operators in ``dtype`` and casts a
     frozen weight again at each call (it caches only tensors that need
-    gradients). Stored cast, they are the same values, so under autocast the
-    outputs do not change; everything else (norms, embeddings added to
-    activations) stays fp32, as autocast computes it.
+    gradients); and a ViT's class and position embeddings, which its forward
+    casts to the activations' dtype. Stored cast, they are the same values, so
+    under autocast the outputs do not change; everything else (the norms)
+    stays fp32, as autocast computes it.
     """
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -47,9 +48,10 @@ def store_autocast_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
                 p = getattr(m, name, None)
                 if p is not None:
                     p.data = p.data.to(dtype)
-    proj = getattr(module, "proj", None)
-    if isinstance(proj, torch.Tensor):
-        proj.data = proj.data.to(dtype)
+    for name in ("proj", "class_embedding", "positional_embedding"):  # a ViT's: cast to the activations' dtype
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor):
+            p.data = p.data.to(dtype)
     return module
 
 
