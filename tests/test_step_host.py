@@ -21,6 +21,8 @@ from clipstyle.method.loop import stylize_many
 from clipstyle.method.rejection import Rejection
 from clipstyle.prompts import NO_TEMPLATES
 
+from conftest import DEVICE
+
 # Upper bounds of one steady step of the accelerator's path (tiny models: one
 # ViT block; one pair, 4 crops), measured 930 calls and 510 launches on
 # 2026-12-05: lower them when a change removes operators, never raise them
@@ -158,3 +160,18 @@ def test_cuda_graph_setting_is_checked_and_recorded_only_when_on():
 
 def test_op_counts_are_json_ready():
     assert OpCounts(3, 2, 1).to_dict() == {"calls": 3, "launches": 2, "host_reads": 1}
+
+
+@pytest.mark.device
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="records CUDA graphs: needs a card (benchmarks/gpu.sh runs it)")
+def test_on_cuda_the_graph_path_records_and_follows_the_eager_loop(shared_models, settings):
+    s = settings.replace(steps=6)
+    eager = run(shared_models, s, n_pairs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a recording that fails warns: here that fails the test
+        graph = run(shared_models, s.replace(cuda_graph=True), n_pairs=2)
+        again = run(shared_models, s.replace(cuda_graph=True), n_pairs=2)
+    for a, b, c in zip(eager, graph, again):
+        assert torch.equal(b.tensor, c.tensor)  # seeds repeat the run exactly on the same card
+        assert torch.allclose(a.tensor, b.tensor, atol=1e-4)  # rounding: the learning rate is a float32 there
+        assert b.losses == pytest.approx(a.losses, rel=1e-3)

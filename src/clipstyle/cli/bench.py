@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, device_option, stop_on_sigterm
+from clipstyle.cli.common import BatchSize, UserError, debug_option, device_option, stop_on_sigterm
 from clipstyle.config import (
     CLIP_MODEL,
     CLIP_PRETRAINED,
@@ -43,11 +43,12 @@ def format_result(r) -> str:
         (
             "precision",
             f"{r.precision}, {r.memory_format}, compile {r.compile or 'off'}"
-            + (", CUDA graph" if getattr(r, "cuda_graph", False) else ""),
+            + (", CUDA graph" if r.cuda_graph else ""),
         ),
         (
             "settings",
-            f"{w}x{h}, {r.crops} crops of {r.crop_size} px, crop batch {r.crop_batch or 'all'}, batch {r.batch}",
+            f"{w}x{h}, {r.crops} crops of {r.crop_size} px, crop batch {r.crop_batch or 'all'}, batch {r.batch}"
+            + (" (auto)" if r.batch_auto else ""),
         ),
         (
             "step",
@@ -175,10 +176,12 @@ def format_result(r) -> str:
 )
 @click.option(
     "--batch",
-    type=click.IntRange(1),
-    default=1,
+    type=BatchSize(),
+    default="1",
     show_default=True,
-    help="Optimise this many pairs together; above 1, batch 1 is timed too, for images per minute.",
+    metavar="N|auto",
+    help="Optimise this many pairs together; above 1, batch 1 is timed too, for images per minute. "
+    "auto: as run --batch auto chooses on this device.",
 )
 @click.option(
     "--baseline", is_flag=True, help="Also time the reference-style step (plain fp32, a Python loop over crops)."
@@ -323,6 +326,12 @@ def bench(
     else:
         say("building models with random weights")
         models = bench_models(dev, clip_model)
+    batch_auto = batch == "auto"
+    if batch_auto:
+        from clipstyle.jobs.memory import auto_batch
+
+        batch = auto_batch(settings, dev)
+        say(f"--batch auto: {batch}")
     result = run_bench(
         models,
         settings,
@@ -335,6 +344,7 @@ def bench(
         progress=say,
     )
     result.load_from, result.import_seconds = load_from, import_seconds
+    result.batch_auto = batch_auto
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

@@ -107,6 +107,7 @@ class BenchResult:
     ops: dict | None = None
     ops_accelerator: dict | None = None
     cuda_graph: bool = False
+    batch_auto: bool = False  # the batch was --batch auto's choice (clipstyle.jobs.memory.auto_batch)
     torch_version: str = torch.__version__
 
     def to_dict(self) -> dict:

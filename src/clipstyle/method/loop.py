@@ -126,9 +126,11 @@ def _lr_dtype(device: torch.device) -> torch.dtype:
 def _learning_rate(settings: Settings, step: int | torch.Tensor) -> float | torch.Tensor:
     """Adam's learning rate at ``step`` (an int, or a 0-d step counter on the device): halved
     once at the middle of the run (paper: step 100 of 200)."""
-    if isinstance(step, torch.Tensor):  # computed on the device: no host read
-        half = torch.tensor(settings.lr * 0.5, dtype=_lr_dtype(step.device), device=step.device)
-        return torch.where(step >= settings.steps // 2, half, settings.lr)
+    if isinstance(step, torch.Tensor):  # computed on the device (fills, no copy from the host: recordable)
+        dtype = _lr_dtype(step.device)
+        full = torch.full((), settings.lr, dtype=dtype, device=step.device)
+        half = torch.full((), settings.lr * 0.5, dtype=dtype, device=step.device)
+        return torch.where(step >= settings.steps // 2, half, full)
     return settings.lr * (0.5 if step >= settings.steps // 2 else 1.0)
 
 
