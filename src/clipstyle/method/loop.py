@@ -12,6 +12,11 @@ short), each chunk back-propagates into the leaf, and one final backward pass
 carries the leaf's gradient through the U-Net. When threshold rejection drops
 enough patches, a no-grad CLIP pass over the crops first finds them and the
 forward and backward pass covers the kept rows only (clipstyle.method.rejection).
+
+A step is two functions (``gradients``, then ``update``: the Adam steps); the
+graph path (``Settings.cuda_graph``) runs them on a step counter kept on the
+device and, on CUDA, records them once as CUDA graphs and replays them
+(_GraphStep, docs/performance.md).
 """
 
 from __future__ import annotations
