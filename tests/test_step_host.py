@@ -21,7 +21,7 @@ from clipstyle.method.loop import stylize_many
 from clipstyle.method.rejection import Rejection
 from clipstyle.prompts import NO_TEMPLATES
 
-from conftest import DEVICE
+from conftest import DEVICE, TINY_32, counting_loader, invoke
 
 # Upper bounds of one steady step of the accelerator's path (tiny models: one
 # ViT block; one pair, 4 crops), measured 930 calls and 510 launches on
@@ -156,6 +156,15 @@ def test_cuda_graph_setting_is_checked_and_recorded_only_when_on():
         Settings(cuda_graph=True, compile="default")
     assert "cuda_graph" not in Settings().to_dict()  # off: outputs made before it existed stay as they were
     assert Settings(cuda_graph=True).to_dict()["cuda_graph"] is True
+
+
+def test_run_cuda_graph_on_the_cpu_warns_once_in_our_format(tmp_path, photo, monkeypatch):
+    counting_loader(monkeypatch, "run")
+    result = invoke("run", photo, "-p", "fire", "-p", "ice", "-o", tmp_path / "out", *TINY_32, "--cuda-graph")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if "CUDA graphs need a CUDA device" in line]
+    assert len(warned) == 1 and warned[0].startswith("clipstyle: warning: ")
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
 
 def test_op_counts_are_json_ready():

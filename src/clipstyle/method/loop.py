@@ -116,7 +116,9 @@ def _adam(params, lr: float, device: torch.device, graph: bool = False) -> torch
     """
     if graph:
         lr_t = torch.tensor(lr, dtype=_lr_dtype(device), device=device)
-        return torch.optim.Adam(params, lr=lr_t, fused=device.type in ("cpu", "cuda"), capturable=device.type == "cuda")
+        if device.type in ("cpu", "cuda"):
+            return torch.optim.Adam(params, lr=lr_t, fused=True, capturable=device.type == "cuda")
+        return torch.optim.Adam(params, lr=lr_t, foreach=False)  # MPS: no fused kernel; foreach takes no tensor lr
     if device.type in ("cpu", "cuda"):
         return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adam(params, lr=lr)
