@@ -178,3 +178,14 @@ def test_gpu_profile_counts_overlapping_kernels_once():
     # two streams overlapping (0-10, 5-12), one kernel inside another (20-30, 22-25), a gap, one alone
     assert profile.merged_length([(20, 30), (0, 10), (5, 12), (22, 25), (40, 41)]) == 12 + 10 + 1
     assert profile.merged_length([]) == 0
+
+
+def test_bench_batch_auto_and_the_graph_path_on_the_cpu(shared_models, monkeypatch):
+    monkeypatch.setattr(B, "bench_models", lambda device, clip_model="ViT-B-32": shared_models)
+    result = invoke("bench", *tiny_bench(crops=2), "--batch", "auto", "--cuda-graph", catch_exceptions=True)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.splitlines()[-1])
+    assert data["batch"] == 1 and data["batch_auto"] is True  # a CPU: one pair
+    assert data["cuda_graph"] is True and data["ops"]["host_reads"] == 0  # the graph path never reads
+    bad = invoke("bench", *tiny_bench(crops=2), "--batch", "lots", catch_exceptions=True)
+    assert bad.exit_code == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import BatchSize, UserError, debug_option, device_option, stop_on_sigterm
+from clipstyle.cli.common import BatchSize, UserError, debug_option, device_option, library_warnings, stop_on_sigterm
 from clipstyle.config import (
     CLIP_MODEL,
     CLIP_PRETRAINED,
@@ -332,17 +332,18 @@ def bench(
 
         batch = auto_batch(settings, dev)
         say(f"--batch auto: {batch}")
-    result = run_bench(
-        models,
-        settings,
-        batch=batch,
-        warmup=warmup,
-        repeats=repeats,
-        baseline=baseline,
-        force_reject=rates,
-        load_seconds=load_seconds,
-        progress=say,
-    )
+    with library_warnings():
+        result = run_bench(
+            models,
+            settings,
+            batch=batch,
+            warmup=warmup,
+            repeats=repeats,
+            baseline=baseline,
+            force_reject=rates,
+            load_seconds=load_seconds,
+            progress=say,
+        )
     result.load_from, result.import_seconds = load_from, import_seconds
     result.batch_auto = batch_auto
     if as_json:
