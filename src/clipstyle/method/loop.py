@@ -442,9 +442,9 @@ def stylize_many(
     settings = settings or Settings()
     rejection = rejection or Rejection()
     device = models.device
-    if host_reads is None:
-        host_reads = device.type == "cpu" and not settings.cuda_graph
-    chooser = PathChooser(rejection, device, settings.crop_batch, host_reads=host_reads and not settings.cuda_graph)
+    host_reads = device.type == "cpu" if host_reads is None else host_reads
+    host_reads = host_reads and not settings.cuda_graph  # a recorded step cannot read
+    chooser = PathChooser(rejection, device, settings.crop_batch, host_reads=host_reads)
     amp = autocast_dtype(settings.precision, device)
     vgg = _vgg_for(models, use_channels_last(settings.memory_format, device, amp))
     clip = models.clip
