@@ -64,7 +64,7 @@ def main() -> None:
         again, _ = run(models, settings.replace(cuda_graph=True), content)
         rows.append(
             {
-                "precision": eager.precision,
+                "precision": f"--precision {precision} ({eager.precision})",
                 "recorded": not warned,
                 "warnings": warned,
                 "image_max_abs_diff": float((eager.tensor - graph.tensor).abs().max()),
