@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--crop-size", type=int, default=Settings.crop_size)
     parser.add_argument("--precision", default=Settings.precision)
     parser.add_argument("--batch", type=int, default=1, help="pairs optimised together")
+    parser.add_argument("--cuda-graph", action="store_true", help="the graph path: steps replayed as CUDA graphs")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the recorded ones")
     parser.add_argument("--steps", type=int, default=5, help="steps recorded")
     parser.add_argument("--top", type=int, default=12, help="kernels (operators on the CPU) listed")
@@ -76,6 +77,7 @@ def main() -> None:
         steps=total_steps,
         log_every=total_steps,
         templates=NO_TEMPLATES,
+        cuda_graph=args.cuda_graph,
     )
     contents = bench_images(args.size, args.batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

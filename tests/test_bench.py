@@ -37,6 +37,13 @@ def test_run_bench_reports_step_floor_ratio_baseline_and_batch(shared_models, ti
     assert r.peak_memory_kind == ("device" if DEVICE.type == "cuda" else "process") and r.peak_memory_bytes > 0
     data = json.loads(json.dumps(r.to_dict()))
     assert data["ratio"] == pytest.approx(r.ratio)
+    # operators per step (clipstyle.method.counting): the accelerator's path never reads device values
+    assert data["ops"] == r.ops and r.ops["calls"] > r.ops["launches"] > 0
+    if DEVICE.type == "cpu":  # the CPU's path reads the rejected count of each pair; a GPU's does not
+        assert r.ops["host_reads"] == 2 and r.ops_accelerator["host_reads"] == 0
+        assert r.ops_accelerator["launches"] < r.ops["launches"]
+    else:
+        assert r.ops["host_reads"] == 0 and r.ops_accelerator is None
 
 
 @pytest.mark.device
@@ -78,8 +85,10 @@ def test_bench_command_prints_json(shared_models, monkeypatch):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["crops"] == 2 and data["size"] == [32, 32] and data["ratio"] > 0
+    assert set(data["ops"]) == {"calls", "launches", "host_reads"}
     text = invoke(*args[:-1], catch_exceptions=True)
     assert text.exit_code == 0 and "x floor" in text.output
+    assert "launching kernels" in text.output and "0 host reads on a GPU's path" in text.output
 
 
 def test_bench_compile_takes_a_mode_and_defaults_to_torchs_default(shared_models, monkeypatch):
@@ -169,3 +178,14 @@ def test_gpu_profile_counts_overlapping_kernels_once():
     # two streams overlapping (0-10, 5-12), one kernel inside another (20-30, 22-25), a gap, one alone
     assert profile.merged_length([(20, 30), (0, 10), (5, 12), (22, 25), (40, 41)]) == 12 + 10 + 1
     assert profile.merged_length([]) == 0
+
+
+def test_bench_batch_auto_and_the_graph_path_on_the_cpu(shared_models, monkeypatch):
+    monkeypatch.setattr(B, "bench_models", lambda device, clip_model="ViT-B-32": shared_models)
+    result = invoke("bench", *tiny_bench(crops=2), "--batch", "auto", "--cuda-graph", catch_exceptions=True)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.splitlines()[-1])
+    assert data["batch"] == 1 and data["batch_auto"] is True  # a CPU: one pair
+    assert data["cuda_graph"] is True and data["ops"]["host_reads"] == 0  # the graph path never reads
+    bad = invoke("bench", *tiny_bench(crops=2), "--batch", "lots", catch_exceptions=True)
+    assert bad.exit_code == 2

@@ -142,3 +142,57 @@ def test_apply_refuses_a_size_that_cannot_fit_before_allocating(tmp_path, three,
     assert not list((tmp_path / "out").glob("*"))
     up_front = invoke("apply", style, *three, "--size", "400000", "-o", tmp_path / "out", "-q", "--device", "cpu")
     assert up_front.exit_code == 1 and "--size 400000: rendering even the thinnest image" in up_front.stderr
+
+
+def test_batch_auto_fills_a_share_of_the_gpus_free_memory_up_to_the_cap():
+    from clipstyle.config import AUTO_BATCH_MAX, AUTO_BATCH_SHARE, Settings
+    from clipstyle.jobs.memory import auto_batch, run_bytes
+
+    s = Settings()  # 512 px, 64 crops
+    cuda = torch.device("cuda")
+    per_pair = run_bytes(512, 512, 64)
+    assert auto_batch(s, cuda, free=int(5 * per_pair / AUTO_BATCH_SHARE) + 1) == 5
+    assert auto_batch(s, cuda, free=int(5 * per_pair / AUTO_BATCH_SHARE) - 1000) == 4
+    assert auto_batch(s, cuda, free=10**15) == AUTO_BATCH_MAX
+    assert auto_batch(s, cuda, free=1000) == 1  # a pair that may not fit still runs, one at a time
+    # fewer crops encoded at once: more pairs in the same memory
+    chunked = s.replace(crop_batch=8)
+    assert auto_batch(chunked, cuda, free=int(5 * per_pair / AUTO_BATCH_SHARE)) > 5
+    assert auto_batch(s, torch.device("cpu"), free=10**15) == 1  # a CPU gains little from batches
+
+
+def test_batch_auto_reads_the_free_memory_of_the_card(monkeypatch):
+    from clipstyle.config import AUTO_BATCH_SHARE, Settings
+    from clipstyle.jobs import memory
+    from clipstyle.jobs.memory import run_bytes
+
+    per_pair = run_bytes(512, 512, 64)
+    card, unused = int(3 * per_pair / AUTO_BATCH_SHARE) + 10, int(per_pair / AUTO_BATCH_SHARE) + 10
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card, 0))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: unused + 7)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 7)
+    # free on the card, plus what the allocator holds unused: 3 + 1 pairs' worth at the share
+    assert memory.free_memory("cuda") == card + unused
+    assert memory.auto_batch(Settings(), torch.device("cuda")) == 4
+    assert memory.free_memory("cpu") is None
+
+
+def test_run_batch_auto_on_the_cpu_is_one_pair_per_batch_and_reported(tmp_path, photo, loads):
+    out = tmp_path / "out"
+    report = tmp_path / "r.jsonl"
+    loud = [a for a in TINY_32 if a != "-q"]  # the summary line is what reports the choice
+    result = invoke("run", photo, "-p", "fire", "-p", "ice", "-o", out, *loud, "--batch", "auto", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert [r["batch"] for r in records(report)] == [1, 1]
+    assert "--batch auto: 1 pairs per batch" in result.output
+
+
+def test_run_batch_refuses_other_words_and_auto_across_devices(photo, tmp_path):
+    bad = invoke("run", str(photo), "-p", "fire", "-o", str(tmp_path / "o"), "--batch", "many")
+    assert bad.exit_code == 2 and "neither a whole number" in bad.output
+    zero = invoke("run", str(photo), "-p", "fire", "-o", str(tmp_path / "o"), "--batch", "0")
+    assert zero.exit_code == 2
+    across = invoke(
+        "run", str(photo), "-p", "fire", "-o", str(tmp_path / "o"), "--batch", "auto", "--devices", "cpu,cpu"
+    )
+    assert across.exit_code != 0 and "--batch auto needs one device" in across.output

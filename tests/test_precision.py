@@ -160,3 +160,58 @@ def test_bf16_gradients_point_where_fp32_gradients_point(which):
     # 0.93-0.99 for VGG, 0.99-1.0 for CLIP; docs/performance.md).
     assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > (0.98 if which == "clip" else 0.9)
     assert (bf16.norm() / fp32.norm()).item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_encoder_copies_in_precision_are_made_once_and_compute_what_autocast_computes():
+    """bf16 copies of CLIP's image tower and VGG-19: made once per encoder, dtype and device;
+    autocast's weights stored in bf16, the rest fp32; under autocast, the same outputs."""
+    from clipstyle.method import loop as S
+
+    models = tiny_models(device=CPU)
+    bf16 = torch.bfloat16
+    clip, vgg = S._in_precision(models.clip, bf16, CPU), S._in_precision(models.vgg, bf16, CPU)
+    assert S._in_precision(models.clip, bf16, CPU) is clip and S._in_precision(models.vgg, bf16, CPU) is vgg
+    assert S._in_precision(models.clip, None, CPU) is models.clip
+    visual = clip.model.visual
+    assert visual.conv1.weight.dtype == bf16 and visual.proj.dtype == bf16
+    block = visual.transformer.resblocks[0]
+    assert block.attn.in_proj_weight.dtype == bf16 and block.mlp.c_fc.weight.dtype == bf16
+    assert block.ln_1.weight.dtype == torch.float32 and visual.ln_post.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in models.clip.parameters())  # the shared models are untouched
+    assert clip.model.transformer is models.clip.model.transformer  # the text tower is shared, not copied
+    assert all(p.dtype == bf16 for p in vgg.features.parameters())
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    with torch.autocast("cpu", dtype=bf16):
+        assert torch.equal(clip.encode_image(x), models.clip.encode_image(x))
+        ours, theirs = vgg(x), models.vgg(x)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_bf16_step_casts_no_frozen_weight_and_trains_the_unet_in_fp32(tiny_settings):
+    """Inside a step no weight of the frozen encoders is cast (each was, every step, before
+    the copies); the U-Net, its gradients and Adam stay fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from clipstyle.method import loop as S
+
+    models = tiny_models(device=CPU)
+    bf16 = torch.bfloat16
+    encoders = [models.clip, models.vgg, S._vgg_for(models, True)]
+    encoders += [S._in_precision(e, bf16, CPU) for e in encoders]
+    weights = {p.data_ptr() for e in encoders for p in e.parameters()}
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                Casts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    content = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    result = stylize_many(
+        [content], ["fire"], [5], models=models, settings=tiny_settings.replace(precision="bf16"), watch=Casts()
+    )[0]
+    assert result.precision == "bf16" and result.error is None
+    assert Casts.count == 0
+    assert all(p.dtype == torch.float32 for p in result.network.parameters())

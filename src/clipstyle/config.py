@@ -24,6 +24,14 @@ STYLE_SUFFIXES = (".style", ".safetensors")
 # Crops of the patch CLIP score (CLIPstyler appendix B.3: 64 crops of 64 to 224 px).
 PATCH_SCORE_CROPS = 64
 
+# --batch auto (GPUs, clipstyle.jobs.memory.auto_batch): pairs planned in this
+# share of the free memory (the rest: fragmentation, cuDNN's workspaces), and
+# at most this many. Images per minute: batch 8 gave 2.4x batch 1's on an H200
+# (docs/performance.md); where they stop rising above that is what
+# benchmarks/gpu.sh's auto row measures.
+AUTO_BATCH_SHARE = 0.8
+AUTO_BATCH_MAX = 16
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # torch.compile's modes; "reduce-overhead" replays CUDA graphs on a GPU.
@@ -77,6 +85,10 @@ class Settings:
     # seconds to minutes), so it pays off only over long runs and many images;
     # see docs/performance.md.
     compile: str = ""
+    # Record each step once as CUDA graphs and replay them (the step's host
+    # work paid once; CUDA only, elsewhere the same step runs eagerly). Same
+    # crops and maths as without; see docs/performance.md.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool) or self.compile is None:  # True/False as before modes existed
@@ -100,6 +112,7 @@ class Settings:
             (self.memory_format in MEMORY_FORMATS, f"memory format must be one of {', '.join(MEMORY_FORMATS)}"),
             (len(self.templates) > 0, "at least one template is needed"),
             (self.compile in ("", *COMPILE_MODES), f"compile must be off or one of {', '.join(COMPILE_MODES)}"),
+            (not (self.cuda_graph and self.compile), "--cuda-graph and --compile do not combine: choose one"),
         ]
         for lam in ("lambda_patch", "lambda_dir", "lambda_content", "lambda_tv"):
             checks.append((getattr(self, lam) >= 0, f"{lam.replace('_', ' ')} must be 0 or more"))
@@ -110,6 +123,8 @@ class Settings:
     def to_dict(self) -> dict:
         """Plain, JSON-ready values (templates included only when not the default)."""
         data = asdict(self)
+        if not self.cuda_graph:  # off: not recorded, so outputs made before it existed stay as they were
+            del data["cuda_graph"]
         if self.templates == IMAGENET_TEMPLATES:
             data["templates"] = "imagenet-79"
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from clipstyle.cli.common import UserError, debug_option, device_option, stop_on_sigterm
+from clipstyle.cli.common import BatchSize, UserError, debug_option, device_option, library_warnings, stop_on_sigterm
 from clipstyle.config import (
     CLIP_MODEL,
     CLIP_PRETRAINED,
@@ -31,15 +31,24 @@ def _spread(runs: list[float]) -> str:
     return f"{min(runs):.3f}-{max(runs):.3f}" if runs else ""
 
 
+def _ops(counts: dict) -> str:
+    return f"{counts['calls']} calls, {counts['launches']} launching kernels, {counts['host_reads']} host reads"
+
+
 def format_result(r) -> str:
     """The human-readable table of a BenchResult."""
     w, h = r.size
     lines = [
         ("device", f"{r.device} ({r.processor}, {r.threads} threads, torch {r.torch_version})"),
-        ("precision", f"{r.precision}, {r.memory_format}, compile {r.compile or 'off'}"),
+        (
+            "precision",
+            f"{r.precision}, {r.memory_format}, compile {r.compile or 'off'}"
+            + (", CUDA graph" if r.cuda_graph else ""),
+        ),
         (
             "settings",
-            f"{w}x{h}, {r.crops} crops of {r.crop_size} px, crop batch {r.crop_batch or 'all'}, batch {r.batch}",
+            f"{w}x{h}, {r.crops} crops of {r.crop_size} px, crop batch {r.crop_batch or 'all'}, batch {r.batch}"
+            + (" (auto)" if r.batch_auto else ""),
         ),
         (
             "step",
@@ -54,6 +63,10 @@ def format_result(r) -> str:
         ),
         ("ratio", f"{r.ratio:.3f} x floor (median step / median floor; paired per repeat: {r.paired_ratio:.3f})"),
     ]
+    if r.ops is not None:
+        lines.append(("operators", f"{_ops(r.ops)} per step, counted on this device's path"))
+    if r.ops_accelerator is not None:
+        lines.append(("", f"{_ops(r.ops_accelerator)} on a GPU's path (no host reads), counted here"))
     if r.rejected_runs and None not in r.rejected_runs:
         lines.append(("rejected", "fraction of the crops per step: " + " ".join(f"{x:.2f}" for x in r.rejected_runs)))
     for f in r.forced:
@@ -149,6 +162,12 @@ def format_result(r) -> str:
     "reduce-overhead adds CUDA graphs on a GPU. The first step compiles.",
 )
 @click.option(
+    "--cuda-graph",
+    is_flag=True,
+    default=D.cuda_graph,
+    help="Time the graph path: each step recorded once as CUDA graphs and replayed (CUDA only).",
+)
+@click.option(
     "--crop-batch",
     type=click.IntRange(0),
     default=D.crop_batch,
@@ -157,10 +176,12 @@ def format_result(r) -> str:
 )
 @click.option(
     "--batch",
-    type=click.IntRange(1),
-    default=1,
+    type=BatchSize(),
+    default="1",
     show_default=True,
-    help="Optimise this many pairs together; above 1, batch 1 is timed too, for images per minute.",
+    metavar="N|auto",
+    help="Optimise this many pairs together; above 1, batch 1 is timed too, for images per minute. "
+    "auto: as run --batch auto chooses on this device.",
 )
 @click.option(
     "--baseline", is_flag=True, help="Also time the reference-style step (plain fp32, a Python loop over crops)."
@@ -216,6 +237,7 @@ def bench(
     precision,
     memory_format,
     compile_,
+    cuda_graph,
     crop_batch,
     batch,
     baseline,
@@ -268,6 +290,7 @@ def bench(
         memory_format=memory_format,
         compile=compile_ or "",
         crop_batch=crop_batch,
+        cuda_graph=cuda_graph or None,
     )
     dev = resolve_device(device)
     load_seconds = import_seconds = load_from = None
@@ -303,18 +326,26 @@ def bench(
     else:
         say("building models with random weights")
         models = bench_models(dev, clip_model)
-    result = run_bench(
-        models,
-        settings,
-        batch=batch,
-        warmup=warmup,
-        repeats=repeats,
-        baseline=baseline,
-        force_reject=rates,
-        load_seconds=load_seconds,
-        progress=say,
-    )
+    batch_auto = batch == "auto"
+    if batch_auto:
+        from clipstyle.jobs.memory import auto_batch
+
+        batch = auto_batch(settings, dev)
+        say(f"--batch auto: {batch}")
+    with library_warnings():
+        result = run_bench(
+            models,
+            settings,
+            batch=batch,
+            warmup=warmup,
+            repeats=repeats,
+            baseline=baseline,
+            force_reject=rates,
+            load_seconds=load_seconds,
+            progress=say,
+        )
     result.load_from, result.import_seconds = load_from, import_seconds
+    result.batch_auto = batch_auto
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

@@ -5,9 +5,12 @@ top of their modules, so that ``clipstyle --help`` answers at once."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import unicodedata
+import warnings
 from pathlib import Path
 
 import click
@@ -82,11 +85,15 @@ def echo_outcome(record: dict, quiet: bool, wrote: str) -> None:
         click.echo(one_line(f"clipstyle: error: {record['error']}"), err=True)
 
 
-def end_of_run(summary, seconds: float, quiet: bool, interrupted: bool = False, lost: str | None = None) -> None:
+def end_of_run(
+    summary, seconds: float, quiet: bool, interrupted: bool = False, lost: str | None = None, note: str | None = None
+) -> None:
     """The summary line that ends every run, interrupted ones too, and the exit code:
     130 when interrupted, 1 when any job failed or report records were lost
-    (``lost``: the report's one line about records a full disk kept from it)."""
+    (``lost``: the report's one line about records a full disk kept from it; ``note``: added to the line)."""
     line = f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed in {seconds:.1f} s"
+    if note:
+        line += f"; {note}"
     if interrupted:
         click.echo(f"clipstyle: interrupted: {line}", err=True)
         raise click.exceptions.Exit(130)
@@ -102,6 +109,38 @@ def echo_warning(path, message: str) -> None:
     """``clipstyle: warning: <file>: <message>`` on stderr (the file when there is one)."""
     where = f"{path}: " if path is not None else ""
     click.echo(one_line(f"clipstyle: warning: {where}{message}"), err=True)
+
+
+class BatchSize(click.ParamType):
+    """--batch: a whole number of pairs (1 or more), or auto."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(f"{value!r} is neither a whole number of pairs (1 or more) nor auto", param, ctx)
+
+
+@contextlib.contextmanager
+def library_warnings():
+    """Warnings the library raises (warnings.warn in clipstyle's modules) shown as our one-line warnings."""
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if f"{os.sep}clipstyle{os.sep}" in str(filename):
+                echo_warning(None, str(message))
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def debug_option(f):

@@ -9,19 +9,21 @@ from pathlib import Path
 import click
 
 from clipstyle.cli.common import (
+    BatchSize,
     Number,
     debug_option,
     echo_outcome,
     echo_warning,
     encoding_from_options,
     end_of_run,
+    library_warnings,
     max_pixels_option,
     model_options,
     stop_on_sigterm,
     video_options,
 )
 from clipstyle.cli.mask import region_options
-from clipstyle.config import PRECISIONS, PRESETS, TRAIN_FRAMES, Settings
+from clipstyle.config import AUTO_BATCH_MAX, PRECISIONS, PRESETS, TRAIN_FRAMES, Settings
 
 D = Settings()  # every default below is read from config (Settings and its constants): written once
 
@@ -217,10 +219,19 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 )
 @click.option(
     "--batch",
-    type=click.IntRange(1),
-    default=1,
+    type=BatchSize(),
+    default="1",
     show_default=True,
-    help="Optimise this many image x prompt pairs together (faster on a large GPU).",
+    metavar="N|auto",
+    help="Optimise this many image x prompt pairs together (faster on a large GPU). auto: on a GPU as "
+    f"many as its free memory holds at --size (at most {AUTO_BATCH_MAX}), 1 elsewhere; the summary line says how many.",
+)
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    default=D.cuda_graph,
+    help="Record each optimisation step once as CUDA graphs and replay them (CUDA only; elsewhere the step "
+    "runs eagerly, with a warning). Same crops and maths; if recording fails, one warning and the usual path.",
 )
 @click.option(
     "--devices",
@@ -367,6 +378,7 @@ def run(
     device,
     seed,
     batch,
+    cuda_graph,
     devices,
     executor,
     ray_address,
@@ -442,6 +454,7 @@ def run(
         templates=choose_templates(no_templates, templates_file),
         precision=precision,
         crop_batch=crop_batch,
+        cuda_graph=cuda_graph or None,
     )
     if settings.crops == 0 and settings.lambda_patch > 0:
         echo_warning(None, "--crops 0: no patches are cut, so the patch loss (the paper's main style term) is off")
@@ -495,7 +508,7 @@ def run(
         events = _progress(quiet, settings.steps, per_step=not devices)
     summary, interrupted = Summary(), False
     start = time.perf_counter()
-    with interrupts.raising():  # from here on files are written: a signal unwinds cleanly
+    with interrupts.raising(), library_warnings():  # from here on files are written: a signal unwinds cleanly
         try:
             execute(plan, report_file, events, summary)
         except KeyboardInterrupt:
@@ -503,7 +516,8 @@ def run(
         finally:
             events.close()
             report_file.close()
-    end_of_run(summary, time.perf_counter() - start, quiet, interrupted, report_file.lost)
+    note = f"--batch auto: {summary.batch} pairs per batch" if batch == "auto" and summary.batch else None
+    end_of_run(summary, time.perf_counter() - start, quiet, interrupted, report_file.lost, note)
 
 
 def _device_list(devices: str, option: str) -> list[str]:

@@ -38,6 +38,7 @@ from clipstyle.device import (
     use_channels_last,
 )
 from clipstyle.method import losses as L
+from clipstyle.method.counting import OpCounter
 from clipstyle.method.loop import make_network, stylize_many
 from clipstyle.method.rejection import Rejection
 from clipstyle.method.text import text_embedding
@@ -101,6 +102,12 @@ class BenchResult:
     import_seconds: float | None = None  # importing open_clip and torchvision, just before loading
     rejected_runs: list[float] = field(default_factory=list)  # fraction of crops rejected, each timed step
     forced: list[dict] = field(default_factory=list)  # per forced rejected fraction: see forced_rejection
+    # Operators of one step (count_operators): calls, launches, host_reads. ``ops``: the path
+    # this device takes; ``ops_accelerator``: on the CPU, the path a GPU takes (no host reads).
+    ops: dict | None = None
+    ops_accelerator: dict | None = None
+    cuda_graph: bool = False
+    batch_auto: bool = False  # the batch was --batch auto's choice (clipstyle.jobs.memory.auto_batch)
     torch_version: str = torch.__version__
 
     def to_dict(self) -> dict:
@@ -307,6 +314,30 @@ def _time_steps(
     return timing, first[0], peak[0]
 
 
+# Images are this side when operators are counted: the same operators run at any
+# size (but CLIP's input size, where the resize is skipped), much faster here.
+COUNT_SIZE = 64
+COUNT_STEPS = 5
+
+
+def count_operators(models: Models, settings: Settings, batch: int = 1, host_reads: bool | None = None) -> dict:
+    """Operators of one step at ``settings`` (clipstyle.method.counting): the fourth of
+    COUNT_STEPS steps, after Adam's state is made and, on the graph path, after the step
+    was recorded. host_reads: as stylize_many's (False: the accelerator's path on any device)."""
+    counter = OpCounter()
+    run_settings = settings.replace(steps=COUNT_STEPS, log_every=COUNT_STEPS, size=COUNT_SIZE)
+    stylize_many(
+        bench_images(COUNT_SIZE, batch),
+        [PROMPT] * batch,
+        list(range(batch)),
+        models=models,
+        settings=run_settings,
+        host_reads=host_reads,
+        watch=counter,
+    )
+    return counter.steps[-2].to_dict()
+
+
 def forced_rejection(
     models: Models, settings: Settings, rate: float, *, batch: int, warmup: int, repeats: int, floor: Floor
 ) -> dict:
@@ -446,7 +477,12 @@ def run_bench(
         batch1=batch1,
         load_seconds=load_seconds,
         rejected_runs=[i.rejected for i in seen],
+        cuda_graph=settings.cuda_graph,
     )
+    say("counting the operators of a step")
+    result.ops = count_operators(models, settings, batch)
+    if device.type == "cpu":
+        result.ops_accelerator = count_operators(models, settings, batch, host_reads=False)
     for rate in force_reject:
         say(f"timing {repeats} steps before and after the two-pass path, {rate:g} of the crops rejected")
         result.forced.append(

@@ -35,10 +35,13 @@ class Summary:
     failed: int = 0
     seconds: float = 0.0
     records: list[dict] = field(default_factory=list)
+    batch: int | None = None  # the largest batch size a job ran in (run: --batch, or what auto chose)
 
     def add(self, record: dict) -> None:
         """Keep a finished job's record and count it under its status (ok, skipped, failed)."""
         self.records.append(record)
+        if record.get("batch"):
+            self.batch = max(self.batch or 0, record["batch"])
         setattr(self, record["status"], getattr(self, record["status"]) + 1)
 
 

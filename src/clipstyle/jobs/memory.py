@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from clipstyle.config import AUTO_BATCH_MAX, AUTO_BATCH_SHARE
 from clipstyle.errors import ClipstyleError
 
 # Optimisation: bytes per pixel of the training size (measured 4.1 to 5.3 KB at
@@ -34,6 +35,38 @@ def run_bytes(width: int, height: int, crops: int, crop_batch: int = 0) -> int:
     """At least the bytes optimising one pair at ``width`` x ``height`` needs."""
     at_once = min(crops, crop_batch) if crop_batch else crops
     return width * height * RUN_BYTES_PER_PIXEL + at_once * RUN_BYTES_PER_CROP
+
+
+def free_memory(device) -> int | None:
+    """Bytes a GPU can still give (free on the card, plus what PyTorch's allocator holds
+    unused); None on other devices."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def auto_batch(settings, device, free: int | None = None) -> int:
+    """``--batch auto``: pairs optimised together on ``device``.
+
+    On a GPU, as many as AUTO_BATCH_SHARE of its free memory (``free``; default:
+    measured now, after the models are loaded) holds at run_bytes per pair for a
+    square image at ``settings.size`` (the most pixels a size allows), from 1 to
+    AUTO_BATCH_MAX. Elsewhere 1: on a CPU the cores are busy at batch 1 and a
+    batch gains little (docs/performance.md), and MPS was not measured.
+    """
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 1
+    free = free_memory(device) if free is None else free
+    if free is None:
+        return 1
+    per_pair = run_bytes(settings.size, settings.size, settings.crops, settings.crop_batch)
+    return max(1, min(AUTO_BATCH_MAX, int(free * AUTO_BATCH_SHARE // per_pair)))
 
 
 def render_bytes(width: int, height: int) -> int:

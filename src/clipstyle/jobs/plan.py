@@ -166,6 +166,8 @@ def plan_run(
     options = options or RunOptions()
     executor = executor or Executor()
     check_prompts(prompts)
+    if options.batch == "auto" and executor.kind != "local":  # chosen where the models load, per device
+        raise ClipstyleError("--batch auto needs one device (--device); with --devices or Ray give a number")
     check_sizes(settings, options, executor)
     prompts = list(dict.fromkeys(prompts))
     if train_on:

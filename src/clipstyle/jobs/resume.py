@@ -18,7 +18,7 @@ from clipstyle.config import Settings
 
 # Settings that change speed or memory, not the result (config.Settings says so for each):
 # an output made with other values of these is kept.
-RESULT_NEUTRAL_SETTINGS = ("crop_batch", "log_every", "memory_format", "compile")
+RESULT_NEUTRAL_SETTINGS = ("crop_batch", "log_every", "memory_format", "compile", "cuda_graph")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

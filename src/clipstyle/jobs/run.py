@@ -22,7 +22,7 @@ from clipstyle.device import release_cached_memory
 from clipstyle.errors import ClipstyleError, is_out_of_memory
 from clipstyle.jobs.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.jobs.film import FrameProgress, film_fields, restyle_film, training_frames
-from clipstyle.jobs.memory import check_fits, render_bytes, run_bytes
+from clipstyle.jobs.memory import auto_batch, check_fits, render_bytes, run_bytes
 from clipstyle.jobs.pairs import RunJob
 from clipstyle.jobs.resume import settings_identity
 from clipstyle.method.loop import stylize_many
@@ -39,7 +39,7 @@ class RunOptions:
     """How ``run`` treats its outputs (the optimisation itself is config.Settings). Checked when made."""
 
     overwrite: bool = False
-    batch: int = 1  # pairs optimised together
+    batch: int | str = 1  # pairs optimised together; "auto": from the GPU's free memory (memory.auto_batch)
     save_every: int = 0  # snapshot every N steps (0: none)
     contrast: bool = False  # the reference code's post-processing (images.enhance_contrast)
     max_pixels: int = MAX_PIXELS
@@ -56,8 +56,8 @@ class RunOptions:
             raise ClipstyleError(f"output size must be 'full' or a number of pixels (8 or more), not {size!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ClipstyleError(f"strength must be between 0 and 1, not {self.strength}")
-        if self.batch < 1:
-            raise ClipstyleError("batch must be at least 1")
+        if self.batch != "auto" and not (isinstance(self.batch, int) and self.batch >= 1):
+            raise ClipstyleError(f"batch must be 'auto' or at least 1, not {self.batch!r}")
         if self.save_every < 0:
             raise ClipstyleError("save_every must be 0 or more")
         if self.max_pixels < 1:
@@ -156,14 +156,18 @@ class _StylizePairs(Work):
         self._models_info = models_info
         self._input_hashes: dict[str, str] = {}
         self.settings, self.options = settings, options
-        self.batch_size, self.overwrite = options.batch, options.overwrite
+        # "auto" is chosen once the models are loaded on their device (start)
+        self.batch_size, self.overwrite = (1 if options.batch == "auto" else options.batch), options.overwrite
         self._prompts: dict[str, str | None] = {}  # prompt -> its error, None when usable
         self._last: tuple[str, _Content | ClipstyleError] | None = None  # one decoded image at a time
         self._regions: Regions | None = None
+        self._batch_chosen = False
 
     def start(self) -> None:
         if callable(self._models):
             self._models = self._models()
+        if self.options.batch == "auto" and not self._batch_chosen:
+            self.batch_size, self._batch_chosen = auto_batch(self.settings, self._models.device), True
         if self._regions is None:  # masks of the photos a batch holds (--where uses the run's CLIP)
             self._regions = Regions(self.options.region, self._models.clip, keep=self.batch_size + 1)
 
@@ -363,6 +367,7 @@ class _StylizePairs(Work):
             losses=result.losses or None,
             peak_memory_bytes=result.peak_memory_bytes,
             rejected_fraction=result.rejected_fraction,
+            batch=self.batch_size,
         )
         if self.options.region is not None:
             record["region"] = self.options.region.record()

@@ -12,15 +12,23 @@ short), each chunk back-propagates into the leaf, and one final backward pass
 carries the leaf's gradient through the U-Net. When threshold rejection drops
 enough patches, a no-grad CLIP pass over the crops first finds them and the
 forward and backward pass covers the kept rows only (clipstyle.method.rejection).
+
+A step is two functions (``gradients``, then ``update``: the Adam steps); the
+graph path (``Settings.cuda_graph``) runs them on a step counter kept on the
+device and, on CUDA, records them once as CUDA graphs and replays them
+(_GraphStep, docs/performance.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
+import warnings
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -97,13 +105,48 @@ def make_network(seed: int, device: torch.device) -> StyleNet:
     return net.to(device)
 
 
-def _adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def _adam(params, lr: float, device: torch.device, graph: bool = False) -> torch.optim.Optimizer:
     """Adam; its fused kernel where PyTorch has one: the same update rule in one
     kernel per step instead of about ten small ones per parameter tensor (on a
-    2-core CPU 2-4x faster, as those small ops each wait for every thread)."""
+    2-core CPU 2-4x faster, as those small ops each wait for every thread).
+
+    graph: for the graph path (--cuda-graph): the learning rate is a 0-d device
+    tensor (set on the device at every step, _learning_rate) and, on CUDA, the
+    optimiser capturable (its step count and bias corrections stay on the device).
+    """
+    if graph:
+        lr_t = torch.tensor(lr, dtype=_lr_dtype(device), device=device)
+        if device.type in ("cpu", "cuda"):
+            return torch.optim.Adam(params, lr=lr_t, fused=True, capturable=device.type == "cuda")
+        return torch.optim.Adam(params, lr=lr_t, foreach=False)  # MPS: no fused kernel; foreach takes no tensor lr
     if device.type in ("cpu", "cuda"):
         return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adam(params, lr=lr)
+
+
+def _lr_dtype(device: torch.device) -> torch.dtype:
+    """The learning rate tensor's dtype: float64 on the CPU, whose fused Adam then computes
+    exactly as with a Python float; float32 elsewhere (CUDA's fused kernel reads a float)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def _learning_rate(settings: Settings, step: int | torch.Tensor) -> float | torch.Tensor:
+    """Adam's learning rate at ``step`` (an int, or a 0-d step counter on the device): halved
+    once at the middle of the run (paper: step 100 of 200)."""
+    if isinstance(step, torch.Tensor):  # computed on the device (fills, no copy from the host: recordable)
+        dtype = _lr_dtype(step.device)
+        full = torch.full((), settings.lr, dtype=dtype, device=step.device)
+        half = torch.full((), settings.lr * 0.5, dtype=dtype, device=step.device)
+        return torch.where(step >= settings.steps // 2, half, full)
+    return settings.lr * (0.5 if step >= settings.steps // 2 else 1.0)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float | torch.Tensor) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):  # the graph path's device learning rate
+            group["lr"].copy_(lr) if isinstance(lr, torch.Tensor) else group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 class _PairState:
@@ -145,7 +188,7 @@ class _PairState:
         # CPU and made batch-N results differ from batch 1 by more than rounding
         # after a few Adam steps (different reduction orders per batch size).
         self.net = make_network(seed, device)
-        self.opt = _adam(self.net.parameters(), settings.lr, device)
+        self.opt = _adam(self.net.parameters(), settings.lr, device, graph=settings.cuda_graph)
         self.forward = torch.compile(self.net, mode=settings.compile) if settings.compile else self.net
         with torch.no_grad(), autocast(device, amp):
             # Constant for the whole run: text direction, source embedding, content features.
@@ -169,9 +212,20 @@ class _PairState:
         self.output: torch.Tensor | None = None
         self.error: ClipstyleError | None = None
 
-    def crops(self, step: int, out_size: int):
-        """Sampling grids of this step's crops, computed on the device."""
-        draw = CropDraw(self.crop_hom[step], self.crop_offset[step], self.crop_sides[step])
+    def crops(self, step: int | torch.Tensor, out_size: int):
+        """Sampling grids of this step's crops, computed on the device.
+
+        step: an int, or a 0-d step counter on the device (the graph path: the
+        same draws, picked without the host knowing the step; never a set's).
+        """
+        if isinstance(step, torch.Tensor):
+            draw = CropDraw(
+                self.crop_hom.index_select(0, step.view(1))[0],
+                self.crop_offset.index_select(0, step.view(1))[0],
+                self.crop_side,
+            )
+        else:
+            draw = CropDraw(self.crop_hom[step], self.crop_offset[step], self.crop_sides[step])
         return crop_grids(draw, *self.content.shape[-2:], out_size)
 
     def _draw_set(self, settings) -> list[CropDraw]:
@@ -199,6 +253,9 @@ class _PairState:
 # channels-last, and torch.compile'd encoders. Kept as long as the Models' encoders live.
 _CHANNELS_LAST_VGG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Copies of CLIP's image tower and of VGG-19 that keep autocast's weights in its
+# dtype (store_autocast_weights), per encoder, dtype and device.
+_IN_PRECISION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _vgg_for(models: Models, channels_last: bool):
@@ -211,15 +268,28 @@ def _vgg_for(models: Models, channels_last: bool):
     return variants[channels_last]
 
 
-def _compiled(models: Models, vgg, mode: str) -> tuple[Callable, Callable]:
+def _in_precision(encoder, dtype: torch.dtype | None, device: torch.device):
+    """``encoder`` (a ClipEncoder or VggEncoder), or its copy with the weights autocast casts
+    already in ``dtype``, made once per encoder, dtype and device: under autocast the same
+    outputs, without casting every frozen weight again at every step."""
+    if dtype is None:
+        return encoder
+    variants = _IN_PRECISION.setdefault(encoder, {})
+    key = (dtype, str(device))
+    if key not in variants:
+        variants[key] = encoder.image_tower_in(dtype) if hasattr(encoder, "image_tower_in") else encoder.in_dtype(dtype)
+    return variants[key]
+
+
+def _compiled(clip, vgg, mode: str) -> tuple[Callable, Callable]:
     """torch.compile'd CLIP image tower and VGG trunk, compiled once per encoder and mode.
 
     The first steps pay the compilation (see docs/performance.md); later calls
     with the same shapes reuse it.
     """
-    compiled = _COMPILED.setdefault(models.clip, {})
+    compiled = _COMPILED.setdefault(clip, {})
     if (vgg, mode) not in compiled:
-        compiled[vgg, mode] = (torch.compile(models.clip.encode_image, mode=mode), torch.compile(vgg, mode=mode))
+        compiled[vgg, mode] = (torch.compile(clip.encode_image, mode=mode), torch.compile(vgg, mode=mode))
     return compiled[vgg, mode]
 
 
@@ -265,6 +335,119 @@ def _clip_rows(pairs: list[_PairState], n_crops: int | list[int], chunk: int):
         yield merged
 
 
+# The graph path (--cuda-graph): eager steps before the step is recorded. The
+# first creates Adam's state; CUDA's libraries set themselves up on first use,
+# which a recording cannot contain.
+GRAPH_WARMUP_STEPS = 2
+
+
+def _can_capture(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _capture(function: Callable[[], None], device: torch.device, pool=None):
+    """``function``'s kernels recorded as one CUDA graph (nothing runs): replayed with ``.replay()``."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        function()
+    return graph
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """The eager steps before a recording run on a side stream (CUDA's rule); nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
+class _GraphStep:
+    """The graph path: a step as functions of static device buffers, recorded once and replayed.
+
+    Its inputs are all on the device before the first step: the photos, every
+    step's crop draws (drawn up front, as on the eager path) and a step counter
+    that picks this step's draws and the learning rate; Adam is capturable with
+    the learning rate a device tensor. Its outputs (the loss sums, the rejected
+    count, the output image) are the same tensors at every replay. On CUDA,
+    after GRAPH_WARMUP_STEPS eager steps, the step is recorded in two CUDA
+    graphs (the gradients, then the Adam steps, which the last step skips) and
+    replayed; threshold rejection takes the single masked pass (no data-dependent
+    shapes). Elsewhere, or where recording fails (one warning), the same
+    functions run eagerly, and the results are those of the eager loop.
+    """
+
+    def __init__(self, gradients, update, pairs: list[_PairState], settings: Settings, device: torch.device):
+        self.gradients, self.update, self.pairs, self.device = gradients, update, pairs, device
+        self.counter = torch.zeros((), dtype=torch.long, device=device)  # the step, on the device
+        self.graphs: tuple | None = None
+        self.rejected: list[torch.Tensor] = []  # each pair's rejected count, written by every replay
+        self.capture = _can_capture(device) and settings.steps > GRAPH_WARMUP_STEPS + 1
+        if not _can_capture(device):
+            warnings.warn(
+                f"CUDA graphs need a CUDA device: on {device} the graph path's step runs eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _eager(self, final: bool) -> bool:
+        two_pass = self.gradients(self.counter)
+        self.counter.add_(1)
+        self.update(final)
+        return two_pass
+
+    def _record_gradients(self) -> None:
+        self.gradients(self.counter)
+        self.counter.add_(1)
+
+    def _record(self) -> None:
+        lengths = [len(p.rejected) for p in self.pairs]
+        try:
+            first = _capture(self._record_gradients, self.device)
+            second = _capture(lambda: self.update(False, zero_grad=False), self.device, pool=first.pool())
+        except Exception as exc:  # an operator or a card that cannot be recorded: today's path
+            for p, length in zip(self.pairs, lengths):
+                del p.rejected[length:]
+                p.opt.zero_grad(set_to_none=True)
+            self.capture = False
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            warnings.warn(
+                f"could not record the step as a CUDA graph ({reason}); running it eagerly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        self.rejected = [p.rejected.pop() for p in self.pairs]  # appended once, while recording
+        self.graphs = (first, second)
+
+    def step(self, step: int, final: bool) -> bool:
+        """Step ``step`` of the run (the counter on the device follows it); whether it took two passes."""
+        if self.capture and self.graphs is None and step >= GRAPH_WARMUP_STEPS and not final:
+            self._record()
+        if self.graphs is not None:
+            self.graphs[0].replay()
+            for p, count in zip(self.pairs, self.rejected):
+                p.rejected.append(count.clone())
+            if not final:
+                self.graphs[1].replay()
+            return False
+        if self.capture:
+            with _side_stream(self.device):
+                return self._eager(final)
+        return self._eager(final)
+
+    def drop(self) -> None:
+        """Stop replaying (a pair left the batch): the gradients are given back, later steps run eagerly."""
+        for p in self.pairs:
+            p.opt.zero_grad(set_to_none=True)
+        return None
+
+
 def stylize_many(
     contents: list[torch.Tensor],
     prompts: list[str],
@@ -275,6 +458,8 @@ def stylize_many(
     callback: Callable[[StepInfo], None] | None = None,
     masks: list[torch.Tensor | None] | None = None,
     rejection: Rejection | None = None,
+    host_reads: bool | None = None,
+    watch: AbstractContextManager | None = None,
 ) -> list[StylizeResult]:
     """Optimise one fresh StyleNet per (content, prompt, seed) triple, all in one batch.
 
@@ -286,17 +471,28 @@ def stylize_many(
     non-finite has ``error`` set and no image, and the others go on.
     rejection: how threshold rejection runs (default: the cheaper CLIP path per
     step; benchmarks and tests force a path or a rejected fraction).
+    host_reads: whether a step may read device values (the rejected count that
+    chooses the next step's CLIP path). Default: on the CPU only, where a read
+    costs nothing; False runs the accelerator's code path on any device (tests
+    and ``bench`` count its operators on the CPU). The graph path never reads.
+    watch: a re-enterable context manager entered around each step's work
+    (not the loss reads every ``log_every`` steps, nor the callbacks), e.g. a
+    clipstyle.method.counting.OpCounter.
     """
     settings = settings or Settings()
     rejection = rejection or Rejection()
-    chooser = PathChooser(rejection, models.device, settings.crop_batch)
     device = models.device
+    host_reads = device.type == "cpu" if host_reads is None else host_reads
+    host_reads = host_reads and not settings.cuda_graph  # a recorded step cannot read
+    chooser = PathChooser(rejection, device, settings.crop_batch, host_reads=host_reads)
     amp = autocast_dtype(settings.precision, device)
     vgg = _vgg_for(models, use_channels_last(settings.memory_format, device, amp))
     clip = models.clip
-    encode_image, vgg_features = clip.encode_image, vgg
+    # The frozen encoders with their weights already in the run's precision (made once).
+    clip_amp, vgg_amp = _in_precision(clip, amp, device), _in_precision(vgg, amp, device)
+    encode_image, vgg_features = clip_amp.encode_image, vgg_amp
     if settings.compile:
-        encode_image, vgg_features = _compiled(models, vgg, settings.compile)
+        encode_image, vgg_features = _compiled(clip_amp, vgg_amp, settings.compile)
     # CUDA graphs (reduce-overhead) reuse their output memory at every replay:
     # each step is marked as a new replay, and the U-Net's output, which
     # outlives its step (callbacks, the result), is copied out of that memory.
@@ -310,18 +506,19 @@ def stylize_many(
     ]
     active = list(pairs)
     n = settings.crops
-    start = time.perf_counter()
-    last = start
 
-    for step in range(settings.steps):
+    def gradients(step: int | torch.Tensor) -> bool:
+        """One step up to the U-Nets' gradients and the loss sums; returns whether it took two passes.
+
+        step: an int, or (the graph path) a 0-d step counter on the device.
+        """
         # Adam, lr halved once at the middle of the run (paper: step 100 of 200).
-        lr = settings.lr * (0.5 if step >= settings.steps // 2 else 1.0)
+        lr = _learning_rate(settings, step)
         outs, leaves = [], []
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         for p in active:
-            for group in p.opt.param_groups:
-                group["lr"] = lr
+            _set_lr(p.opt, lr)
             p.use(step)
             out = p.forward(p.content)  # (1, 3, H, W), fp32
             if graphs:
@@ -337,7 +534,7 @@ def stylize_many(
         # CLIP terms: global direction (one row per pair) and patch directions (n rows per pair).
         # Two-pass path: a no-grad pass finds the rejected crops, and only the
         # kept ones (renumbered 0..kept-1 in p.grids) go through the pass below.
-        two_pass = chooser.two_pass(step, len(active), n)
+        two_pass = chooser.two_pass(step if isinstance(step, int) else 0, len(active), n)
         counts: int | list[int] = n
         if two_pass:
             kept = kept_crops(active, n, settings.crop_batch, encode_image, rejection, settings.threshold, amp)
@@ -390,7 +587,7 @@ def stylize_many(
                     if rejected is not None:
                         p.rejected[-1] = p.rejected[-1] + rejected[i : i + rows].sum()
                 i += rows
-        if device.type == "cpu" or two_pass:  # the host knows the counts without waiting for a device
+        if host_reads or two_pass:  # the host knows the counts without waiting for a device
             chooser.observe(sum(float(p.rejected[-1]) for p in active), n * len(active))
 
         # Content (VGG-19) and total variation, batched over pairs of the same size.
@@ -409,16 +606,9 @@ def stylize_many(
                 p.sums["content"] = content[j].detach()
                 p.sums["tv"] = tv[j].detach()
 
-        # Through the U-Nets, then one Adam step per pair.
+        # Through the U-Nets; the Adam steps follow (update).
         torch.autograd.backward(outs, [leaf.grad for leaf in leaves])
-        final = step == settings.steps - 1
         for p in active:
-            # The output is this step's image, as in the reference code, whose last
-            # update is never seen; skipping it keeps .network the network that
-            # made .tensor (a saved style reproduces the run exactly).
-            if not final:
-                p.opt.step()
-            p.opt.zero_grad(set_to_none=True)
             s = p.sums
             s["total"] = (
                 settings.lambda_patch * s["patch"]
@@ -427,6 +617,41 @@ def stylize_many(
                 + settings.lambda_tv * s["tv"]
             )
             p.output = p.leaf.detach()
+        return two_pass
+
+    def update(final: bool, zero_grad: bool = True) -> None:
+        """One Adam step per pair (graph path: the gradients stay where the graph writes them)."""
+        for p in active:
+            # The output is this step's image, as in the reference code, whose last
+            # update is never seen; skipping it keeps .network the network that
+            # made .tensor (a saved style reproduces the run exactly).
+            if not final:
+                p.opt.step()
+            if zero_grad:
+                p.opt.zero_grad(set_to_none=True)
+
+    graph = None
+    if settings.cuda_graph and any(p.contents for p in pairs):
+        # A set's steps each train on the content they drew, chosen on the host.
+        warnings.warn(
+            "a style trained on a set of images runs its steps eagerly, not as a CUDA graph",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif settings.cuda_graph:
+        graph = _GraphStep(gradients, update, active, settings, device)
+    watching = watch if watch is not None else contextlib.nullcontext()
+    start = time.perf_counter()
+    last = start
+
+    for step in range(settings.steps):
+        final = step == settings.steps - 1
+        with watching:
+            if graph is not None:
+                two_pass = graph.step(step, final)
+            else:
+                two_pass = gradients(step)
+                update(final)
 
         done = step + 1
         read = done % settings.log_every == 0 or done == settings.steps
@@ -443,6 +668,8 @@ def stylize_many(
                 except NonFiniteLossError as exc:
                     p.error = exc
                     active.remove(p)
+                    if graph is not None:  # recorded for the pairs it had: the others go on eagerly
+                        graph = graph.drop()
             if callback is not None and p.error is None:
                 fraction = float(p.rejected[-1]) / n if read and n else None
                 callback(
@@ -452,7 +679,7 @@ def stylize_many(
                         settings.steps,
                         values,
                         now - start,
-                        p.output,
+                        p.output if graph is None else p.output.clone(),  # a replay overwrites it
                         now - last,
                         rejected=fraction,
                         two_pass=two_pass,

@@ -115,8 +115,11 @@ def two_pass_cheaper(rejected_fraction: float, crops: int, wholes: int, chunk: i
 class PathChooser:
     """Chooses each step's path from the rejected fraction of the step before (none known: single)."""
 
-    def __init__(self, rejection: Rejection, device: torch.device, chunk: int):
+    def __init__(self, rejection: Rejection, device: torch.device, chunk: int, host_reads: bool | None = None):
         self.rejection, self.device, self.chunk = rejection, device, chunk
+        # Whether a step may read device values (the rejected count): on the CPU,
+        # where that costs nothing; never on an accelerator (stylize_many's host_reads).
+        self.host_reads = device.type == "cpu" if host_reads is None else host_reads
         self.last_fraction: float | None = None
 
     def two_pass(self, step: int, pairs: int, n_crops: int) -> bool:
@@ -126,7 +129,7 @@ class PathChooser:
         # Measured on CPUs only. On an accelerator the rows of a pass run in
         # parallel (fewer rows save little) and the kept rows' indices would
         # make the host wait for the device at every step.
-        if self.device.type != "cpu" or self.last_fraction is None or n_crops == 0:
+        if not self.host_reads or self.last_fraction is None or n_crops == 0:
             return False
         return two_pass_cheaper(self.last_fraction, pairs * n_crops, pairs, self.chunk)
 

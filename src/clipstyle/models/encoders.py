@@ -7,6 +7,7 @@ through them to the images.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,32 @@ def _freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
+    return module
+
+
+def store_autocast_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store in ``dtype`` (in place) the weights that autocast casts to it at every call.
+
+    Those of linear layers, convolutions, attention projections and a ViT's
+    ``proj`` matrix: autocast runs these operators in ``dtype`` and casts a
+    frozen weight again at each call (it caches only tensors that need
+    gradients); and a ViT's class and position embeddings, which its forward
+    casts to the activations' dtype. Stored cast, they are the same values, so
+    under autocast the outputs do not change; everything else (the norms)
+    stays fp32, as autocast computes it.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.to(dtype)
+        elif isinstance(m, nn.MultiheadAttention):
+            for name in ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                p = getattr(m, name, None)
+                if p is not None:
+                    p.data = p.data.to(dtype)
+    for name in ("proj", "class_embedding", "positional_embedding"):  # a ViT's: cast to the activations' dtype
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor):
+            p.data = p.data.to(dtype)
     return module
 
 
@@ -72,6 +99,19 @@ class ClipEncoder(nn.Module):
         if self.fast and vit_fast_path_ok(visual):
             return vit_image_embedding(visual, x)
         return self.model.encode_image(x)
+
+    def image_tower_in(self, dtype: torch.dtype) -> ClipEncoder:
+        """A copy whose image tower stores autocast's weights in ``dtype`` (store_autocast_weights).
+
+        The text tower and the buffers are shared with this encoder, not
+        copied: only images are encoded in a loop.
+        """
+        model = copy.copy(self.model)
+        model._modules = dict(self.model._modules)  # copy.copy shares the dict of submodules
+        model._modules["visual"] = store_autocast_weights(copy.deepcopy(self.model.visual), dtype)
+        clip = copy.copy(self)
+        clip._modules = {**self._modules, "model": model}
+        return clip
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """N strings -> (N, D) unnormalised embeddings."""
@@ -141,6 +181,10 @@ class VggEncoder(nn.Module):
             self.features.to(memory_format=fmt)
             self.channels_last = enabled
         return self
+
+    def in_dtype(self, dtype: torch.dtype) -> VggEncoder:
+        """A copy whose convolutions are stored in ``dtype`` (store_autocast_weights)."""
+        return store_autocast_weights(copy.deepcopy(self), dtype)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
