@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import conftest
-from conftest import TINY_16, counting_loader, invoke, records
+from conftest import TINY_16, WAIT, counting_loader, invoke, records
 
 
 @pytest.fixture
@@ -62,10 +62,10 @@ def test_traceback_only_with_debug(tmp_path, img):
     base = [sys.executable, "-m", "clipstyle"]
     args = ["run", str(img), "-p", "x", "-o", str(img)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    plain = subprocess.run(base + args, capture_output=True, text=True, timeout=120, env=env)
+    plain = subprocess.run(base + args, capture_output=True, text=True, timeout=WAIT, env=env)
     assert plain.returncode == 1
     assert plain.stderr == f"clipstyle: error: {img}: the output would overwrite an input image\n"
-    debug = subprocess.run(base + ["--debug"] + args, capture_output=True, text=True, timeout=120, env=env)
+    debug = subprocess.run(base + ["--debug"] + args, capture_output=True, text=True, timeout=WAIT, env=env)
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "OutputError" in debug.stderr
     assert img.read_bytes() == before
