@@ -24,6 +24,7 @@ from clipstyle.method.loop import stylize_many
 from clipstyle.method.text import check_prompt
 from clipstyle.provenance import file_sha256, stamp
 from clipstyle.regions.cache import Regions
+from clipstyle.regions.where import phrase_warnings
 from clipstyle.styles.rendering import render, target_size
 from clipstyle.styles.stylefile import save_style, style_metadata
 
@@ -149,6 +150,7 @@ class _StylizePairs(Work):
         self._prompts: dict[str, str | None] = {}  # prompt -> its error, None when usable
         self._last: tuple[str, _Content | ClipstyleError] | None = None  # one decoded image at a time
         self._regions: Regions | None = None
+        self._where_checked = False  # --where's phrase checked (once, with the run's CLIP)
 
     def start(self) -> None:
         if callable(self._models):
@@ -196,6 +198,7 @@ class _StylizePairs(Work):
         return self._input_hashes[key]
 
     def prepare(self, job: RunJob, events: Events) -> _Content:
+        self._check_where(events)
         self._check_prompt(job.prompt, events)
         if self._prompts[job.prompt] is not None:
             raise ClipstyleError(self._prompts[job.prompt], repr(job.prompt))
@@ -206,6 +209,14 @@ class _StylizePairs(Work):
         if isinstance(content, ClipstyleError):
             raise content
         return content
+
+    def _check_where(self, events: Events) -> None:
+        region = self.options.region
+        if self._where_checked or region is None or region.where is None:
+            return
+        self._where_checked = True
+        for warning in phrase_warnings(self.models.clip, region.where):
+            events.note(None, warning)
 
     def _check_prompt(self, prompt: str, events: Events) -> None:
         if prompt in self._prompts:
