@@ -16,6 +16,7 @@ from clipstyle.cli.common import (
     echo_warning,
     end_of_run,
     max_pixels_option,
+    output_path,
     stop_on_sigterm,
 )
 from clipstyle.cli.mask import region_options
@@ -98,7 +99,8 @@ def _events(quiet: bool):
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
+    callback=output_path,
     default=None,
     help="Output .png file (one image) or folder. [default: current folder, named "
     "<image>-<style>.png, styles joined by '+']",

@@ -16,6 +16,7 @@ from clipstyle.cli.common import (
     echo_outcome,
     echo_warning,
     max_pixels_option,
+    output_path,
     stop_on_sigterm,
 )
 from clipstyle.config import FEATHER, MAX_FEATHER
@@ -137,7 +138,8 @@ def region_options(with_clip: bool = False):
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
+    callback=output_path,
     default=None,
     help="Output .png file (one image) or folder. [default: current folder, named <image>-mask-<text>.png]",
 )

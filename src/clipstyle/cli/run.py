@@ -16,6 +16,7 @@ from clipstyle.cli.common import (
     end_of_run,
     max_pixels_option,
     model_options,
+    output_path,
     stop_on_sigterm,
 )
 from clipstyle.cli.mask import region_options
@@ -86,7 +87,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
+    callback=output_path,
     default=None,
     help="Output .png file (one image, one prompt) or folder. [default: current folder, named <image>-<prompt>.png]",
 )
