@@ -95,8 +95,9 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT
     )
     assert done.returncode == 0, done.stderr
-    steps = [line.split()[0] for line in done.stdout.splitlines()]
-    assert steps == ["1", "2", "3", "4"]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "'total'" in lines[-1] and "None" not in done.stdout  # the losses, read at the last step
     from PIL import Image
 
     photo = Image.open(tmp_path / "photo.jpg")

@@ -25,6 +25,23 @@ from clipstyle.config import PRECISIONS, PRESETS, Settings
 D = Settings()  # every default below is read from config (Settings and its constants): written once
 
 
+def time_left(seconds: float) -> str:
+    """A duration as a person reads it: 40 s, 12 min, 2 h 05 min."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def overall(done: int, total: int, batch: int, pair_seconds: list[float]) -> str:
+    """The whole run's part of the progress line: ``[4/40, 1 h 12 min left in all]``, the time from
+    the pairs computed so far (a batch of pairs takes about one pair's time); none before the first."""
+    if not pair_seconds:
+        return f"[{done + 1}/{total}]"
+    left = sum(pair_seconds) / len(pair_seconds) * (total - done) / max(1, batch)
+    return f"[{done + 1}/{total}, {time_left(left)} left in all]"
+
+
 def _progress(quiet: bool, steps: int, per_step: bool = True):
     from clipstyle import interrupts
     from clipstyle.jobs.batch import Events
@@ -32,6 +49,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     class Progress(Events):
         def __init__(self):
             self.bar = None
+            self.pair_seconds: list[float] = []  # of the pairs computed so far (not skipped ones)
 
         def started(self, pairs, done, total):
             interrupts.check()  # a signal that a library swallowed
@@ -44,7 +62,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             names += "" if len(pairs) <= 2 else f" (+{len(pairs) - 2})"
             self.bar = tqdm(
                 total=steps,
-                desc=f"[{done + 1}/{total}] {names}",
+                desc=f"{overall(done, total, len(pairs), self.pair_seconds)} {names}",
                 unit="step",
                 leave=False,
                 file=sys.stderr,
@@ -61,6 +79,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 
         def finished(self, pair, record):
             self.close()  # the outcome on a line of its own, never after the bar's
+            if record["status"] == "ok" and record.get("seconds_total"):
+                self.pair_seconds.append(record["seconds_total"])
             echo_outcome(record, quiet, f"wrote {record['output']} ({record.get('seconds_total') or 0:.1f} s)")
 
         def note(self, pair, message):
