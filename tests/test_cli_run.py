@@ -135,3 +135,11 @@ def test_a_folder_run_shows_the_count_and_the_time_left_across_pairs(tmp_path, f
     assert result.exit_code == 0, result.output
     assert "[1/3] p0.png" in result.stderr
     assert "[2/3, " in result.stderr and "[3/3, " in result.stderr and "left in all]" in result.stderr, result.stderr
+
+
+def test_the_progress_line_names_the_latest_snapshot(tmp_path, photo, fake_loader):
+    loud = [a for a in TINY_32 if a != "-q"]
+    result = invoke("run", photo, "-p", "fire", "-o", tmp_path / "out.png", *loud, "--save-every", "1")
+    assert result.exit_code == 0, result.output
+    snap = tmp_path / "out.step0001.png"
+    assert snap.is_file() and f"snapshot={snap}" in result.stderr, result.stderr

@@ -50,6 +50,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
         def __init__(self):
             self.bar = None
             self.pair_seconds: list[float] = []  # of the pairs computed so far (not skipped ones)
+            self.postfix: dict[str, str] = {}  # the losses last read, the latest snapshot
 
         def started(self, pairs, done, total):
             interrupts.check()  # a signal that a library swallowed
@@ -75,7 +76,13 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                 return
             self.bar.update(1)
             if info.losses:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()}, refresh=False)
+                self.postfix.update({k: f"{v:.4g}" for k, v in info.losses.items()})
+                self.bar.set_postfix(self.postfix, refresh=False)
+
+        def snapshot(self, pair, path):
+            if self.bar is not None:  # the latest one named on the progress line, to open while it runs
+                self.postfix["snapshot"] = str(path)
+                self.bar.set_postfix(self.postfix)
 
         def finished(self, pair, record):
             self.close()  # the outcome on a line of its own, never after the bar's
@@ -87,6 +94,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             echo_warning(pair.input.path if pair is not None else None, message)
 
         def close(self):
+            self.postfix = {}
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None

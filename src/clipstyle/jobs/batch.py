@@ -58,6 +58,9 @@ class Events:
     def note(self, job, message: str) -> None:
         """A warning about a job (or about the run, when ``job`` is None)."""
 
+    def snapshot(self, job, path: Path) -> None:
+        """An intermediate image of ``job`` was written to ``path`` (run --save-every)."""
+
 
 class Work:
     """How one command prepares and processes its jobs. Subclasses override the methods."""

@@ -297,6 +297,7 @@ class _StylizePairs(Work):
             snap = job.output.with_name(f"{job.output.stem}.step{info.step:04d}.png")
             image = io.enhance_contrast(info.output) if self.options.contrast else info.output
             self.files.save_png(image, snap, {"prompt": job.prompt, "step": str(info.step)}, overwrite=True)
+            events.snapshot(job, snap)
 
     def _save(self, job: RunJob, content: _Content, result) -> dict:
         record = self.record(job, "ok")
