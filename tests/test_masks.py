@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -479,3 +480,23 @@ def test_an_overlong_where_phrase_is_cut_with_a_warning_as_prompts_are(tmp_path,
     r = invoke("mask", "--where", "sky " * 2000, tmp_path / "p.png", "-o", tmp_path / "m.png", "-q")
     assert r.exit_code == 0, r.output
     assert "clipstyle: warning: the --where phrase needs" in r.output and "cut off" in r.output, r.output
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_a_device_or_a_truncated_file_as_a_mask_is_one_line(scene, monkeypatch):
+    """Held when tried (issue 26's review): pinned, as a FIFO read would block for good."""
+    loads = counting_loader(monkeypatch)
+    os.mkfifo(scene / "fifo.png")
+    good = (scene / "half.png").read_bytes()
+    (scene / "cut.png").write_bytes(good[: len(good) // 2])
+    for mask, reason in [
+        (scene / "fifo.png", "not a file"),
+        ("/dev/zero", "not a file"),
+        (scene / "cut.png", "truncated"),
+    ]:
+        if not os.path.exists(mask):
+            continue
+        r = invoke("run", "-p", "fire", scene / "photo.png", "-o", scene / "o.png", *TINY_32, "--mask", mask)
+        lines = [ln for ln in r.output.splitlines() if ln.startswith("clipstyle: error")]
+        assert r.exit_code == 1 and len(lines) == 1 and reason in lines[0], r.output
+    assert loads == [] and not (scene / "o.png").exists()
