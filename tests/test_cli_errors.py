@@ -356,8 +356,7 @@ def test_an_output_ending_in_a_slash_named_like_an_image_is_refused(tmp_path, im
 @pytest.mark.parametrize("source", ["/dev/zero", "big"])
 def test_huge_list_and_template_files_are_refused_with_one_line(tmp_path, img, loads, monkeypatch, option, source):
     if source == "big":  # a file over the bound (made small here)
-        for where in ("clipstyle.config", "clipstyle.jobs.inputs"):
-            monkeypatch.setattr(f"{where}.MAX_TEXT_BYTES", 1024)
+        monkeypatch.setattr("clipstyle.errors.MAX_TEXT_BYTES", 1024)
         source = tmp_path / "big.txt"
         source.write_text(f"{img}\n" * 200 if option == "--from-file" else "art of {}\n" * 200)
     elif not os.path.exists(source):

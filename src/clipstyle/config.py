@@ -17,9 +17,6 @@ CLIP_MODEL = "ViT-B-32"
 CLIP_PRETRAINED = "openai"
 # Input images with more pixels than this are refused (decompression bombs).
 MAX_PIXELS = 100_000_000
-# The largest text file a command reads whole (--from-file, --templates): about 100,000 paths.
-# /dev/zero or a huge file given by mistake ends with one line instead of exhausting memory.
-MAX_TEXT_BYTES = 16 * 1024 * 1024
 # Overlap of neighbouring tiles when a saved style renders a large image in tiles.
 TILE_OVERLAP = 64
 # Saved styles: file name endings read as style files.

@@ -59,13 +59,17 @@ def require_file(path: Path, what: str, error: type[ClipstyleError]) -> None:
         raise error(f"cannot read: {exc.strerror or exc}", path) from None
 
 
+# The largest text file a command reads whole (--from-file, --templates): about 100,000 paths.
+# /dev/zero or a huge file given by mistake ends with one line instead of exhausting memory.
+# (Here rather than in config.py, which imports this module.)
+MAX_TEXT_BYTES = 16 * 1024 * 1024
+
+
 def read_text(
     path: str | Path, what: str, limit: int | None = None, error: type[ClipstyleError] = ClipstyleError
 ) -> str:
     """A small UTF-8 text file given by a user (a list of inputs, templates), read whole but never more
-    than ``limit`` bytes (config.MAX_TEXT_BYTES): anything larger, /dev/zero included, is refused."""
-    from clipstyle.config import MAX_TEXT_BYTES
-
+    than ``limit`` bytes (default MAX_TEXT_BYTES): anything larger, /dev/zero included, is refused."""
     limit = MAX_TEXT_BYTES if limit is None else limit
     try:
         with open(path, "rb") as fh:

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from clipstyle.config import MAX_TEXT_BYTES
+from clipstyle import errors
 from clipstyle.errors import ClipstyleError, OutputError, decode_text, read_text
 from clipstyle.images import IMAGE_EXTENSIONS
 from clipstyle.jobs.globs import expand_glob
@@ -52,7 +52,7 @@ def collect_inputs(
     listed = list(items)
     if from_file is not None:
         if from_file == "-":
-            limit = MAX_TEXT_BYTES
+            limit = errors.MAX_TEXT_BYTES
             text = decode_text(stdin.read(limit + 1) if stdin is not None else "", "-", "the list of inputs", limit)
         else:
             text = read_text(from_file, "the list of inputs")
