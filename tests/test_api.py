@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
-from conftest import DEVICE
+from conftest import DEVICE, WAIT
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = [
@@ -55,7 +55,7 @@ def test_public_names_are_the_objects_in_a_fresh_interpreter():
         "from clipstyle import render, stylize\n"
         "assert inspect.isfunction(render) and inspect.isfunction(stylize)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 0, done.stderr
 
 
@@ -92,11 +92,12 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
         "OMP_NUM_THREADS": "2",
     }
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT
     )
     assert done.returncode == 0, done.stderr
-    steps = [line.split()[0] for line in done.stdout.splitlines()]
-    assert steps == ["1", "2", "3", "4"]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "'total'" in lines[-1] and "None" not in done.stdout  # the losses, read at the last step
     from PIL import Image
 
     photo = Image.open(tmp_path / "photo.jpg")

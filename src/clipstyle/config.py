@@ -159,6 +159,9 @@ def settings_for(preset: str = "paper", **values) -> Settings:
 # Width in output pixels of the soft edge that --feather gives a mask (a tent
 # filter centred on the edge: pixels farther than this from it are untouched).
 FEATHER = 4.0
+# The widest --feather accepted: wider than any image clipstyle makes (a wider edge than the image
+# changes nothing more), and it keeps the filter's size bounded (1e9 would exhaust memory).
+MAX_FEATHER = 10_000.0
 
 
 @dataclass(frozen=True)

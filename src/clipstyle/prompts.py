@@ -10,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
-from clipstyle.errors import ClipstyleError
+from clipstyle.errors import ClipstyleError, read_text
 
 # Letters that draw nothing (Hangul fillers, the blank Braille pattern); with spaces,
 # format characters (U+200B zero-width space, U+FEFF, U+2060...), controls and lone
@@ -114,10 +114,7 @@ def load_templates(path: str | Path) -> tuple[str, ...]:
 
     Blank lines and lines starting with ``#`` are ignored.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClipstyleError(f"cannot read templates: {exc.strerror or exc}", path) from None
+    text = read_text(path, "templates")
     lines = [ln.strip() for ln in text.splitlines()]
     templates = tuple(ln for ln in lines if ln and not ln.startswith("#"))
     if not templates:

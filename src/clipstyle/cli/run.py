@@ -19,6 +19,7 @@ from clipstyle.cli.common import (
     library_warnings,
     max_pixels_option,
     model_options,
+    output_path,
     stop_on_sigterm,
     video_options,
 )
@@ -28,6 +29,23 @@ from clipstyle.config import AUTO_BATCH_MAX, PRECISIONS, PRESETS, TRAIN_FRAMES, 
 D = Settings()  # every default below is read from config (Settings and its constants): written once
 
 
+def time_left(seconds: float) -> str:
+    """A duration as a person reads it: 40 s, 12 min, 2 h 05 min."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def overall(done: int, total: int, batch: int, pair_seconds: list[float]) -> str:
+    """The whole run's part of the progress line: ``[4/40, 1 h 12 min left in all]``, the time from
+    the pairs computed so far (a batch of pairs takes about one pair's time); none before the first."""
+    if not pair_seconds:
+        return f"[{done + 1}/{total}]"
+    left = sum(pair_seconds) / len(pair_seconds) * (total - done) / max(1, batch)
+    return f"[{done + 1}/{total}, {time_left(left)} left in all]"
+
+
 def _progress(quiet: bool, steps: int, per_step: bool = True):
     from clipstyle import interrupts
     from clipstyle.jobs.batch import Events
@@ -35,6 +53,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     class Progress(Events):
         def __init__(self):
             self.bar = None
+            self.pair_seconds: list[float] = []  # of the pairs computed so far (not skipped ones)
+            self.postfix: dict[str, str] = {}  # the losses last read, the latest snapshot
 
         def started(self, pairs, done, total):
             interrupts.check()  # a signal that a library swallowed
@@ -47,7 +67,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             names += "" if len(pairs) <= 2 else f" (+{len(pairs) - 2})"
             self.bar = tqdm(
                 total=steps,
-                desc=f"[{done + 1}/{total}] {names}",
+                desc=f"{overall(done, total, len(pairs), self.pair_seconds)} {names}",
                 unit="step",
                 leave=False,
                 file=sys.stderr,
@@ -63,7 +83,13 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                 return
             self.bar.update(1)
             if info.losses:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()}, refresh=False)
+                self.postfix.update({k: f"{v:.4g}" for k, v in info.losses.items()})
+                self.bar.set_postfix(self.postfix, refresh=False)
+
+        def snapshot(self, pair, path):
+            if self.bar is not None:  # the latest one named on the progress line, to open while it runs
+                self.postfix["snapshot"] = str(path)
+                self.bar.set_postfix(self.postfix)
 
         def _frames(self, pair, info):
             if quiet:
@@ -86,12 +112,15 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 
         def finished(self, pair, record):
             self.close()  # the outcome on a line of its own, never after the bar's
+            if record["status"] == "ok" and record.get("seconds_total"):
+                self.pair_seconds.append(record["seconds_total"])
             echo_outcome(record, quiet, f"wrote {record['output']} ({record.get('seconds_total') or 0:.1f} s)")
 
         def note(self, pair, message):
             echo_warning(pair.input.path if pair is not None else None, message)
 
         def close(self):
+            self.postfix = {}
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -112,7 +141,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
+    callback=output_path,
     default=None,
     help="Output .png file (one image, one prompt), video file (one film: .mp4, .mov, .mkv) or folder. "
     "[default: current folder, named <image>-<prompt>.png or <film>-<prompt>.mp4]",

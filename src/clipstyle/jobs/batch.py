@@ -25,6 +25,7 @@ from pathlib import Path
 
 from clipstyle.errors import ClipstyleError, format_error, is_out_of_memory
 from clipstyle.jobs.claims import claim
+from clipstyle.jobs.inputs import make_folders, remove_if_empty
 from clipstyle.jobs.resume import mismatch
 
 
@@ -59,6 +60,9 @@ class Events:
 
     def note(self, job, message: str) -> None:
         """A warning about a job (or about the run, when ``job`` is None)."""
+
+    def snapshot(self, job, path: Path) -> None:
+        """An intermediate image of ``job`` was written to ``path`` (run --save-every)."""
 
 
 class Work:
@@ -176,6 +180,7 @@ def run_jobs(jobs: list, work: Work, report, events: Events | None = None, summa
     finally:
         for held in runner.claims.values():  # interrupted: nothing stays claimed
             held.release()
+        remove_if_empty(runner.folders)  # a run that wrote nothing leaves no new folder behind
     runner.summary.seconds = time.perf_counter() - runner.start
     return runner.summary
 
@@ -219,12 +224,17 @@ class _Loop:
         self.summary = self.outcomes.summary
         self.start = time.perf_counter()
         self.claims: dict[int, object] = {}  # id(job) -> its claims.Claim, while it runs
+        self.folders: list[Path] = []  # output folders this run made (for its claims and files)
 
     def claim(self, job) -> tuple[str, str] | None:
         """None when ``job`` is to be processed (it is then claimed); else its record's (status, why)."""
         verdict = self.work.existing(job)
         if verdict is not None:
             return verdict
+        try:
+            self.folders += make_folders(job.output.parent)
+        except OSError as exc:
+            return "failed", f"{job.output.parent}: cannot create the output folder: {exc.strerror or exc}"
         held = claim(job.output)
         if isinstance(held, str):
             return "skipped", f"{job.output}: another run is making it ({held})"

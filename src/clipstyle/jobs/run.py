@@ -29,6 +29,7 @@ from clipstyle.method.loop import stylize_many
 from clipstyle.method.text import check_prompt
 from clipstyle.provenance import file_sha256, stamp
 from clipstyle.regions.cache import Regions
+from clipstyle.regions.where import phrase_warnings
 from clipstyle.styles.rendering import render, target_size
 from clipstyle.styles.stylefile import save_style, style_metadata
 from clipstyle.video import Encoding, is_video
@@ -162,6 +163,7 @@ class _StylizePairs(Work):
         self._last: tuple[str, _Content | ClipstyleError] | None = None  # one decoded image at a time
         self._regions: Regions | None = None
         self._batch_chosen = False
+        self._where_checked = False  # --where's phrase checked (once, with the run's CLIP)
 
     def start(self) -> None:
         if callable(self._models):
@@ -221,6 +223,7 @@ class _StylizePairs(Work):
         return self._input_hashes[key]
 
     def prepare(self, job: RunJob, events: Events) -> _Content:
+        self._check_where(events)
         self._check_prompt(job.prompt, events)
         if self._prompts[job.prompt] is not None:
             raise ClipstyleError(self._prompts[job.prompt], repr(job.prompt))
@@ -232,6 +235,14 @@ class _StylizePairs(Work):
         if isinstance(content, ClipstyleError):
             raise content
         return content
+
+    def _check_where(self, events: Events) -> None:
+        region = self.options.region
+        if self._where_checked or region is None or region.where is None:
+            return
+        self._where_checked = True
+        for warning in phrase_warnings(self.models.clip, region.where):
+            events.note(None, warning)
 
     def _check_prompt(self, prompt: str, events: Events) -> None:
         if prompt in self._prompts:
@@ -355,6 +366,7 @@ class _StylizePairs(Work):
             snap = job.output.with_name(f"{job.output.stem}.step{info.step:04d}.png")
             image = io.enhance_contrast(info.output) if self.options.contrast else info.output
             self.files.save_png(image, snap, {"prompt": job.prompt, "step": str(info.step)}, overwrite=True)
+            events.snapshot(job, snap)
 
     def _save(self, job: RunJob, content: _Content, result, events: Events | None = None) -> dict:
         record = self.record(job, "ok")
