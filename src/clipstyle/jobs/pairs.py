@@ -23,6 +23,20 @@ class RunJob:
     output: Path
     seed: int
     style: Path | None = None  # where --save-style puts the trained network, if asked
+    # What the network is trained towards when it is more than ``prompt`` alone: a
+    # clipstyle.method.targets.Targets (style images, a blend, phrases to avoid); ``prompt`` is then its label.
+    target: object | None = None
+
+    def targets(self):
+        """The pair's Targets: ``target``, or the prompt alone."""
+        from clipstyle.method.targets import Targets
+
+        return self.target if self.target is not None else Targets.of(self.prompt)
+
+    def target_record(self) -> dict | None:
+        """What outputs record about the target beyond the prompt (None for a plain prompt)."""
+        spec = self.targets()
+        return None if spec.plain else spec.record()
 
 
 def pair_seed(base_seed: int, rel: str, prompt: str) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED, Settings
+from clipstyle.config import AVOID_WEIGHT, CLIP_MODEL, CLIP_PRETRAINED, Settings
 from clipstyle.errors import ClipstyleError
 from clipstyle.jobs.batch import Events, Summary
 from clipstyle.jobs.pairs import RunJob
@@ -147,24 +147,43 @@ def plan_run(
     shard: tuple[int, int] | None = None,
     save_style: Path | None = None,
     report: Path | None = None,
+    targets: list = (),
+    avoid: tuple[str, ...] = (),
+    avoid_weight: float = AVOID_WEIGHT,
 ) -> RunPlan:
     """Plan a run of every image of ``sources`` (files, folders, globs; ``from_file``: a list of
     paths, '-' for ``stdin``) with every prompt. Raises ClipstyleError, naming the file, for the
     first thing that cannot work: an empty prompt, an absent device, a size that cannot fit, no
-    input image, outputs that clash with each other, with an input or with ``report``."""
+    input image, outputs that clash with each other, with an input or with ``report``.
+
+    ``targets``: more jobs per image beside the prompts, each a clipstyle.method.targets.Targets
+    (a style image, or a blend of texts and style images with weights: one network each).
+    ``avoid``: phrases every job's patches are pushed away from, with ``avoid_weight``. Each
+    pair carries its full Targets (RunJob.target) wherever it runs."""
     from clipstyle.jobs.inputs import check_outputs, collect_inputs
     from clipstyle.jobs.pairs import plan_pairs
     from clipstyle.jobs.run import RunOptions
+    from clipstyle.method.targets import Targets
 
     settings = settings or Settings()
     options = options or RunOptions()
     executor = executor or Executor()
     check_prompts(prompts)
+    specs = {}  # job label -> its Targets, for every job that is more than a prompt
+    for spec in [*(Targets.of(p) for p in dict.fromkeys(prompts)), *targets]:
+        spec = spec.with_avoid(avoid, avoid_weight) if avoid else spec
+        label = spec.label()
+        if label in specs and specs[label] != spec:
+            raise ClipstyleError(f"two targets are both named {label!r}; rename a file or reword a prompt")
+        specs[label] = spec
+    check_prompts([t for spec in specs.values() for t in spec.texts()])
     check_sizes(settings, options, executor)
     inputs = collect_inputs(list(sources), recursive=recursive, from_file=from_file, stdin=stdin)
     if not inputs:
         raise ClipstyleError("no input images found")
-    pairs = plan_pairs(inputs, list(dict.fromkeys(prompts)), output, options.base_seed, shard, save_style)
+    pairs = plan_pairs(inputs, list(specs), output, options.base_seed, shard, save_style)
+    for pair in pairs:
+        pair.target = None if specs[pair.prompt].plain else specs[pair.prompt]
     check_outputs(pairs, report)
     return RunPlan(pairs, settings, options, ModelSpec() if models is None else models, executor)
 

@@ -62,7 +62,7 @@ class RunOptions:
 
 
 def base_record(job: RunJob, settings, status: str, error: str | None = None) -> dict:
-    return {
+    record = {
         "input": str(job.input.path),
         "prompt": job.prompt,
         "output": str(job.output),
@@ -79,6 +79,10 @@ def base_record(job: RunJob, settings, status: str, error: str | None = None) ->
         "peak_memory_bytes": None,
         "rejected_fraction": None,
     }
+    target = job.target_record()
+    if target is not None:  # style images, a blend, phrases to avoid: only then, so plain records stay as they were
+        record["target"] = target
+    return record
 
 
 def output_metadata(
@@ -100,6 +104,7 @@ def output_metadata(
             settings=settings.to_dict(),
             models=models_info,
             **({"region": options.region.record()} if options.region is not None else {}),
+            **({"target": job.target_record()} if job.target_record() is not None else {}),
         ),
     }
 
@@ -179,6 +184,7 @@ class _StylizePairs(Work):
             "settings": settings_identity(self.settings),
             "models": self.models_info,
             "input_sha256": self._input_sha256(job),
+            "target": job.target_record(),  # None: the prompt alone (resume.py reads a record without it so)
         }
         if path == job.output:  # the image; the style file is the network alone
             made.update(
@@ -196,9 +202,10 @@ class _StylizePairs(Work):
         return self._input_hashes[key]
 
     def prepare(self, job: RunJob, events: Events) -> _Content:
-        self._check_prompt(job.prompt, events)
-        if self._prompts[job.prompt] is not None:
-            raise ClipstyleError(self._prompts[job.prompt], repr(job.prompt))
+        for text in job.targets().texts():  # the prompt, or every text of a blend and every avoided phrase
+            self._check_prompt(text, events)
+            if self._prompts[text] is not None:
+                raise ClipstyleError(self._prompts[text], repr(text))
         key = str(job.input.path)
         if self._last is None or self._last[0] != key:
             self._last = (key, self._load(job, events))
@@ -276,6 +283,7 @@ class _StylizePairs(Work):
             settings=self.settings,
             callback=lambda info: self._on_step(jobs[info.pair], info, events),
             masks=[self._regions.training_mask(str(j.input.path), c.tensor) for j, c in batch],
+            targets=[j.target for j in jobs],
         )
         return [self._save(job, content, result) for (job, content), result in zip(batch, results)]
 
@@ -322,6 +330,8 @@ class _StylizePairs(Work):
                 )
                 if self.options.region is not None:
                     meta["region"] = self.options.region.record()
+                if job.target_record() is not None:
+                    meta["target"] = job.target_record()
                 self.files.save_style(job.style, result.network, meta, overwrite=self.overwrite)
                 record["style"] = str(job.style)
         except ClipstyleError as exc:

@@ -42,7 +42,7 @@ from clipstyle.method import losses as L
 from clipstyle.method.augment import CropDraw, crop_grids, draw_crops, sample_crops
 from clipstyle.method.masked import composite, crop_sampler
 from clipstyle.method.rejection import PathChooser, Rejection, kept_crops, select
-from clipstyle.method.text import text_embedding
+from clipstyle.method.targets import Targets, avoid_directions, avoid_penalty, target_direction
 from clipstyle.method.unet import StyleNet
 from clipstyle.models.encoders import Models
 
@@ -109,7 +109,7 @@ def _adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
 class _PairState:
     """The optimisation state of one (image, prompt) pair: its network, optimiser, crops and constants."""
 
-    def __init__(self, index, content, prompt, seed, models, vgg, settings, amp, mask=None):
+    def __init__(self, index, content, prompt, seed, models, vgg, settings, amp, mask=None, target=None):
         device = models.device
         self.index, self.prompt, self.seed = index, prompt, seed
         self.content = content.to(device)  # (1, 3, H, W)
@@ -137,9 +137,11 @@ class _PairState:
         self.forward = torch.compile(self.net, mode=settings.compile) if settings.compile else self.net
         with torch.no_grad(), autocast(device, amp):
             # Constant for the whole run: text direction, source embedding, content features.
-            style = text_embedding(models, prompt, settings.templates)
-            source = text_embedding(models, settings.source, settings.templates)
-            self.text_dir = L.text_direction(style, source)  # (D,)
+            # (clipstyle.method.targets: the prompt's text direction, or a blend with style images)
+            target = target or Targets.of(prompt)
+            self.text_dir = target_direction(models, target, settings, self.content)  # (D,)
+            self.avoid_dirs = avoid_directions(models, target, settings)  # (K, D) or None
+            self.avoid_weight = target.avoid_weight
             self.source_emb = F.normalize(models.clip.encode_image(self.content).float(), dim=-1)[0]  # (D,)
             self.content_feats = {k: v.float() for k, v in vgg(self.content).items()}
         self.step_times: list[float] = []
@@ -236,6 +238,7 @@ def stylize_many(
     callback: Callable[[StepInfo], None] | None = None,
     masks: list[torch.Tensor | None] | None = None,
     rejection: Rejection | None = None,
+    targets: list[Targets | None] | None = None,
 ) -> list[StylizeResult]:
     """Optimise one fresh StyleNet per (content, prompt, seed) triple, all in one batch.
 
@@ -246,6 +249,8 @@ def stylize_many(
     non-finite has ``error`` set and no image, and the others go on.
     rejection: how threshold rejection runs (default: the cheaper CLIP path per
     step; benchmarks and tests force a path or a rejected fraction).
+    targets: per pair None (its prompt) or a clipstyle.method.targets.Targets: style images,
+    weighted blends, phrases to avoid (the losses then have an "avoid" part).
     """
     settings = settings or Settings()
     rejection = rejection or Rejection()
@@ -264,9 +269,10 @@ def stylize_many(
     out_size = clip.image_size[0]
     reset_peak_memory(device)
     masks = masks or [None] * len(contents)
+    targets = targets or [None] * len(contents)
     pairs = [
-        _PairState(i, c, p, s, models, vgg, settings, amp, m)
-        for i, (c, p, s, m) in enumerate(zip(contents, prompts, seeds, masks))
+        _PairState(i, c, p, s, models, vgg, settings, amp, m, t)
+        for i, (c, p, s, m, t) in enumerate(zip(contents, prompts, seeds, masks, targets))
     ]
     active = list(pairs)
     n = settings.crops
@@ -337,7 +343,19 @@ def stylize_many(
             elif not two_pass:
                 rejected = is_crop_t & (per_row.detach() < settings.threshold)
                 per_row = torch.where(is_crop_t, L.reject_below(per_row, settings.threshold), per_row)
-            (per_row * torch.cat(weight)).sum().backward()
+            row_weight = torch.cat(weight)
+            loss = (per_row * row_weight).sum()
+            i = 0
+            for p, kind, rows in owners:  # --avoid: push the kept rows' directions off the avoided phrases
+                if p.avoid_dirs is not None:
+                    part = p.avoid_weight * avoid_penalty(emb[i : i + rows], p.source_emb, p.avoid_dirs)
+                    if rejected is not None:
+                        part = torch.where(rejected[i : i + rows], torch.zeros_like(part), part)
+                    part = (part * row_weight[i : i + rows]).sum()
+                    loss = loss + part
+                    p.sums["avoid"] = p.sums.get("avoid", 0) + part.detach()
+                i += rows
+            loss.backward()
             detached = per_row.detach()
             i = 0
             for p, kind, rows in owners:
@@ -384,6 +402,7 @@ def stylize_many(
                 + settings.lambda_dir * s["dir"]
                 + settings.lambda_content * s["content"]
                 + settings.lambda_tv * s["tv"]
+                + s.get("avoid", 0)  # --avoid: already weighted
             )
             p.output = p.leaf.detach()
 
