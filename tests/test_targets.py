@@ -222,3 +222,41 @@ def test_labels_and_records_name_images_by_name_and_sha256():
         "avoid": ["letters"],
         "avoid_weight": 0.5,
     }
+
+
+def test_stylize_takes_targets_and_avoid_beside_its_old_signature(models, tiny_settings):
+    from clipstyle import stylize
+
+    photo = scene(32)
+    plain = stylize(photo, "red", models=models, settings=tiny_settings)
+    assert plain.prompt == "red" and "avoid" not in plain.losses
+    style = red_painting()
+    result = stylize(
+        photo,
+        models=models,
+        settings=tiny_settings,
+        targets=[Target("red", weight=0.7), Target(image=style, weight=0.3)],
+        avoid=["letters"],
+    )
+    assert result.prompt == "red:0.7 + [red-painting.png]:0.3"
+    assert "avoid" in result.losses and result.image.size == plain.image.size
+    # the prompt joins the targets with weight 1; a string is a text and a StyleImage an image
+    both = stylize(photo, "red", models=models, settings=tiny_settings, targets=[style])
+    assert both.prompt == "red:1 + [red-painting.png]:1"
+    from clipstyle.errors import ClipstyleError
+
+    with pytest.raises(ClipstyleError):
+        stylize(photo, models=models, settings=tiny_settings)
+
+
+def test_a_pair_with_targets_travels_to_worker_processes(tmp_path):
+    import pickle
+
+    from clipstyle.jobs.inputs import InputFile
+    from clipstyle.jobs.pairs import RunJob
+
+    spec = Targets((Target("x", weight=0.7), Target(image=red_painting(), weight=0.3)), ("letters",))
+    job = RunJob(InputFile(tmp_path / "a.png", "a.png"), spec.label(), tmp_path / "o.png", 1, target=spec)
+    back = pickle.loads(pickle.dumps(job))
+    assert back.target == spec and back.target_record() == spec.record()
+    assert back.target.targets[1].image.image.tobytes() == red_painting().image.tobytes()
