@@ -12,6 +12,10 @@ A style image S's direction can start from (a) the source text's embedding,
   directions of an output that would look exactly like the style image
   (crops of S against the content, as the patch loss measures them), i.e. how
   close to the target the loss can get;
+- start: the same for an output that is still the photo (crops of the
+  content against the content), where the optimisation starts; the patch
+  loss tells style from no style only as far as reach exceeds start (and a
+  start above 1 - threshold = 0.3 means every patch is rejected at once);
 - and the cone figures: mean cosine image-image, text-text, image-text.
 
 Random weights of the real ViT-B/32 architecture unless --clip-weights names a
@@ -77,9 +81,8 @@ with torch.no_grad():
     ii = [cos(a, b) for a, b in itertools.combinations(img, 2)]
     tt = [cos(a, b) for a, b in itertools.combinations(txt, 2)]
     it = [cos(a, b) for a in img for b in txt]
-    print(
-        f"cone: image-image {sum(ii) / len(ii):.3f}, text-text {sum(tt) / len(tt):.3f}, image-text {sum(it) / len(it):.3f}"
-    )
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    print(f"cone: image-image {mean(ii):.3f}, text-text {mean(tt):.3f}, image-text {mean(it):.3f}")
 
     sources = {
         "(a) source text": lambda c: source,
@@ -87,13 +90,14 @@ with torch.no_grad():
         "(c) content, crops": lambda c: crops[c],
     }
     for label, start in sources.items():
-        shared, reach, to_text = [], [], []
+        shared, reach, start_, to_text = [], [], [], []
         for c in names:
             dirs = {s: F.normalize(crops[s] - start(c), dim=-1) for s in names if s != c}
             shared += [cos(a, b) for a, b in itertools.combinations(dirs.values(), 2)]
             reach += [cos(patch_dirs(s, c), d) for s, d in dirs.items()]
+            start_ += [cos(patch_dirs(c, c), d) for d in dirs.values()]
             to_text += [cos(d, F.normalize(t - source, dim=-1)) for d in dirs.values() for t in texts.values()]
         print(
-            f"{label:20s} shared {sum(shared) / len(shared):.3f}  reach {sum(reach) / len(reach):.3f}"
-            f"  cos to text directions {sum(to_text) / len(to_text):+.3f}"
+            f"{label:20s} shared {mean(shared):.3f}  reach {mean(reach):.3f}  start {mean(start_):.3f}"
+            f"  cos to text directions {mean(to_text):+.3f}"
         )

@@ -35,7 +35,34 @@ parser.add_argument("--device", default="auto")
 parser.add_argument("--preset", default="draft", help="paper or draft")
 parser.add_argument("--steps", type=int, default=4, help="steps timed per run (after one warm-up step)")
 parser.add_argument("--repeats", type=int, default=3, help="rounds over all variants")
+parser.add_argument("--term-only", action="store_true", help="time the avoid term alone (no model, seconds)")
 args = parser.parse_args()
+
+
+def avoid_term_seconds(rows: int, phrases: int, dim: int = 512, calls: int = 2000) -> float:
+    """The avoid term as the loop runs it for one pair's rows, forward and backward into the
+    embeddings: the median of ``calls`` timed calls. Robust on a busy machine where whole steps
+    vary by more than the term costs."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(rows, dim, generator=g).requires_grad_()
+    src = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=-1)
+    dirs = torch.nn.functional.normalize(torch.randn(phrases, dim, generator=g), dim=-1)
+    weight = torch.full((rows,), 9000.0 / rows)
+    rejected = torch.arange(rows) % 2 == 0
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        part = 0.5 * T.avoid_penalty(emb, src, dirs)
+        part = torch.where(rejected, torch.zeros_like(part), part)
+        (part * weight).sum().backward()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+if args.term_only:
+    for rows, phrases in ((17, 1), (17, 3), (65, 1), (65, 3)):
+        print(f"avoid term, {rows} rows, {phrases} phrase(s): {avoid_term_seconds(rows, phrases) * 1e3:.3f} ms")
+    raise SystemExit
 
 device = resolve_device(args.device)
 models = load_models(device=device, random_init=True)
@@ -95,4 +122,10 @@ print(
 print(f"one-off   style image + content crops: {statistics.median(embeds):.3f} s (median of {len(embeds)})")
 for name, values in steps.items():
     m = statistics.median(values)
-    print(f"{name:22s} {m:.4f} s/step (median of {len(values)})  {m / base - 1:+.1%} vs plain text")
+    q = statistics.quantiles(values, n=4)
+    print(
+        f"{name:22s} {m:.4f} s/step (median of {len(values)}, quartiles {q[0]:.2f}-{q[2]:.2f})"
+        f"  {m / base - 1:+.1%} vs plain text"
+    )
+term = avoid_term_seconds(settings.crops + 1, 1)
+print(f"avoid term alone, {settings.crops + 1} rows, 1 phrase: {term * 1e3:.3f} ms = {term / base:.3%} of a plain step")
