@@ -374,11 +374,13 @@ def run(
     quiet,
     region,
 ):
-    """Restyle IMAGES (files, folders or globs) after each --prompt.
+    """Restyle IMAGES (files, folders or globs) after each --prompt and --style-image.
 
     \b
       clipstyle run -p "starry night" photo.jpg
       clipstyle run -p "ink wash painting" -p "mosaic" photos/ -o styled/ --report runs.jsonl
+      clipstyle run --blend -p "starry night:0.7" --style-image monet.jpg:0.3 photo.jpg
+      clipstyle run -p "pop art" photo.jpg --avoid "written text, letters, watermark"
 
     Outputs made with the same settings are skipped, others refused, unless
     --overwrite; a file that fails is reported and the run goes on. Exit code 0 when every pair is ok or
