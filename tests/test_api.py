@@ -38,6 +38,8 @@ PUBLIC = [
     "ClipstyleError",
     "settings_for",
     "PRESETS",
+    "Target",
+    "StyleImage",
 ]
 
 
@@ -84,6 +86,7 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(checkpoints.vgg, tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth")
     shutil.copyfile(ROOT / "examples" / "images" / "chelsea.jpg", tmp_path / "photo.jpg")
+    shutil.copyfile(ROOT / "examples" / "images" / "coffee.jpg", tmp_path / "painting.jpg")
     env = {
         **os.environ,
         "HF_HUB_CACHE": str(tmp_path / "hub"),
@@ -103,6 +106,7 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
     photo = Image.open(tmp_path / "photo.jpg")
     styled, full = Image.open(tmp_path / "styled.png"), Image.open(tmp_path / "styled-full.png")
     assert max(styled.size) == 128 and full.size == photo.size
+    assert Image.open(tmp_path / "blended.png").size == styled.size
 
 
 @pytest.mark.device
@@ -173,7 +177,7 @@ def test_stylize_many_leaves_the_shared_models_as_they_were(models, tiny_setting
 
 def test_readme_names_only_public_names():
     code = readme_library_example()
-    imported = re.search(r"from clipstyle import (.+)", code).group(1)
+    imported = ",".join(re.findall(r"from clipstyle import (.+)", code))
     import clipstyle
 
     assert {n.strip() for n in imported.split(",")} <= set(clipstyle.__all__)

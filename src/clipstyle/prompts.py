@@ -24,6 +24,21 @@ def is_blank(prompt: str) -> bool:
     return all(c.isspace() or c in _BLANK_LETTERS or unicodedata.category(c) in _BLANK_CATEGORIES for c in prompt)
 
 
+def split_weight(text: str) -> tuple[str, float | None]:
+    """``"starry night:0.7"`` -> ``("starry night", 0.7)``: a blended target's weight (``--blend``).
+
+    Only a last ``:`` followed by a plain decimal number (``0.7``, ``2``, ``.5``) is
+    a weight; no such ending gives weight None. ``\\:`` is a literal colon that never
+    separates a weight (``"ratio 16\\:9"`` is the text ``ratio 16:9``). Anything
+    else, ``|`` included, is the text itself.
+    """
+    import re
+
+    match = re.fullmatch(r"(.*?)(?<!\\):([0-9]*\.?[0-9]+)", text, flags=re.DOTALL)
+    body, weight = (match.group(1), float(match.group(2))) if match else (text, None)
+    return body.replace("\\:", ":"), weight
+
+
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a bad photo of a {}.",
     "a sculpture of a {}.",

@@ -24,7 +24,7 @@ from clipstyle.cli.common import (
     video_options,
 )
 from clipstyle.cli.mask import region_options
-from clipstyle.config import AUTO_BATCH_MAX, PRECISIONS, PRESETS, TRAIN_FRAMES, Settings
+from clipstyle.config import AUTO_BATCH_MAX, AVOID_WEIGHT, PRECISIONS, PRESETS, TRAIN_FRAMES, Settings
 
 D = Settings()  # every default below is read from config (Settings and its constants): written once
 
@@ -137,6 +137,34 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     multiple=True,
     metavar="TEXT",
     help="Style prompt; repeat for several (each image is restyled with each prompt).",
+)
+@click.option(
+    "--style-image",
+    "style_images",
+    multiple=True,
+    metavar="FILE",
+    help="A painting or picture whose style to take; repeatable. Each is one more output per image, "
+    "like a prompt (with --blend, part of the one blended target).",
+)
+@click.option(
+    "--blend",
+    is_flag=True,
+    help="Train one network per image towards all prompts and style images together, weighted: "
+    '\'-p "starry night:0.7" -p "watercolor:0.3"\' (no weight: 1; write \\: for a colon before a number).',
+)
+@click.option(
+    "--avoid",
+    multiple=True,
+    metavar="TEXT",
+    help='Push the style away from what TEXT names; repeatable. E.g. --avoid "written text, letters, watermark" '
+    "against the words CLIP paints in.",
+)
+@click.option(
+    "--avoid-weight",
+    type=Number(0),
+    default=AVOID_WEIGHT,
+    show_default=True,
+    help="Weight of --avoid against the style's own directional loss (under 1 the style always leads).",
 )
 @click.option(
     "-o",
@@ -382,6 +410,10 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 def run(
     images,
     prompts,
+    style_images,
+    blend,
+    avoid,
+    avoid_weight,
     output,
     recursive,
     from_file,
@@ -431,7 +463,7 @@ def run(
     quiet,
     region,
 ):
-    """Restyle IMAGES and films (files, folders or globs) after each --prompt.
+    """Restyle IMAGES and films (files, folders or globs) after each --prompt and --style-image.
 
     A film (.mp4, .mov, .mkv, .webm, .avi; pip install 'clipstyle[video]') trains
     one style on --train-frames frames spread over it, then every frame is
@@ -442,6 +474,8 @@ def run(
       clipstyle run -p "ink wash painting" -p "mosaic" photos/ -o styled/ --report runs.jsonl
       clipstyle run -p "ink wash painting" holiday.mp4 -o holiday-ink.mp4 --save-style ink.style
       clipstyle run -p "ink wash painting" --train-on frames/ --save-style ink.style
+      clipstyle run --blend -p "starry night:0.7" --style-image monet.jpg:0.3 photo.jpg
+      clipstyle run -p "pop art" photo.jpg --avoid "written text, letters, watermark"
 
     Outputs made with the same settings are skipped, others refused, unless
     --overwrite; a file that fails is reported and the run goes on. Exit code 0 when every pair is ok or
@@ -452,13 +486,15 @@ def run(
     from clipstyle.config import settings_for
     from clipstyle.jobs.batch import Summary
     from clipstyle.jobs.pairs import parse_shard
-    from clipstyle.jobs.plan import Executor, ModelSpec, check_prompts, execute, plan_run
+    from clipstyle.jobs.plan import Executor, ModelSpec, execute, plan_run
     from clipstyle.jobs.report import Report
     from clipstyle.jobs.run import RunOptions
     from clipstyle.prompts import choose_templates
 
-    if not prompts:
-        raise click.UsageError("at least one --prompt is needed")
+    if not prompts and not style_images:
+        raise click.UsageError("at least one --prompt or --style-image is needed")
+    if blend and len(prompts) + len(style_images) < 2:
+        raise click.UsageError("--blend needs at least two targets (--prompt or --style-image)")
     if train_on and (images or from_file is not None):
         raise click.UsageError(
             "--train-on trains a style only: leave out the images, and restyle them afterwards with "
@@ -466,7 +502,6 @@ def run(
         )
     if not images and from_file is None and not train_on:
         raise click.UsageError("no input images (give files, folders or globs, or --from-file)")
-    check_prompts(list(prompts))
     # every option is checked before anything is read, loaded or written
     settings = settings_for(
         preset,
@@ -501,6 +536,7 @@ def run(
         train_frames=train_frames,
         encoding=encoding_from_options(codec, crf, video_preset),
     )
+    prompts, targets = _targets(prompts, style_images, blend, max_pixels)
     shard_kn = parse_shard(shard) if shard else None
     check_executor(executor, devices, ray_address, ray_workers, ray_cpus, device)
     device_names = _device_list(devices, "--devices") if devices is not None else None
@@ -528,6 +564,9 @@ def run(
         report=report,
         videos=True,
         train_on=list(train_on) or None,
+        targets=targets,
+        avoid=tuple(avoid),
+        avoid_weight=avoid_weight,
     )
     report_file = Report(report, warn=lambda message: echo_warning(report, message))
     if executor == "ray":
@@ -548,6 +587,29 @@ def run(
             report_file.close()
     note = f"--batch auto: {summary.batch} pairs per batch" if batch == "auto" and summary.batch else None
     end_of_run(summary, time.perf_counter() - start, quiet, interrupted, report_file.lost, note)
+
+
+def _targets(prompts, style_images, blend: bool, max_pixels: int):
+    """The jobs' targets: (plain prompts, Targets). Without --blend every prompt and every style
+    image is a job of its own; with it, all of them are one job, each with its ``:weight``
+    (prompts first, then style images). Style images are read (and checked) here, before
+    anything is written; --avoid joins every job in plan_run."""
+    from clipstyle.jobs.plan import check_prompts
+    from clipstyle.method.targets import StyleImage, Target, Targets
+    from clipstyle.prompts import split_weight
+
+    if not blend:
+        check_prompts(list(prompts))
+        return list(prompts), [Targets((Target(image=StyleImage.open(f, max_pixels)),)) for f in style_images]
+    parts = []
+    for text in prompts:
+        body, weight = split_weight(text)
+        check_prompts([body])
+        parts.append(Target(body, weight=1.0 if weight is None else weight))
+    for name in style_images:
+        path, weight = split_weight(name)
+        parts.append(Target(image=StyleImage.open(path, max_pixels), weight=1.0 if weight is None else weight))
+    return [], [Targets(tuple(parts))]
 
 
 def _device_list(devices: str, option: str) -> list[str]:

@@ -73,7 +73,7 @@ class RunOptions:
 
 
 def base_record(job: RunJob, settings, status: str, error: str | None = None) -> dict:
-    return {
+    record = {
         "input": str(job.input.path),
         "prompt": job.prompt,
         "output": str(job.output),
@@ -90,6 +90,10 @@ def base_record(job: RunJob, settings, status: str, error: str | None = None) ->
         "peak_memory_bytes": None,
         "rejected_fraction": None,
     }
+    target = job.target_record()
+    if target is not None:  # style images, a blend, phrases to avoid: only then, so plain records stay as they were
+        record["target"] = target
+    return record
 
 
 def output_metadata(
@@ -111,6 +115,7 @@ def output_metadata(
             settings=settings.to_dict(),
             models=models_info,
             **({"region": options.region.record()} if options.region is not None else {}),
+            **({"target": job.target_record()} if job.target_record() is not None else {}),
         ),
     }
 
@@ -196,6 +201,7 @@ class _StylizePairs(Work):
             "settings": settings_identity(self.settings),
             "models": self.models_info,
             "input_sha256": self._input_sha256(job),
+            "target": job.target_record(),  # None: the prompt alone (resume.py reads a record without it so)
         }
         if job.film or job.train_on is not None:
             made["train_frames"] = self.options.train_frames
@@ -224,9 +230,10 @@ class _StylizePairs(Work):
 
     def prepare(self, job: RunJob, events: Events) -> _Content:
         self._check_where(events)
-        self._check_prompt(job.prompt, events)
-        if self._prompts[job.prompt] is not None:
-            raise ClipstyleError(self._prompts[job.prompt], repr(job.prompt))
+        for text in job.targets().texts():  # the prompt, or every text of a blend and every avoided phrase
+            self._check_prompt(text, events)
+            if self._prompts[text] is not None:
+                raise ClipstyleError(self._prompts[text], repr(text))
         several = job.film or job.train_on is not None  # frames or a set, trained on together
         key = "\0".join(str(m.path) for m in job.train_on) if job.train_on is not None else str(job.input.path)
         if self._last is None or self._last[0] != key:
@@ -356,6 +363,7 @@ class _StylizePairs(Work):
                 None if isinstance(c.tensor, list) else self._regions.training_mask(str(j.input.path), c.tensor)
                 for j, c in batch
             ],
+            targets=[j.target for j in jobs],
         )
         return [self._save(job, content, result, events) for (job, content), result in zip(batch, results)]
 
@@ -413,6 +421,8 @@ class _StylizePairs(Work):
                 )
                 if self.options.region is not None:
                     meta["region"] = self.options.region.record()
+                if job.target_record() is not None:
+                    meta["target"] = job.target_record()
                 self.files.save_style(job.style, result.network, meta, overwrite=self.overwrite)
                 record["style"] = str(job.style)
         except ClipstyleError as exc:
