@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipstyle.errors import ClipstyleError, format_error, is_out_of_memory
-from clipstyle.jobs.claims import claim
+from clipstyle.jobs.claims import Claim, Leftovers, LockError, claim
 from clipstyle.jobs.resume import mismatch
 
 
@@ -148,26 +148,79 @@ def job_error(job, exc: ClipstyleError) -> str:
     return str(exc) if exc.path else f"{job.input.path}: {exc.reason}"
 
 
+def claim_job(work: Work, job, leftovers: Leftovers) -> Claim | tuple[str, str]:
+    """Claim ``job`` before computing it (claims.py): its Claim, to release once its outputs are
+    written; else its record's (status, why): done or refused by what is there (:meth:`Work.existing`),
+    made by another run now (skipped), or a lock path that is not a lock file (failed).
+    ``leftovers``: the run's claims.Leftovers (temporary files killed writers left)."""
+    verdict = work.existing(job)
+    if verdict is not None:
+        if verdict[0] == "skipped":
+            tidy(work, job, leftovers)
+        return verdict
+    try:
+        held = claim(job.output, also=_others(work, job), leftovers=leftovers)
+    except LockError as exc:
+        return "failed", str(exc)
+    if isinstance(held, str):
+        return "skipped", f"{job.output}: another run is making it ({held})"
+    verdict = work.existing(job)  # that run may have finished it while we looked
+    if verdict is not None:
+        held.release()
+        return verdict
+    return held
+
+
+def _others(work: Work, job) -> tuple:
+    return tuple(p for p in work.outputs(job) if p != job.output)
+
+
+def tidy(work: Work, job, leftovers: Leftovers) -> None:
+    """Remove the temporary files beside a done job's outputs (a writer killed after moving its file
+    into place, before removing the temporary name), under the job's claim: never while another run
+    holds it (it may be replacing them with --overwrite)."""
+    if not any(leftovers.of(path) for path in work.outputs(job)):
+        return
+    try:
+        held = claim(job.output, also=_others(work, job), leftovers=leftovers)
+    except LockError:
+        return
+    if isinstance(held, Claim):
+        held.release()
+
+
 def not_done(jobs: list, work: Work, finish) -> list:
     """The jobs still to process. Each job already done, or refused by what is there
     (:meth:`Work.existing`), is passed to ``finish(job, record)`` instead."""
-    todo = []
+    todo, leftovers = [], Leftovers()
     for job in jobs:
         verdict = work.existing(job)
         if verdict is None:
             todo.append(job)
         else:
+            if verdict[0] == "skipped":
+                tidy(work, job, leftovers)
             finish(job, work.record(job, *verdict))
     return todo
 
 
-def run_jobs(jobs: list, work: Work, report, events: Events | None = None, summary: Summary | None = None) -> Summary:
+def run_jobs(
+    jobs: list,
+    work: Work,
+    report,
+    events: Events | None = None,
+    summary: Summary | None = None,
+    claiming: bool = True,
+) -> Summary:
     """Process every job, skipping what is done and isolating failures. ``report``: a report.Report.
 
     ``summary``: filled in as jobs end (give one to read the counts after an interruption).
+    ``claiming``: claim each job before computing it (False where another process owns the output
+    files and claims them itself: a Ray worker, whose driver writes what it returns).
     """
     events = events or Events()
     runner = _Loop(work, report, events, total=len(jobs), summary=summary)
+    runner.claiming = claiming
     try:
         _each_job(jobs, work, events, runner)
     finally:
@@ -216,19 +269,16 @@ class _Loop:
         self.summary = self.outcomes.summary
         self.start = time.perf_counter()
         self.claims: dict[int, object] = {}  # id(job) -> its claims.Claim, while it runs
+        self.claiming = True
+        self.leftovers = Leftovers()
 
     def claim(self, job) -> tuple[str, str] | None:
         """None when ``job`` is to be processed (it is then claimed); else its record's (status, why)."""
-        verdict = self.work.existing(job)
-        if verdict is not None:
-            return verdict
-        held = claim(job.output)
-        if isinstance(held, str):
-            return "skipped", f"{job.output}: another run is making it ({held})"
-        verdict = self.work.existing(job)  # that run may have finished it while we looked
-        if verdict is not None:
-            held.release()
-            return verdict
+        if not self.claiming:
+            return self.work.existing(job)
+        held = claim_job(self.work, job, self.leftovers)
+        if isinstance(held, tuple):
+            return held
         self.claims[id(job)] = held
         return None
 

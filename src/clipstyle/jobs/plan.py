@@ -13,6 +13,7 @@ the finishing of a pair) lives in clipstyle.jobs.batch.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,10 @@ def plan_run(
     executor = executor or Executor()
     check_prompts(prompts)
     check_sizes(settings, options, executor)
+    if executor.kind == "ray":  # a cluster address nothing (or not Ray) answers at, before folders are made
+        from clipstyle.jobs.ray_executor import check_address
+
+        check_address(executor.ray_address or os.environ.get("RAY_ADDRESS"))
     inputs = collect_inputs(list(sources), recursive=recursive, from_file=from_file, stdin=stdin)
     if not inputs:
         raise ClipstyleError("no input images found")
