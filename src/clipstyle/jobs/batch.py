@@ -219,8 +219,7 @@ def run_jobs(
     files and claims them itself: a Ray worker, whose driver writes what it returns).
     """
     events = events or Events()
-    runner = _Loop(work, report, events, total=len(jobs), summary=summary)
-    runner.claiming = claiming
+    runner = _Loop(work, report, events, total=len(jobs), summary=summary, claiming=claiming)
     try:
         _each_job(jobs, work, events, runner)
     finally:
@@ -263,14 +262,16 @@ def _each_job(jobs: list, work: Work, events: Events, runner: _Loop) -> None:
 class _Loop:
     """The bookkeeping of one run_jobs call: the summary, the report and the events."""
 
-    def __init__(self, work: Work, report, events: Events, total: int, summary: Summary | None = None):
+    def __init__(
+        self, work: Work, report, events: Events, total: int, summary: Summary | None = None, claiming: bool = True
+    ):
         self.work, self.events, self.total = work, events, total
         self.outcomes = Outcomes(report, events, summary)
         self.summary = self.outcomes.summary
         self.start = time.perf_counter()
         self.claims: dict[int, object] = {}  # id(job) -> its claims.Claim, while it runs
-        self.claiming = True
-        self.leftovers = Leftovers()
+        self.claiming = claiming
+        self.leftovers = Leftovers()  # temporary files killed writers left, listed once per folder
 
     def claim(self, job) -> tuple[str, str] | None:
         """None when ``job`` is to be processed (it is then claimed); else its record's (status, why)."""
