@@ -21,6 +21,8 @@ DEVICE = torch.device(os.environ.get("CLIPSTYLE_TEST_DEVICE") or "cpu")
 # default, far beyond what the slowest wait needs on a loaded 2-core machine;
 # CLIPSTYLE_TEST_WAIT=SECONDS changes it, CLIPSTYLE_TEST_WAIT=0 waits without a bound.
 WAIT: float | None = float(os.environ.get("CLIPSTYLE_TEST_WAIT") or 3600) or None
+# The same bound for loops that poll until something happens (a deadline needs a number).
+PATIENCE: float = WAIT if WAIT is not None else 1e6
 
 
 def pytest_configure(config):

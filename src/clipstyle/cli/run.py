@@ -297,7 +297,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     default=None,
     metavar="LIST",
     help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process per device over a "
-    "shared queue, each loading the models once. Overrides --device.",
+    "shared queue, each loading the models once and using its share of the CPU threads. Overrides --device.",
 )
 @click.option(
     "--executor",
@@ -328,7 +328,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     type=click.IntRange(1),
     default=None,
     metavar="N",
-    help="CPUs (threads) of each Ray worker on a cluster without GPUs. [default: 1]",
+    help="CPUs of each Ray worker on a cluster without GPUs; it uses as many torch threads, so its "
+    "outputs equal a local run's with OMP_NUM_THREADS=N. [default: 1]",
 )
 @click.option(
     "--shard",

@@ -13,6 +13,7 @@ the finishing of a pair) lives in clipstyle.jobs.batch.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,10 @@ def plan_run(
         specs[label] = spec
     check_prompts([t for spec in specs.values() for t in spec.texts()])
     check_sizes(settings, options, executor)
+    if executor.kind == "ray":  # a cluster address nothing (or not Ray) answers at, before folders are made
+        from clipstyle.jobs.ray_executor import check_address
+
+        check_address(executor.ray_address or os.environ.get("RAY_ADDRESS"))
     labels = list(specs)
     if train_on:
         if save_style is None:

@@ -18,7 +18,7 @@ import torch
 
 from clipstyle import images as io
 from clipstyle.config import MAX_PIXELS, TRAIN_FRAMES
-from clipstyle.device import release_cached_memory
+from clipstyle.device import compute_info, release_cached_memory
 from clipstyle.errors import ClipstyleError, is_out_of_memory
 from clipstyle.jobs.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.jobs.film import FrameProgress, film_fields, restyle_film, training_frames
@@ -89,6 +89,7 @@ def base_record(job: RunJob, settings, status: str, error: str | None = None) ->
         "losses": None,
         "peak_memory_bytes": None,
         "rejected_fraction": None,
+        "compute": None,
     }
     target = job.target_record()
     if target is not None:  # style images, a blend, phrases to avoid: only then, so plain records stay as they were
@@ -97,10 +98,16 @@ def base_record(job: RunJob, settings, status: str, error: str | None = None) ->
 
 
 def output_metadata(
-    job: RunJob, settings, models_info: dict, options: RunOptions, input_sha256: str | None = None
+    job: RunJob,
+    settings,
+    models_info: dict,
+    options: RunOptions,
+    input_sha256: str | None = None,
+    compute: dict | None = None,
 ) -> dict:
-    """What goes into the PNG's text chunks: enough to repeat the run (no timings, so
-    the same seed gives the same bytes), and to know on a rerun whether it is done (resume.py)."""
+    """What goes into the PNG's text chunks: enough to repeat the run (no timings, so the same
+    seed on the same ``compute`` - device.compute_info - gives the same bytes), and to know on a
+    rerun whether it is done (resume.py; ``compute`` is not compared: see docs/scale.md)."""
     return {
         "prompt": job.prompt,
         **stamp(
@@ -113,6 +120,7 @@ def output_metadata(
             strength=options.strength,
             output_size=options.output_size,
             settings=settings.to_dict(),
+            **({"compute": compute} if compute is not None else {}),
             models=models_info,
             **({"region": options.region.record()} if options.region is not None else {}),
             **({"target": job.target_record()} if job.target_record() is not None else {}),
@@ -388,6 +396,7 @@ class _StylizePairs(Work):
             peak_memory_bytes=result.peak_memory_bytes,
             rejected_fraction=result.rejected_fraction,
             batch=self.batch_size,
+            compute=compute_info(self.models.device),
         )
         if self.options.region is not None:
             record["region"] = self.options.region.record()
@@ -405,7 +414,9 @@ class _StylizePairs(Work):
                 return record
             image = self._regions.finish(str(job.input.path), self._final_image(content, result), self.options.contrast)
             if not self.keeps(job.output):
-                meta = output_metadata(job, self.settings, self.models_info, self.options, self._input_sha256(job))
+                meta = output_metadata(
+                    job, self.settings, self.models_info, self.options, self._input_sha256(job), record["compute"]
+                )
                 self.files.save_png(image, job.output, meta, overwrite=self.overwrite)
             record["output_size"] = list(image.shape[-1:-3:-1])
             if job.style is not None and not self.keeps(job.style):
@@ -509,6 +520,7 @@ def run_pairs(
     models_info: dict | None = None,
     summary: Summary | None = None,
     files: Files | None = None,
+    claiming: bool = True,
 ) -> Summary:
     """Optimise every pair through the shared batch loop (batch.run_jobs).
 
@@ -518,5 +530,7 @@ def run_pairs(
     with existing outputs; given, a rerun whose outputs are all done loads
     nothing; default: the models' own ``info``. ``summary``: see batch.run_jobs.
     ``files``: where inputs are read and results written (default: this machine's files).
+    ``claiming``: see batch.run_jobs.
     """
-    return run_jobs(jobs, run_work(models, settings, options, models_info, files), report, events, summary)
+    work = run_work(models, settings, options, models_info, files)
+    return run_jobs(jobs, work, report, events, summary, claiming)
