@@ -115,6 +115,8 @@ def test_openai_tag_loads_from_the_cache_with_quick_gelu_and_no_mismatch_warning
     import open_clip.factory
 
     # the tag's weights are "in the cache": open_clip's own download step returns our file
+    # (and the hub counts as reachable, without asking the network)
+    monkeypatch.setattr("clipstyle.models.loading.hub_unreachable", lambda: None)
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kwargs: str(checkpoints.clip))
     monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf", offline)
     clip = load_clip("ViT-B-32", "openai")
