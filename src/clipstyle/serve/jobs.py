@@ -10,12 +10,19 @@ flag is set, which ends ``stylize_many`` between two steps; the last image the
 callback received is kept as the result. No style file is written for a
 stopped job: the network behind that image is not handed to callbacks. A job
 stopped before its first step, and an apply job (stopped between two tiles),
-keep nothing: they end "cancelled".
+keep nothing: they end "cancelled". A film (an apply job) stops between two frames
+and keeps nothing either (a film is written whole or not at all).
+
+A stylize job's region and colour values (``run``'s --where, --mask, --invert-mask,
+--feather, --preserve-color; the mask an uploaded image) go into its one-pair plan
+as ``RunOptions.region``, as ``clipstyle run`` passes them.
 
 The server's folder holds everything it serves::
 
     uploads/<id>.bin   checked upload (original bytes), <id>.json its name and size, <id>.jpg a view
+    uploads/<id>.mp4   a checked film (its own suffix: .mov, .mkv...), <id>.jpg its first frame
     results/<job>.png  the result, with the same PNG metadata as ``clipstyle run`` writes
+    results/<job>.mp4  a restyled film (an apply job on a film), its record in the container
     results/<job>.style  the trained network (finished stylize jobs)
     results/<job>.json  the job's record: reloaded into the gallery when the server starts
 

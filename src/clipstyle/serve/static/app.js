@@ -227,6 +227,7 @@ function showCurrent(job) {
   if (job.status === "stopped") parts.push(`stopped at step ${job.step}`);
   $("progress-text").textContent = parts.join(" · ");
   drawCurve(job.losses);
+  $("curve").style.display = job.kind === "apply" ? "none" : "";  // applying a saved style has no loss
   $("stop").disabled = job.status !== "running";
   $("stop").dataset.job = job.id;
 }
