@@ -16,6 +16,14 @@ import torch
 
 DEVICE = torch.device(os.environ.get("CLIPSTYLE_TEST_DEVICE") or "cpu")
 
+# How long a test waits for something that can hang (a child process, a signal's effect, a
+# server): never a measure of speed, only a guard so that a hung test ends. One hour by
+# default, far beyond what the slowest wait needs on a loaded 2-core machine;
+# CLIPSTYLE_TEST_WAIT=SECONDS changes it, CLIPSTYLE_TEST_WAIT=0 waits without a bound.
+WAIT: float | None = float(os.environ.get("CLIPSTYLE_TEST_WAIT") or 3600) or None
+# The same bound for loops that poll until something happens (a deadline needs a number).
+PATIENCE: float = WAIT if WAIT is not None else 1e6
+
 
 def pytest_configure(config):
     """A test device that is not there stops the run: passing on the CPU instead would prove nothing."""

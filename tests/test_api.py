@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoints import checkpoints, hub_cache  # noqa: F401  (a fixture)
-from conftest import DEVICE
+from conftest import DEVICE, WAIT
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = [
@@ -38,6 +38,8 @@ PUBLIC = [
     "ClipstyleError",
     "settings_for",
     "PRESETS",
+    "Target",
+    "StyleImage",
 ]
 
 
@@ -55,7 +57,7 @@ def test_public_names_are_the_objects_in_a_fresh_interpreter():
         "from clipstyle import render, stylize\n"
         "assert inspect.isfunction(render) and inspect.isfunction(stylize)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 0, done.stderr
 
 
@@ -84,6 +86,7 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(checkpoints.vgg, tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth")
     shutil.copyfile(ROOT / "examples" / "images" / "chelsea.jpg", tmp_path / "photo.jpg")
+    shutil.copyfile(ROOT / "examples" / "images" / "coffee.jpg", tmp_path / "painting.jpg")
     env = {
         **os.environ,
         "HF_HUB_CACHE": str(tmp_path / "hub"),
@@ -92,16 +95,18 @@ def test_readme_library_example_runs_as_written(checkpoints, tmp_path):  # noqa:
         "OMP_NUM_THREADS": "2",
     }
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT
     )
     assert done.returncode == 0, done.stderr
-    steps = [line.split()[0] for line in done.stdout.splitlines()]
-    assert steps == ["1", "2", "3", "4"]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "'total'" in lines[-1] and "None" not in done.stdout  # the losses, read at the last step
     from PIL import Image
 
     photo = Image.open(tmp_path / "photo.jpg")
     styled, full = Image.open(tmp_path / "styled.png"), Image.open(tmp_path / "styled-full.png")
     assert max(styled.size) == 128 and full.size == photo.size
+    assert Image.open(tmp_path / "blended.png").size == styled.size
 
 
 @pytest.mark.device
@@ -172,7 +177,7 @@ def test_stylize_many_leaves_the_shared_models_as_they_were(models, tiny_setting
 
 def test_readme_names_only_public_names():
     code = readme_library_example()
-    imported = re.search(r"from clipstyle import (.+)", code).group(1)
+    imported = ",".join(re.findall(r"from clipstyle import (.+)", code))
     import clipstyle
 
     assert {n.strip() for n in imported.split(",")} <= set(clipstyle.__all__)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import WAIT
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clipstyle"
 
 # Lowest first. A module may import modules of its own layer and of the layers before it.
@@ -171,7 +173,7 @@ def test_the_loop_imports_no_job_machinery_when_run():
         "print(sorted(m for m in sys.modules if m.startswith(('clipstyle.jobs', 'clipstyle.cli', "
         "'clipstyle.serve', 'clipstyle.models.loading', 'clipstyle.evaluation'))))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -190,5 +192,5 @@ def test_help_never_imports_torch(command):
         f"try:\n    cli({command!r})\nexcept SystemExit:\n    pass\n"
         "sys.stderr.write(str('torch' in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
     assert done.stderr.strip().endswith("False"), done.stderr

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import conftest
-from conftest import TINY_16, counting_loader, invoke, records
+from conftest import TINY_16, WAIT, counting_loader, invoke, records
 
 
 @pytest.fixture
@@ -62,10 +62,10 @@ def test_traceback_only_with_debug(tmp_path, img):
     base = [sys.executable, "-m", "clipstyle"]
     args = ["run", str(img), "-p", "x", "-o", str(img)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    plain = subprocess.run(base + args, capture_output=True, text=True, timeout=120, env=env)
+    plain = subprocess.run(base + args, capture_output=True, text=True, timeout=WAIT, env=env)
     assert plain.returncode == 1
     assert plain.stderr == f"clipstyle: error: {img}: the output would overwrite an input image\n"
-    debug = subprocess.run(base + ["--debug"] + args, capture_output=True, text=True, timeout=120, env=env)
+    debug = subprocess.run(base + ["--debug"] + args, capture_output=True, text=True, timeout=WAIT, env=env)
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "OutputError" in debug.stderr
     assert img.read_bytes() == before
@@ -170,7 +170,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path, img, loads, monkeypatch):
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
     result = invoke("run", img, "-p", "x", "-o", out, "--report", report, *TINY_16)
     assert_one_error(result, out / "in-x.png", "No space left on device")
-    assert list(out.iterdir()) == []  # neither the image nor a temporary file
+    assert not out.exists()  # neither the image nor a temporary file, nor the folder this run made for them
     assert json.loads(report.read_text())["status"] == "failed"
 
 
@@ -302,3 +302,92 @@ def test_a_bad_option_creates_nothing(tmp_path, img, loads, bad, monkeypatch):
     assert result.exit_code != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no report folder, no output folder
     assert loads == []
+
+
+# --- hostile command-line values (issue 26) -------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_report_that_is_a_pipe_is_refused_without_opening_it(tmp_path, img, loads):
+    """Opening a pipe for writing blocks until a reader comes, deaf to SIGTERM: refused before that.
+    (A reader waits here so that a broken check fails instead of hanging.)"""
+    import threading
+
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    try:
+        result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", "--report", fifo, *TINY_16)
+    finally:
+        while reader.is_alive():  # let the reader go, if nothing else did (once it is waiting)
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            reader.join(0.05)
+    assert_one_error(result, fifo, "is a pipe")
+    assert loads == [] and got in ([], [b""]) and not (tmp_path / "out").exists()
+
+
+def test_a_report_onto_an_image_that_is_not_an_input_is_refused(tmp_path, img, loads):
+    other = tmp_path / "holiday.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(other)
+    before = other.read_bytes()
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "out", "--report", other, *TINY_16)
+    assert_one_error(result, other, "not a report")
+    assert other.read_bytes() == before and loads == []
+    report = tmp_path / "r.jsonl"  # an existing report is appended to, as before
+    report.write_text('{"status": "ok"}\n')
+    assert invoke("run", img, "-p", "x", "-o", tmp_path / "out", "--report", report, *TINY_16).exit_code == 0
+    assert len(records(report)) == 2
+
+
+@pytest.mark.parametrize("command", ["run", "mask"])
+def test_an_output_ending_in_a_slash_named_like_an_image_is_refused(tmp_path, img, loads, command):
+    args = ["-p", "x", *TINY_16] if command == "run" else ["--where", "x"]
+    result = invoke(command, img, "-o", f"{tmp_path / 'x.png'}/", *args)
+    assert_one_error(result, f"{tmp_path / 'x.png'}/", "ends in a slash")
+    assert not (tmp_path / "x.png").exists() and loads == []
+
+
+@pytest.mark.parametrize("option", ["--from-file", "--templates"])
+@pytest.mark.parametrize("source", ["/dev/zero", "big"])
+def test_huge_list_and_template_files_are_refused_with_one_line(tmp_path, img, loads, monkeypatch, option, source):
+    if source == "big":  # a file over the bound (made small here)
+        monkeypatch.setattr("clipstyle.errors.MAX_TEXT_BYTES", 1024)
+        source = tmp_path / "big.txt"
+        source.write_text(f"{img}\n" * 200 if option == "--from-file" else "art of {}\n" * 200)
+    elif not os.path.exists(source):
+        pytest.skip("no /dev/zero")
+    given = [option, source] if option == "--from-file" else [img, option, source]
+    tiny = [a for a in TINY_16 if a != "--no-templates"]
+    result = invoke("run", *given, "-p", "x", "-o", tmp_path / "out", *tiny)
+    assert_one_error(result, source, "larger than")
+    assert loads == [] and not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_leaves_no_new_output_folder(tmp_path, img, monkeypatch):
+    from clipstyle.errors import WeightsError
+
+    def no_weights(*args, **kwargs):
+        raise WeightsError("weights not cached and not downloadable")
+
+    monkeypatch.setattr("clipstyle.jobs.plan.load_models", no_weights)
+    out = tmp_path / "new" / "deeper"
+    result = invoke("run", img, "-p", "x", "-o", f"{out}/", *TINY_16)
+    assert result.exit_code == 1 and "not downloadable" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    assert invoke("run", img, "-p", "x", "-o", tmp_path / "kept", *TINY_16).exit_code == 1
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_checking_outputs_creates_nothing(tmp_path, img):
+    from clipstyle.jobs.inputs import check_outputs, collect_inputs
+    from clipstyle.jobs.pairs import plan_pairs
+
+    jobs = plan_pairs(collect_inputs([str(img)]), ["x"], tmp_path / "a" / "b", 0)
+    check_outputs(jobs, tmp_path / "c" / "report.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]

@@ -111,3 +111,35 @@ def test_strength_zero_returns_the_content(tmp_path, photo, fake_loader):
     src = Image.open(photo).convert("RGB")
     expected = np.asarray(to_pil(to_tensor(src, fit_size(*src.size, 32))), dtype=np.int16)
     assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - expected).max() <= 1
+
+
+# --- a long folder run says where the whole run is (issue 26) -----------------------------------------------
+
+
+def test_the_overall_part_of_the_progress_line():
+    from clipstyle.cli.run import overall, time_left
+
+    assert overall(0, 40, 1, []) == "[1/40]"  # nothing computed yet: no guess
+    assert overall(3, 40, 1, [60.0, 120.0, 90.0]) == "[4/40, 56 min left in all]"  # 37 pairs of 90 s
+    assert overall(3, 40, 2, [90.0]) == "[4/40, 28 min left in all]"  # two pairs a batch
+    assert [time_left(s) for s in (42, 720, 7500)] == ["42 s", "12 min", "2 h 05 min"]
+
+
+def test_a_folder_run_shows_the_count_and_the_time_left_across_pairs(tmp_path, fake_loader):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (24, 16), (80 * i, 90, 200)).save(photos / f"p{i}.png")
+    loud = [a for a in TINY_32 if a != "-q"]
+    result = invoke("run", photos, "-p", "fire", "-o", tmp_path / "out", *loud)
+    assert result.exit_code == 0, result.output
+    assert "[1/3] p0.png" in result.stderr
+    assert "[2/3, " in result.stderr and "[3/3, " in result.stderr and "left in all]" in result.stderr, result.stderr
+
+
+def test_the_progress_line_names_the_latest_snapshot(tmp_path, photo, fake_loader):
+    loud = [a for a in TINY_32 if a != "-q"]
+    result = invoke("run", photo, "-p", "fire", "-o", tmp_path / "out.png", *loud, "--save-every", "1")
+    assert result.exit_code == 0, result.output
+    snap = tmp_path / "out.step0001.png"
+    assert snap.is_file() and f"snapshot={snap}" in result.stderr, result.stderr

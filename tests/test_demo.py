@@ -31,6 +31,7 @@ def offline(tmp_path, monkeypatch):
         return fail
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("clipstyle.models.loading.hub_unreachable", lambda: None)  # the downloads are tried
     monkeypatch.setattr(open_clip.factory, "download_pretrained", no_network("clip"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network("vgg"))
     return tried
@@ -149,3 +150,62 @@ def test_parallel_passes_the_prompt_and_options_through(tmp_path, fake_path):
     for args in runs:
         assert args[:2] == ["run", "my photos/"] and args[args.index("-p") + 1] == "ink & wash $HOME"
         assert args[-len(EXTRA) :] == EXTRA, shlex.join(args)
+
+
+@pytest.mark.parametrize("code, hint", [(1, True), (130, False)], ids=["failed", "interrupted"])
+def test_make_demo_on_a_cpu_writes_snapshots_and_hints_only_after_a_failure(tmp_path, code, hint):
+    """The CPU recipe asks for a snapshot every few steps (a first picture within about a minute);
+    the weights hint follows a failure, not a Ctrl-C. Run by make with a stand-in clipstyle."""
+    import sys
+
+    if subprocess.run(["make", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()
+    (venv / "bin" / "clipstyle").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/args"\nexit {code}\n')
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # the real torch check
+    for name in ("clipstyle", "python"):
+        (venv / "bin" / name).chmod(0o755)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU: the CPU recipe
+    result = subprocess.run(
+        ["make", "-s", "-f", str(ROOT / "Makefile"), "demo", f"VENV={venv}", "-o", f"{venv}/.installed"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    args = (tmp_path / "args").read_text().split("\n")
+    assert args[args.index("--preset") + 1] == "draft" and args[args.index("--save-every") + 1] == "3", args
+    assert ("DEMO_ARGS='--clip-weights" in result.stderr) is hint, result.stderr
+
+
+@pytest.mark.parametrize("switch", ["unreachable", "HF_HUB_OFFLINE"])
+def test_offline_the_look_up_fails_at_once_without_the_hub_clients_retries(tmp_path, monkeypatch, switch):
+    """Offline the hub client retries for most of a minute (54 s measured here): a connection
+    that fails, or HF_HUB_OFFLINE=1, ends the look-up before any download is tried."""
+    import socket
+
+    import huggingface_hub.constants
+    import open_clip.factory
+
+    connects = []
+
+    def refuse(address, timeout=None, *args, **kwargs):
+        connects.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", switch == "HF_HUB_OFFLINE")
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *a, **k: pytest.fail("a download was tried"))
+    with pytest.raises(WeightsError, match="not cached and not downloadable"):
+        load_models(cache_dir=str(tmp_path / "hf"))
+    if switch == "HF_HUB_OFFLINE":
+        assert connects == []  # not even the probe
+    else:
+        (address, timeout), *_ = connects
+        assert 0 < timeout <= 10

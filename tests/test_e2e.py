@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from checkpoints import checkpoints  # noqa: F401  (a fixture)
-from conftest import records
+from conftest import WAIT, records
 
 
 def clipstyle_script() -> str:
@@ -86,7 +86,7 @@ def test_run_writes_a_repeatable_png_with_metadata_and_a_report(checkpoints, pho
         for out, report in zip(outputs, reports)
     ]
     try:
-        errors = [run.communicate(timeout=400)[1] for run in runs]
+        errors = [run.communicate(timeout=WAIT)[1] for run in runs]
     finally:
         for run in runs:
             if run.poll() is None:
@@ -116,7 +116,7 @@ def test_run_writes_a_repeatable_png_with_metadata_and_a_report(checkpoints, pho
 def imported_modules(*args: str) -> set[str]:
     """Modules that ``python -m clipstyle ARGS`` imports (from -X importtime)."""
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "clipstyle", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-X", "importtime", "-m", "clipstyle", *args], capture_output=True, text=True, timeout=WAIT
     )
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
@@ -128,5 +128,5 @@ def test_help_imports_no_torch():
         modules = imported_modules(*args)
         assert "clipstyle.cli" in modules  # the listing is real
         assert not {m for m in modules if m == "torch" or m.startswith("torch.")}, args
-    proc = subprocess.run([clipstyle_script(), "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([clipstyle_script(), "--help"], capture_output=True, text=True, timeout=WAIT)
     assert proc.returncode == 0 and "run" in proc.stdout

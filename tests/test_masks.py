@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -424,3 +425,78 @@ def test_a_region_that_selects_nothing_names_the_photo(scene, monkeypatch):
     assert r.exit_code == 1 and lines == [
         f"clipstyle: error: {scene / 'photo.png'}: --where 'the sky' selects nothing in this image"
     ], r.output
+
+
+# --- hostile values (issue 26): feather, phrases -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1e9, 1e30, float("inf"), float("nan"), -1.0])
+def test_feather_out_of_bounds_is_refused_with_one_line(scene, monkeypatch, value):
+    with pytest.raises(MaskError, match="feather must be 0 to 10000 pixels"):
+        Region(mask=scene / "half.png", feather=value).check()
+    loads = counting_loader(monkeypatch)
+    r = invoke(
+        "run",
+        "-p",
+        "fire",
+        scene / "photo.png",
+        "-o",
+        scene / "o.png",
+        "--mask",
+        scene / "half.png",
+        "--feather",
+        value,
+    )
+    assert r.exit_code == 2 and "--feather" in r.output.splitlines()[-1], r.output
+    assert "Traceback" not in r.output and not loads and not (scene / "o.png").exists()
+
+
+def test_feather_wider_than_the_image_is_as_wide_as_the_image():
+    mask = torch.zeros(1, 1, 8, 40)
+    mask[..., :20] = 1
+    widest = M.feather(mask, 1e4)  # a radius of 5000 would be a 10001-wide filter: capped at the 40 px side
+    assert torch.equal(widest, M.feather(mask, 80))
+    assert 0 < float(widest.min()) < float(widest.max()) < 1
+
+
+@pytest.mark.parametrize("phrase", ["\u200b\u200b", "\ufeff", "\u3164 \u2800"])
+def test_a_where_phrase_of_invisible_characters_is_empty(phrase):
+    with pytest.raises(MaskError, match="phrase is empty"):
+        Region(where=phrase).check()
+
+
+def test_an_overlong_where_phrase_is_cut_with_a_warning_as_prompts_are(tmp_path, monkeypatch):
+    from clipstyle.regions import where as W
+
+    from conftest import tiny_clip
+
+    clip = tiny_clip()
+    assert W.phrase_warnings(clip, "the sky") == []
+    (warning,) = W.phrase_warnings(clip, "sky " * 2000)
+    assert "more than CLIP's 77: the end is cut off" in warning
+    monkeypatch.setattr("clipstyle.models.loading.load_clip", lambda *a, **k: clip)
+    monkeypatch.setattr(M, "where_mask", lambda clip, photo, *a, **k: torch.ones_like(photo[:, :1]))
+    Image.new("RGB", (24, 16)).save(tmp_path / "p.png")
+    r = invoke("mask", "--where", "sky " * 2000, tmp_path / "p.png", "-o", tmp_path / "m.png", "-q")
+    assert r.exit_code == 0, r.output
+    assert "clipstyle: warning: the --where phrase needs" in r.output and "cut off" in r.output, r.output
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_a_device_or_a_truncated_file_as_a_mask_is_one_line(scene, monkeypatch):
+    """Held when tried (issue 26's review): pinned, as a FIFO read would block for good."""
+    loads = counting_loader(monkeypatch)
+    os.mkfifo(scene / "fifo.png")
+    good = (scene / "half.png").read_bytes()
+    (scene / "cut.png").write_bytes(good[: len(good) // 2])
+    for mask, reason in [
+        (scene / "fifo.png", "not a file"),
+        ("/dev/zero", "not a file"),
+        (scene / "cut.png", "truncated"),
+    ]:
+        if not os.path.exists(mask):
+            continue
+        r = invoke("run", "-p", "fire", scene / "photo.png", "-o", scene / "o.png", *TINY_32, "--mask", mask)
+        lines = [ln for ln in r.output.splitlines() if ln.startswith("clipstyle: error")]
+        assert r.exit_code == 1 and len(lines) == 1 and reason in lines[0], r.output
+    assert loads == [] and not (scene / "o.png").exists()

@@ -23,7 +23,7 @@ from clipstyle.jobs.inputs import collect_inputs
 from clipstyle.jobs.pairs import pair_seed, plan_pairs
 
 import conftest
-from conftest import TINY_32, invoke, records
+from conftest import TINY_32, WAIT, invoke, records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,7 @@ def test_claims_are_exclusive_released_and_taken_over_when_stale(tmp_path):
 
 def test_a_pair_another_run_is_making_is_skipped_and_said_so(tmp_path, photo, loader):
     out, report = tmp_path / "o.png", tmp_path / "r.jsonl"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10**6)"])  # killed below
     try:
         lock = claims.lock_path(out)
         lock.write_text(json.dumps({"pid": other.pid, "host": claims.HOST, "started": time.time()}))
@@ -276,7 +276,7 @@ def test_two_runs_on_one_folder_at_once_share_the_work(tmp_path):
     ]
     runs = [launch(tmp_path, *args, "--report", tmp_path / f"r{k}.jsonl") for k in (1, 2)]
     try:
-        ends = [run.communicate(timeout=300) for run in runs]
+        ends = [run.communicate(timeout=WAIT) for run in runs]
     finally:
         for run in runs:
             if run.poll() is None:
@@ -389,7 +389,7 @@ def test_a_real_interrupt_ends_with_the_summary_line(tmp_path):
             if "wrote " in line:
                 break
         run.send_signal(signal.SIGINT)
-        _, rest = run.communicate(timeout=120)
+        _, rest = run.communicate(timeout=WAIT)
     finally:
         if run.poll() is None:
             run.kill()

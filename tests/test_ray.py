@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import conftest
-from conftest import TINY_32, invoke, records
+from conftest import PATIENCE, TINY_32, invoke, records
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_more_workers_than_the_cluster_can_place_still_finish(tmp_path, folder, 
         daemon=True,
     )
     run.start()
-    run.join(timeout=60)
+    run.join(timeout=PATIENCE)
     assert done and done[0].ok == len(pairs) == 12
 
 
@@ -289,11 +290,11 @@ def test_sigterm_stops_a_ray_run_cleanly_with_exit_130(tmp_path, folder, cluster
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + PATIENCE
         while not (report.exists() and report.read_text()) and time.monotonic() < deadline:
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=PATIENCE)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
@@ -301,3 +302,138 @@ def test_sigterm_stops_a_ray_run_cleanly_with_exit_130(tmp_path, folder, cluster
     recs = records(report)  # every line a whole record
     assert 1 <= len(recs) < 20 and all(r["status"] == "ok" for r in recs)
     assert sorted(p.name for p in out.iterdir()) == sorted(Path(r["output"]).name for r in recs)  # no partial files
+
+
+# A size and a step count at which the thread count matters even with the tiny models (at 32 px, two
+# steps, no operation is big enough for torch to split it over threads).
+UNEQUAL = ["--size", "64", "--steps", "4", "--crops", "4"]
+# The bound docs/scale.md gives for this configuration (measured: max 19, mean 2.5 levels).
+BOUND_MAX, BOUND_MEAN = 64, 8.0
+
+
+def test_local_and_ray_at_unequal_thread_counts_record_them_and_stay_within_the_documented_bound(
+    tmp_path, folder, loader, cluster
+):
+    import numpy as np
+    from PIL import Image
+
+    photo = folder / "img0.png"
+    local, ray_out = tmp_path / "local.png", tmp_path / "ray.png"
+    args = ["run", photo, "-p", "ink", *TINY_32, *UNEQUAL]
+    assert invoke(*args, "-o", local, "--report", tmp_path / "l.jsonl").exit_code == 0  # one thread (conftest)
+    result = invoke(
+        *args, "-o", ray_out, "--report", tmp_path / "r.jsonl", "--executor", "ray", "--ray-cpus-per-worker", "2"
+    )
+    assert result.exit_code == 0, result.stderr
+    recorded = []
+    for path, report in ((local, "l.jsonl"), (ray_out, "r.jsonl")):
+        with Image.open(path) as img:
+            compute = json.loads(img.text["clipstyle"])["compute"]
+            recorded.append(compute["threads"])
+            pixels = np.asarray(img.convert("RGB"), dtype=np.int16)
+        assert records(tmp_path / report)[0]["compute"] == compute  # the report says the same
+        assert compute["device"] == "cpu" and compute["torch"]
+        recorded.append(pixels)
+    threads_local, a, threads_ray, b = recorded
+    assert (threads_local, threads_ray) == (1, 2)  # a Ray worker uses the CPUs it is given
+    difference = np.abs(a - b)
+    assert difference.max() <= BOUND_MAX and difference.mean() <= BOUND_MEAN, (difference.max(), difference.mean())
+
+
+def claims_seen_by_the_worker(models, batch, data, settings, options):
+    """The real stylizing, watched from inside the actor: which claims it takes itself, and who holds
+    each pair's lock while it computes."""
+    import clipstyle.jobs.batch as batch_module
+    from clipstyle.jobs.claims import lock_path
+    from clipstyle.jobs.ray_executor import stylize_batch
+
+    taken = []
+    real = batch_module.claim
+    batch_module.claim = lambda output, *args, **kwargs: taken.append(str(output)) or real(output, *args, **kwargs)
+    try:
+        holders = [json.loads(lock_path(p.output).read_text())["pid"] for p in batch]
+        returned = stylize_batch(models, batch, data, settings, options)
+    finally:
+        batch_module.claim = real
+    returned.notes.append((None, json.dumps({"claimed": taken, "holders": holders})))
+    return returned
+
+
+def test_the_driver_claims_each_pair_until_written_and_honours_a_local_runs_lock(tmp_path, folder, cluster):
+    from clipstyle.config import Settings
+    from clipstyle.jobs import claims
+    from clipstyle.jobs.batch import Events as RunEvents
+    from clipstyle.jobs.inputs import collect_inputs
+    from clipstyle.jobs.pairs import plan_pairs
+    from clipstyle.jobs.ray_executor import run_with_ray
+    from clipstyle.jobs.report import Report
+    from clipstyle.jobs.run import RunOptions
+    from clipstyle.prompts import NO_TEMPLATES
+
+    class Notes(RunEvents):
+        def __init__(self):
+            self.notes = []
+
+        def note(self, pair, message):
+            self.notes.append(message)
+
+    (folder / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    pairs = plan_pairs(collect_inputs([str(folder / "img0.png"), str(folder / "img1.png")]), ["a"], out, 0)
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a local run, making img1
+    try:
+        lock = claims.lock_path(pairs[1].output)
+        lock.write_text(json.dumps({"pid": busy.pid, "host": claims.HOST, "started": time.time()}))
+        events = Notes()
+        tiny = Settings(steps=1, size=16, crops=1, crop_size=8, templates=NO_TEMPLATES)
+        summary = run_with_ray(
+            pairs,
+            conftest.tiny_loader,
+            tiny,
+            RunOptions(),
+            Report(None),
+            events,
+            workers=1,
+            job=claims_seen_by_the_worker,
+        )
+        assert lock.exists() and json.loads(lock.read_text())["pid"] == busy.pid  # left alone
+    finally:
+        busy.kill()
+        busy.wait()
+    first, second = sorted(summary.records, key=lambda r: r["input"])
+    assert first["status"] == "ok" and pairs[0].output.exists()
+    assert second["status"] == "skipped" and "another run is making it" in second["error"]
+    assert not pairs[1].output.exists()  # not computed twice
+    (seen,) = [json.loads(n) for n in events.notes if n.startswith("{")]
+    assert seen == {"claimed": [], "holders": [os.getpid()]}  # the driver held it; the worker took none
+    assert {p.name for p in out.iterdir()} == {pairs[0].output.name, lock.name}  # no lock left by us
+
+
+def test_an_address_that_accepts_but_never_answers_is_refused_before_any_folder_is_made(
+    tmp_path, folder, loader, monkeypatch
+):
+    import socket
+
+    pytest.importorskip("ray")
+    monkeypatch.setattr("clipstyle.jobs.ray_executor.CONNECT_TIMEOUT_S", 0.5)
+    with socket.socket() as server:  # accepts connections, never says a word (Ray waited over ten minutes)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        result = invoke(
+            "run",
+            folder,
+            "-p",
+            "x",
+            "-o",
+            tmp_path / "o" / "deep",
+            "--executor",
+            "ray",
+            "--ray-address",
+            address,
+            *TINY_32,
+        )
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"clipstyle: error: {address}: cannot reach the Ray cluster: no answer in 0.5 s"
+    assert not (tmp_path / "o").exists()

@@ -16,7 +16,7 @@ from clipstyle.errors import ClipstyleError
 from clipstyle.evaluation import sheet as sheets
 from clipstyle.jobs.report import read_report
 
-from conftest import invoke, records
+from conftest import WAIT, invoke, records
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE, YELLOW = (220, 20, 20), (20, 200, 20), (20, 20, 220), (230, 230, 20)
@@ -220,7 +220,7 @@ def test_evaluation_protocol_runs_end_to_end_on_tiny_models(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=WAIT,
     )
     assert done.returncode == 0, done.stderr
     styled = sorted(p.name for p in (out / "styled").iterdir())

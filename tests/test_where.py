@@ -212,3 +212,67 @@ def test_apply_where(red_photo, tmp_path, monkeypatch):
     assert np.abs(result - photo).max(axis=-1)[inside].max() <= 1  # inverted: the red region keeps the photo
     record = json.loads((tmp_path / "r.jsonl").read_text())
     assert record["region"]["where"] == "red" and record["region"]["invert"] is True
+
+
+# --- mask: empty selections, shared weight options, existing outputs (issue 26) ----------------------------
+
+
+def _nothing_found(monkeypatch):
+    """A --where that selects nothing in any photo."""
+    monkeypatch.setattr("clipstyle.cli.mask.load_where_clip", lambda region, *args: object())
+    monkeypatch.setattr(
+        "clipstyle.regions.masks.where_mask", lambda clip, photo, *a, **k: torch.zeros_like(photo[:, :1])
+    )
+
+
+@pytest.mark.parametrize("invert, value", [(False, 0), (True, 255)], ids=["plain", "inverted"])
+def test_mask_of_a_phrase_that_selects_nothing_is_written_with_a_warning(
+    red_photo, tmp_path, monkeypatch, invert, value
+):
+    _nothing_found(monkeypatch)
+    path, truth = red_photo
+    out = tmp_path / "m.png"
+    r = invoke("mask", "--where", "a unicorn", path, "-o", out, *(["--invert-mask"] if invert else []))
+    assert r.exit_code == 0, r.output
+    assert "clipstyle: warning:" in r.output and "selects nothing" in r.output, r.output
+    assert Image.open(out).getextrema() == (value, value)
+
+
+def test_mask_accepts_and_ignores_the_vgg_weights_option(red_photo, tmp_path, monkeypatch):
+    _planted_clip_for_where(monkeypatch)
+    path, _ = red_photo
+    r = invoke("mask", "--where", "red", path, "-o", tmp_path / "m.png", "-q", "--vgg-weights", tmp_path / "none.pth")
+    assert r.exit_code == 0, r.output
+    assert "--vgg-weights" in invoke("mask", "--help").output
+
+
+def test_mask_skips_only_the_same_mask_and_refuses_any_other_file(red_photo, tmp_path, monkeypatch):
+    _planted_clip_for_where(monkeypatch)
+    path, _ = red_photo
+    out = tmp_path / "m.png"
+    assert invoke("mask", "--where", "red", path, "-o", out, "-q").exit_code == 0
+    made = out.read_bytes()
+    again = invoke("mask", "--where", "red", path, "-o", out)
+    assert again.exit_code == 0 and "skipped" in again.output, again.output
+    other = invoke("mask", "--where", "green", path, "-o", out)  # another mask there
+    assert other.exit_code == 1 and "made with other settings (region)" in other.output, other.output
+    assert out.read_bytes() == made
+    styled = tmp_path / "styled.png"  # a stylized output there: its record has a prompt
+    from clipstyle.provenance import stamp
+
+    Image.new("RGB", (8, 8)).save(styled, pnginfo=_png_info(stamp(prompt="fire", input=path.name, region={})))
+    before = styled.read_bytes()
+    refused = invoke("mask", "--where", "red", path, "-o", styled)
+    assert refused.exit_code == 1 and "not a mask" in refused.output, refused.output
+    assert styled.read_bytes() == before
+    assert invoke("mask", "--where", "red", path, "-o", styled, "-q", "--overwrite").exit_code == 0
+    assert Image.open(styled).mode == "L"
+
+
+def _png_info(meta: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in meta.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    return info

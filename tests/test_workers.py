@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import PATIENCE
+
 TESTS, SRC = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "src"
 
 PARENT = """
@@ -61,7 +63,7 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
     workers: list[int] = []
     try:
-        end = time.monotonic() + 120
+        end = time.monotonic() + PATIENCE
         while not workers:
             assert parent.poll() is None, parent.stderr.read().decode()
             assert time.monotonic() < end, "no worker started"
@@ -70,7 +72,7 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path):
         time.sleep(0.5)  # optimising now
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        end = time.monotonic() + 20
+        end = time.monotonic() + PATIENCE
         while any(_alive(pid) for pid in workers) and time.monotonic() < end:
             time.sleep(0.05)
         assert not any(_alive(pid) for pid in workers), "the worker outlived its parent"
@@ -108,3 +110,26 @@ def test_a_worker_makes_its_card_the_current_one_before_loading(monkeypatch):
     order.clear()
     W._worker(0, "cpu", loader, None, None, queue.Queue(), queue.Queue(), os.getppid())
     assert order == [("load", "cpu")]
+
+
+def test_workers_share_the_threads_a_local_run_would_use_and_set_them_before_loading(monkeypatch):
+    import queue
+
+    import torch
+
+    from clipstyle.errors import ClipstyleError
+    from clipstyle.jobs import devices as W
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # a local run here would use 8
+    assert [W.worker_threads(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    order = []
+    monkeypatch.setattr(W, "_stop_with", lambda parent: None)  # in-process: no parent-death signal
+    monkeypatch.setattr(W.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: order.append(("threads", n)))
+
+    def loader(device):
+        order.append(("load", device))
+        raise ClipstyleError("no models here")
+
+    W._worker(0, "cpu", loader, None, None, queue.Queue(), queue.Queue(), os.getppid(), None, 4)
+    assert order == [("threads", 4), ("load", "cpu")]

@@ -21,6 +21,8 @@ _PUBLIC = {
     "stylize_many": "clipstyle.method.loop",
     "StylizeResult": "clipstyle.method.loop",
     "StepInfo": "clipstyle.method.loop",
+    "Target": "clipstyle.method.targets",
+    "StyleImage": "clipstyle.method.targets",
     "Settings": "clipstyle.config",
     "PRESETS": "clipstyle.config",
     "settings_for": "clipstyle.config",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs resolve; at run time __getattr_
     from clipstyle.images import open_image, save_png, to_pil, to_tensor  # noqa: F401
     from clipstyle.method.loop import StepInfo, StylizeResult, stylize_many  # noqa: F401
     from clipstyle.method.stylize import stylize  # noqa: F401
+    from clipstyle.method.targets import StyleImage, Target  # noqa: F401
     from clipstyle.method.unet import StyleNet  # noqa: F401
     from clipstyle.models.encoders import Models  # noqa: F401
     from clipstyle.models.loading import load_models  # noqa: F401

@@ -154,11 +154,29 @@ def settings_for(preset: str = "paper", **values) -> Settings:
     return Settings(**{**PRESETS[preset], **{k: v for k, v in values.items() if v is not None}})
 
 
+# --- targets (--style-image, --blend, --avoid: clipstyle.method.targets) ------------------------------
+
+# Weight of --avoid against the directional loss of the same rows. Below 1, the
+# direction that minimises style + avoid terms stays within arcsin(weight) of the
+# style target (30 degrees at 0.5): the avoided concept tilts the style, never
+# outweighs it (docs/method-extensions.md).
+AVOID_WEIGHT = 0.5
+# A style image's embedding: the mean over this many perspective-warped crops of
+# it (drawn as the patch crops are, at the run's --size and --crop-size), so that
+# no single crop's content dominates; and the seed of those crops (fixed: the
+# same image gives the same target in every run).
+STYLE_IMAGE_CROPS = 64
+STYLE_IMAGE_SEED = 0
+
+
 # --- regions (--mask, --where, --preserve-color: clipstyle.regions) ---------------------------------------
 
 # Width in output pixels of the soft edge that --feather gives a mask (a tent
 # filter centred on the edge: pixels farther than this from it are untouched).
 FEATHER = 4.0
+# The widest --feather accepted: wider than any image clipstyle makes (a wider edge than the image
+# changes nothing more), and it keeps the filter's size bounded (1e9 would exhaust memory).
+MAX_FEATHER = 10_000.0
 
 
 @dataclass(frozen=True)

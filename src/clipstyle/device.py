@@ -36,6 +36,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def compute_info(device: torch.device) -> dict:
+    """What decides a result's last bits besides its settings and seed, recorded beside them: the
+    device's kind, the torch build, and the CPU's thread count (a sum split over another number of
+    threads is added in another order) or the accelerator's name."""
+    device = torch.device(device)
+    info: dict = {"device": device.type, "torch": torch.__version__}
+    if device.type == "cpu":
+        info["threads"] = torch.get_num_threads()
+    elif device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    return info
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` are the same device."""
     return a.type == b.type and (a.index or 0) == (b.index or 0)

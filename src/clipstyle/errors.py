@@ -59,6 +59,38 @@ def require_file(path: Path, what: str, error: type[ClipstyleError]) -> None:
         raise error(f"cannot read: {exc.strerror or exc}", path) from None
 
 
+# The largest text file a command reads whole (--from-file, --templates): about 100,000 paths.
+# /dev/zero or a huge file given by mistake ends with one line instead of exhausting memory.
+# (Here rather than in config.py, which imports this module.)
+MAX_TEXT_BYTES = 16 * 1024 * 1024
+
+
+def read_text(
+    path: str | Path, what: str, limit: int | None = None, error: type[ClipstyleError] = ClipstyleError
+) -> str:
+    """A small UTF-8 text file given by a user (a list of inputs, templates), read whole but never more
+    than ``limit`` bytes (default MAX_TEXT_BYTES): anything larger, /dev/zero included, is refused."""
+    limit = MAX_TEXT_BYTES if limit is None else limit
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what}: {exc.strerror or exc}", path) from None
+    return decode_text(data, path, what, limit, error)
+
+
+def decode_text(data: bytes | str, path, what: str, limit: int, error: type[ClipstyleError] = ClipstyleError) -> str:
+    """``data`` read from ``path`` (at most ``limit`` + 1 bytes) as text, or one line saying why not."""
+    if len(data) > limit:
+        raise error(f"cannot read {what}: larger than {limit // (1024 * 1024)} MiB", path)
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"cannot read {what}: not UTF-8 text", path) from None
+
+
 # How allocation failures read where they are not a MemoryError or torch's OutOfMemoryError:
 # CUDA and MPS ("... out of memory"), torch's CPU allocator ("[enforce fail at alloc_cpu.cpp]
 # DefaultCPUAllocator: can't allocate memory"), cuBLAS and cuDNN ("CUBLAS_STATUS_ALLOC_FAILED"),

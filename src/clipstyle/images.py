@@ -353,6 +353,20 @@ def png_metadata(values: dict) -> object:
 _TMP_COUNTER = itertools.count()
 
 
+def temporary_name(path: Path) -> Path:
+    """Where :func:`write_atomic` writes ``path`` first: hidden, unique per process and call."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{next(_TMP_COUNTER)}.tmp")
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.\d+-\d+\.tmp", re.DOTALL)
+
+
+def temporary_of(name: str) -> str | None:
+    """The file name a :func:`temporary_name` was made for (None for any other name)."""
+    match = _TEMPORARY.fullmatch(name)
+    return match.group(1) if match else None
+
+
 def write_atomic(path: str | Path, write, overwrite: bool = False) -> None:
     """Write a file through ``write(file_object)`` into a temporary file beside
     ``path``, then move it into place. An interrupted or failed write leaves no
@@ -367,8 +381,7 @@ def write_atomic(path: str | Path, write, overwrite: bool = False) -> None:
             raise OutputError("exists (use --overwrite to replace it)", path)
     except OSError as exc:  # e.g. a name too long for the file system
         raise OutputError(f"cannot write: {exc.strerror or exc}", path) from None
-    # Hidden, and unique per process and call, so parallel writers never share one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_TMP_COUNTER)}.tmp")
+    tmp = temporary_name(path)  # unique per process and call, so parallel writers never share one
     try:
         with open(tmp, "wb") as fh:
             write(fh)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
-from clipstyle.errors import ClipstyleError
+from clipstyle.errors import ClipstyleError, read_text
 
 # Letters that draw nothing (Hangul fillers, the blank Braille pattern); with spaces,
 # format characters (U+200B zero-width space, U+FEFF, U+2060...), controls and lone
@@ -22,6 +22,21 @@ _BLANK_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "
 def is_blank(prompt: str) -> bool:
     """Whether ``prompt`` has no visible character (empty, spaces, zero-width characters)."""
     return all(c.isspace() or c in _BLANK_LETTERS or unicodedata.category(c) in _BLANK_CATEGORIES for c in prompt)
+
+
+def split_weight(text: str) -> tuple[str, float | None]:
+    """``"starry night:0.7"`` -> ``("starry night", 0.7)``: a blended target's weight (``--blend``).
+
+    Only a last ``:`` followed by a plain decimal number (``0.7``, ``2``, ``.5``) is
+    a weight; no such ending gives weight None. ``\\:`` is a literal colon that never
+    separates a weight (``"ratio 16\\:9"`` is the text ``ratio 16:9``). Anything
+    else, ``|`` included, is the text itself.
+    """
+    import re
+
+    match = re.fullmatch(r"(.*?)(?<!\\):([0-9]*\.?[0-9]+)", text, flags=re.DOTALL)
+    body, weight = (match.group(1), float(match.group(2))) if match else (text, None)
+    return body.replace("\\:", ":"), weight
 
 
 IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -114,10 +129,7 @@ def load_templates(path: str | Path) -> tuple[str, ...]:
 
     Blank lines and lines starting with ``#`` are ignored.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClipstyleError(f"cannot read templates: {exc.strerror or exc}", path) from None
+    text = read_text(path, "templates")
     lines = [ln.strip() for ln in text.splitlines()]
     templates = tuple(ln for ln in lines if ln and not ln.startswith("#"))
     if not templates:

@@ -17,6 +17,7 @@ from clipstyle.cli.common import (
     encoding_from_options,
     end_of_run,
     max_pixels_option,
+    output_path,
     stop_on_sigterm,
     video_options,
 )
@@ -108,7 +109,8 @@ def _events(quiet: bool):
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
+    callback=output_path,
     default=None,
     help="Output .png file (one image), video file (one film: .mp4, .mov, .mkv) or folder. "
     "[default: current folder, named <image>-<style>.png or <film>-<style>.mp4, styles joined by '+']",

@@ -16,7 +16,8 @@ def check_executor(
     ray_cpus: int | None,
     device: str = "auto",
 ) -> None:
-    """Refuse, before anything is written, options that do not go together; and a missing Ray."""
+    """Refuse, before anything is written, options that do not go together, a missing Ray, and a
+    cluster address that cannot be joined (the cluster is joined here)."""
     import click
 
     if executor != "ray":
@@ -44,10 +45,12 @@ def check_executor(
         )
     import os
 
-    from clipstyle.jobs.ray_executor import check_address, import_ray
+    from clipstyle.jobs.ray_executor import connect, import_ray
 
-    import_ray()
-    check_address(ray_address or os.environ.get("RAY_ADDRESS"))
+    ray = import_ray()
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if address:  # joined now, so that a cluster that is not there fails before any folder is made
+        connect(ray, address)
 
 
 class Overall(Events):

@@ -73,6 +73,23 @@ def one_line(text: str) -> str:
     )
 
 
+def output_path(_ctx, _param, value: str | None) -> Path | None:
+    """``-o``'s callback: the path as a Path. A trailing slash says "folder", which a Path forgets
+    (``x.png/`` would become the file ``x.png``): a name ending in a slash that is named like an
+    image and is not an existing folder is refused, so that the slash never silently means a file."""
+    from clipstyle.images import IMAGE_EXTENSIONS
+
+    if value is None:
+        return None
+    path = Path(value)
+    if value.endswith(("/", os.sep)) and path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir():
+        raise UserError(
+            f"{value}: ends in a slash (a folder) but is named like an image file: give {path} for one "
+            "file, or a folder name without an image suffix"
+        )
+    return path
+
+
 def echo_outcome(record: dict, quiet: bool, wrote: str) -> None:
     """The line for a finished file, on stderr: ``wrote`` or the skip (unless quiet), or the error."""
     if record["status"] == "ok":

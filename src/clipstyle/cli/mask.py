@@ -9,14 +9,17 @@ from pathlib import Path
 import click
 
 from clipstyle.cli.common import (
+    Number,
     UserError,
     debug_option,
     device_option,
     echo_outcome,
+    echo_warning,
     max_pixels_option,
+    output_path,
     stop_on_sigterm,
 )
-from clipstyle.config import FEATHER
+from clipstyle.config import FEATHER, MAX_FEATHER
 
 
 def make_region(mask, where, invert, feather, preserve_colour):
@@ -66,8 +69,12 @@ def load_where_clip(region, clip_model, clip_pretrained, clip_weights, device):
     if region is None or region.where is None:
         return None
     from clipstyle.models.loading import load_clip
+    from clipstyle.regions.where import phrase_warnings
 
-    return load_clip(clip_model, clip_pretrained, clip_weights, device)
+    clip = load_clip(clip_model, clip_pretrained, clip_weights, device)
+    for warning in phrase_warnings(clip, region.where):
+        echo_warning(None, warning)
+    return clip
 
 
 def region_options(with_clip: bool = False):
@@ -96,7 +103,7 @@ def region_options(with_clip: bool = False):
             click.option("--invert-mask", is_flag=True, help="Flip the mask (of --mask, --where, or both)."),
             click.option(
                 "--feather",
-                type=click.FloatRange(0),
+                type=Number(0, MAX_FEATHER),
                 default=FEATHER,
                 show_default=True,
                 metavar="PX",
@@ -131,7 +138,8 @@ def region_options(with_clip: bool = False):
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
+    callback=output_path,
     default=None,
     help="Output .png file (one image) or folder. [default: current folder, named <image>-mask-<text>.png]",
 )
@@ -142,6 +150,13 @@ def region_options(with_clip: bool = False):
 @max_pixels_option()
 @click.option("-q", "--quiet", is_flag=True, help="Errors and warnings only.")
 @clip_options
+@click.option(
+    "--vgg-weights",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    expose_value=False,
+    help="Accepted and ignored (mask uses no VGG), so scripts can pass run's weight options as they are.",
+)
 @debug_option
 @stop_on_sigterm
 def mask(
@@ -160,6 +175,9 @@ def mask(
 ):
     """Write the mask that --where TEXT makes for each of IMAGES, as an 8-bit greyscale PNG at the
     image's own size (white: TEXT), to look at, touch up in any editor and pass back with --mask.
+    A phrase that selects nothing still writes its mask (black; white with --invert-mask) and warns.
+    An existing output is skipped only when it is this same mask; any other file there is an error
+    unless --overwrite.
 
     \b
       clipstyle mask --where "the sky" photo.jpg -o sky.png
@@ -188,6 +206,9 @@ def mask(
     class Outcomes(Events):
         def finished(self, job, record):
             echo_outcome(record, quiet, f"wrote {record['output']}")
+
+        def note(self, job, message):
+            echo_warning(job.input.path if job is not None else None, message)
 
     summary = write_masks(
         jobs, region, clip, Report(None), overwrite=overwrite, max_pixels=max_pixels, events=Outcomes()

@@ -19,13 +19,31 @@ from clipstyle.cli.common import (
     library_warnings,
     max_pixels_option,
     model_options,
+    output_path,
     stop_on_sigterm,
     video_options,
 )
 from clipstyle.cli.mask import region_options
-from clipstyle.config import AUTO_BATCH_MAX, PRECISIONS, PRESETS, TRAIN_FRAMES, Settings
+from clipstyle.config import AUTO_BATCH_MAX, AVOID_WEIGHT, PRECISIONS, PRESETS, TRAIN_FRAMES, Settings
 
 D = Settings()  # every default below is read from config (Settings and its constants): written once
+
+
+def time_left(seconds: float) -> str:
+    """A duration as a person reads it: 40 s, 12 min, 2 h 05 min."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def overall(done: int, total: int, batch: int, pair_seconds: list[float]) -> str:
+    """The whole run's part of the progress line: ``[4/40, 1 h 12 min left in all]``, the time from
+    the pairs computed so far (a batch of pairs takes about one pair's time); none before the first."""
+    if not pair_seconds:
+        return f"[{done + 1}/{total}]"
+    left = sum(pair_seconds) / len(pair_seconds) * (total - done) / max(1, batch)
+    return f"[{done + 1}/{total}, {time_left(left)} left in all]"
 
 
 def _progress(quiet: bool, steps: int, per_step: bool = True):
@@ -35,6 +53,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     class Progress(Events):
         def __init__(self):
             self.bar = None
+            self.pair_seconds: list[float] = []  # of the pairs computed so far (not skipped ones)
+            self.postfix: dict[str, str] = {}  # the losses last read, the latest snapshot
 
         def started(self, pairs, done, total):
             interrupts.check()  # a signal that a library swallowed
@@ -47,7 +67,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             names += "" if len(pairs) <= 2 else f" (+{len(pairs) - 2})"
             self.bar = tqdm(
                 total=steps,
-                desc=f"[{done + 1}/{total}] {names}",
+                desc=f"{overall(done, total, len(pairs), self.pair_seconds)} {names}",
                 unit="step",
                 leave=False,
                 file=sys.stderr,
@@ -63,7 +83,13 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
                 return
             self.bar.update(1)
             if info.losses:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()}, refresh=False)
+                self.postfix.update({k: f"{v:.4g}" for k, v in info.losses.items()})
+                self.bar.set_postfix(self.postfix, refresh=False)
+
+        def snapshot(self, pair, path):
+            if self.bar is not None:  # the latest one named on the progress line, to open while it runs
+                self.postfix["snapshot"] = str(path)
+                self.bar.set_postfix(self.postfix)
 
         def _frames(self, pair, info):
             if quiet:
@@ -86,12 +112,15 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 
         def finished(self, pair, record):
             self.close()  # the outcome on a line of its own, never after the bar's
+            if record["status"] == "ok" and record.get("seconds_total"):
+                self.pair_seconds.append(record["seconds_total"])
             echo_outcome(record, quiet, f"wrote {record['output']} ({record.get('seconds_total') or 0:.1f} s)")
 
         def note(self, pair, message):
             echo_warning(pair.input.path if pair is not None else None, message)
 
         def close(self):
+            self.postfix = {}
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -110,9 +139,38 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     help="Style prompt; repeat for several (each image is restyled with each prompt).",
 )
 @click.option(
+    "--style-image",
+    "style_images",
+    multiple=True,
+    metavar="FILE",
+    help="A painting or picture whose style to take; repeatable. Each is one more output per image, "
+    "like a prompt (with --blend, part of the one blended target).",
+)
+@click.option(
+    "--blend",
+    is_flag=True,
+    help="Train one network per image towards all prompts and style images together, weighted: "
+    '\'-p "starry night:0.7" -p "watercolor:0.3"\' (no weight: 1; write \\: for a colon before a number).',
+)
+@click.option(
+    "--avoid",
+    multiple=True,
+    metavar="TEXT",
+    help='Push the style away from what TEXT names; repeatable. E.g. --avoid "written text, letters, watermark" '
+    "against the words CLIP paints in.",
+)
+@click.option(
+    "--avoid-weight",
+    type=Number(0),
+    default=AVOID_WEIGHT,
+    show_default=True,
+    help="Weight of --avoid against the style's own directional loss (under 1 the style always leads).",
+)
+@click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
+    callback=output_path,
     default=None,
     help="Output .png file (one image, one prompt), video file (one film: .mp4, .mov, .mkv) or folder. "
     "[default: current folder, named <image>-<prompt>.png or <film>-<prompt>.mp4]",
@@ -239,7 +297,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     default=None,
     metavar="LIST",
     help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process per device over a "
-    "shared queue, each loading the models once. Overrides --device.",
+    "shared queue, each loading the models once and using its share of the CPU threads. Overrides --device.",
 )
 @click.option(
     "--executor",
@@ -270,7 +328,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     type=click.IntRange(1),
     default=None,
     metavar="N",
-    help="CPUs (threads) of each Ray worker on a cluster without GPUs. [default: 1]",
+    help="CPUs of each Ray worker on a cluster without GPUs; it uses as many torch threads, so its "
+    "outputs equal a local run's with OMP_NUM_THREADS=N. [default: 1]",
 )
 @click.option(
     "--shard",
@@ -352,6 +411,10 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 def run(
     images,
     prompts,
+    style_images,
+    blend,
+    avoid,
+    avoid_weight,
     output,
     recursive,
     from_file,
@@ -401,7 +464,7 @@ def run(
     quiet,
     region,
 ):
-    """Restyle IMAGES and films (files, folders or globs) after each --prompt.
+    """Restyle IMAGES and films (files, folders or globs) after each --prompt and --style-image.
 
     A film (.mp4, .mov, .mkv, .webm, .avi; pip install 'clipstyle[video]') trains
     one style on --train-frames frames spread over it, then every frame is
@@ -412,6 +475,8 @@ def run(
       clipstyle run -p "ink wash painting" -p "mosaic" photos/ -o styled/ --report runs.jsonl
       clipstyle run -p "ink wash painting" holiday.mp4 -o holiday-ink.mp4 --save-style ink.style
       clipstyle run -p "ink wash painting" --train-on frames/ --save-style ink.style
+      clipstyle run --blend -p "starry night:0.7" --style-image monet.jpg:0.3 photo.jpg
+      clipstyle run -p "pop art" photo.jpg --avoid "written text, letters, watermark"
 
     Outputs made with the same settings are skipped, others refused, unless
     --overwrite; a file that fails is reported and the run goes on. Exit code 0 when every pair is ok or
@@ -422,13 +487,15 @@ def run(
     from clipstyle.config import settings_for
     from clipstyle.jobs.batch import Summary
     from clipstyle.jobs.pairs import parse_shard
-    from clipstyle.jobs.plan import Executor, ModelSpec, check_prompts, execute, plan_run
+    from clipstyle.jobs.plan import Executor, ModelSpec, execute, plan_run
     from clipstyle.jobs.report import Report
     from clipstyle.jobs.run import RunOptions
     from clipstyle.prompts import choose_templates
 
-    if not prompts:
-        raise click.UsageError("at least one --prompt is needed")
+    if not prompts and not style_images:
+        raise click.UsageError("at least one --prompt or --style-image is needed")
+    if blend and len(prompts) + len(style_images) < 2:
+        raise click.UsageError("--blend needs at least two targets (--prompt or --style-image)")
     if train_on and (images or from_file is not None):
         raise click.UsageError(
             "--train-on trains a style only: leave out the images, and restyle them afterwards with "
@@ -436,7 +503,6 @@ def run(
         )
     if not images and from_file is None and not train_on:
         raise click.UsageError("no input images (give files, folders or globs, or --from-file)")
-    check_prompts(list(prompts))
     # every option is checked before anything is read, loaded or written
     settings = settings_for(
         preset,
@@ -471,6 +537,7 @@ def run(
         train_frames=train_frames,
         encoding=encoding_from_options(codec, crf, video_preset),
     )
+    prompts, targets = _targets(prompts, style_images, blend, max_pixels)
     shard_kn = parse_shard(shard) if shard else None
     check_executor(executor, devices, ray_address, ray_workers, ray_cpus, device)
     device_names = _device_list(devices, "--devices") if devices is not None else None
@@ -498,6 +565,9 @@ def run(
         report=report,
         videos=True,
         train_on=list(train_on) or None,
+        targets=targets,
+        avoid=tuple(avoid),
+        avoid_weight=avoid_weight,
     )
     report_file = Report(report, warn=lambda message: echo_warning(report, message))
     if executor == "ray":
@@ -518,6 +588,29 @@ def run(
             report_file.close()
     note = f"--batch auto: {summary.batch} pairs per batch" if batch == "auto" and summary.batch else None
     end_of_run(summary, time.perf_counter() - start, quiet, interrupted, report_file.lost, note)
+
+
+def _targets(prompts, style_images, blend: bool, max_pixels: int):
+    """The jobs' targets: (plain prompts, Targets). Without --blend every prompt and every style
+    image is a job of its own; with it, all of them are one job, each with its ``:weight``
+    (prompts first, then style images). Style images are read (and checked) here, before
+    anything is written; --avoid joins every job in plan_run."""
+    from clipstyle.jobs.plan import check_prompts
+    from clipstyle.method.targets import StyleImage, Target, Targets
+    from clipstyle.prompts import split_weight
+
+    if not blend:
+        check_prompts(list(prompts))
+        return list(prompts), [Targets((Target(image=StyleImage.open(f, max_pixels)),)) for f in style_images]
+    parts = []
+    for text in prompts:
+        body, weight = split_weight(text)
+        check_prompts([body])
+        parts.append(Target(body, weight=1.0 if weight is None else weight))
+    for name in style_images:
+        path, weight = split_weight(name)
+        parts.append(Target(image=StyleImage.open(path, max_pixels), weight=1.0 if weight is None else weight))
+    return [], [Targets(tuple(parts))]
 
 
 def _device_list(devices: str, option: str) -> list[str]:

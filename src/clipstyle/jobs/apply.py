@@ -16,7 +16,7 @@ import torch
 
 from clipstyle import images as io
 from clipstyle.config import MAX_PIXELS, TILE_OVERLAP
-from clipstyle.device import release_cached_memory
+from clipstyle.device import compute_info, release_cached_memory
 from clipstyle.errors import ClipstyleError
 from clipstyle.jobs.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.jobs.film import FrameProgress, film_fields, restyle_film
@@ -84,8 +84,11 @@ def _suffix(inp: InputFile) -> str:
     return ".mp4" if is_video(inp.path) else ".png"
 
 
-def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, size, identity: dict) -> dict:
-    """The PNG's text chunks: what made it, and ``identity`` (what determines it, see _RenderFiles.identity)."""
+def _output_metadata(
+    job: ApplyJob, styles: Sequence[Style], options: ApplyOptions, size, identity: dict, compute: dict
+) -> dict:
+    """The PNG's text chunks: what made it, where (``compute``: device.compute_info), and ``identity``
+    (what determines it, see _RenderFiles.identity)."""
     fields = {
         "input": job.input.name,
         "styles": [{"file": s.path.name, "prompt": s.metadata.get("prompt")} for s in styles],
@@ -95,6 +98,7 @@ def _output_metadata(job: ApplyJob, styles: Sequence[Style], options: ApplyOptio
         "tile": options.tile,
         "overlap": options.overlap,
         "tile_stats": options.tile_stats,
+        "compute": compute,
         **identity,
         **({"region": options.region.record()} if options.region is not None else {}),
     }
@@ -190,9 +194,10 @@ class _RenderFiles(Work):
                 callback=lambda d, t: events.progress(job, TileProgress(d, t)),
             )
             y = masks.finish(y, x, options.region, mask)
-            meta = _output_metadata(job, self.styles, options, size, self.identity(job, job.output))
+            compute = compute_info(self.device)
+            meta = _output_metadata(job, self.styles, options, size, self.identity(job, job.output), compute)
             io.save_png(y, job.output, meta, overwrite=self.overwrite)
-            record.update(size=list(size))
+            record.update(size=list(size), compute=compute)
         except ClipstyleError as exc:
             record.update(status="failed", error=job_error(job, exc))
         record["seconds"] = round(time.perf_counter() - t0, 4)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipstyle.errors import ClipstyleError, format_error, is_out_of_memory
-from clipstyle.jobs.claims import claim
+from clipstyle.jobs.claims import Claim, Leftovers, LockError, claim
+from clipstyle.jobs.inputs import make_folders, remove_if_empty
 from clipstyle.jobs.resume import mismatch
 
 
@@ -59,6 +60,9 @@ class Events:
 
     def note(self, job, message: str) -> None:
         """A warning about a job (or about the run, when ``job`` is None)."""
+
+    def snapshot(self, job, path: Path) -> None:
+        """An intermediate image of ``job`` was written to ``path`` (run --save-every)."""
 
 
 class Work:
@@ -151,31 +155,92 @@ def job_error(job, exc: ClipstyleError) -> str:
     return str(exc) if exc.path else f"{job.input.path}: {exc.reason}"
 
 
+def claim_job(work: Work, job, leftovers: Leftovers, folders: list[Path] | None = None) -> Claim | tuple[str, str]:
+    """Claim ``job`` before computing it (claims.py): its Claim, to release once its outputs are
+    written; else its record's (status, why): done or refused by what is there (:meth:`Work.existing`),
+    made by another run now (skipped), an output folder that cannot be made, or a lock path that is
+    not a lock file (failed). ``leftovers``: the run's claims.Leftovers (temporary files killed
+    writers left). The output's folder is made here, not when planning (a run that fails first
+    leaves none); ``folders`` collects those made, for the run to remove if it writes nothing."""
+    verdict = work.existing(job)
+    if verdict is not None:
+        if verdict[0] == "skipped":
+            tidy(work, job, leftovers)
+        return verdict
+    try:
+        made = make_folders(job.output.parent)
+    except OSError as exc:
+        return "failed", f"{job.output.parent}: cannot create the output folder: {exc.strerror or exc}"
+    if folders is not None:
+        folders += made
+    try:
+        held = claim(job.output, also=_others(work, job), leftovers=leftovers)
+    except LockError as exc:
+        return "failed", str(exc)
+    if isinstance(held, str):
+        return "skipped", f"{job.output}: another run is making it ({held})"
+    verdict = work.existing(job)  # that run may have finished it while we looked
+    if verdict is not None:
+        held.release()
+        return verdict
+    return held
+
+
+def _others(work: Work, job) -> tuple:
+    return tuple(p for p in work.outputs(job) if p != job.output)
+
+
+def tidy(work: Work, job, leftovers: Leftovers) -> None:
+    """Remove the temporary files beside a done job's outputs (a writer killed after moving its file
+    into place, before removing the temporary name), under the job's claim: never while another run
+    holds it (it may be replacing them with --overwrite)."""
+    if not any(leftovers.of(path) for path in work.outputs(job)):
+        return
+    try:
+        held = claim(job.output, also=_others(work, job), leftovers=leftovers)
+    except LockError:
+        return
+    if isinstance(held, Claim):
+        held.release()
+
+
 def not_done(jobs: list, work: Work, finish) -> list:
     """The jobs still to process. Each job already done, or refused by what is there
     (:meth:`Work.existing`), is passed to ``finish(job, record)`` instead."""
-    todo = []
+    todo, leftovers = [], Leftovers()
     for job in jobs:
         verdict = work.existing(job)
         if verdict is None:
             todo.append(job)
         else:
+            if verdict[0] == "skipped":
+                tidy(work, job, leftovers)
             finish(job, work.record(job, *verdict))
     return todo
 
 
-def run_jobs(jobs: list, work: Work, report, events: Events | None = None, summary: Summary | None = None) -> Summary:
+def run_jobs(
+    jobs: list,
+    work: Work,
+    report,
+    events: Events | None = None,
+    summary: Summary | None = None,
+    claiming: bool = True,
+) -> Summary:
     """Process every job, skipping what is done and isolating failures. ``report``: a report.Report.
 
     ``summary``: filled in as jobs end (give one to read the counts after an interruption).
+    ``claiming``: claim each job before computing it (False where another process owns the output
+    files and claims them itself: a Ray worker, whose driver writes what it returns).
     """
     events = events or Events()
-    runner = _Loop(work, report, events, total=len(jobs), summary=summary)
+    runner = _Loop(work, report, events, total=len(jobs), summary=summary, claiming=claiming)
     try:
         _each_job(jobs, work, events, runner)
     finally:
         for held in runner.claims.values():  # interrupted: nothing stays claimed
             held.release()
+        remove_if_empty(runner.folders)  # a run that wrote nothing leaves no new folder behind
     runner.summary.seconds = time.perf_counter() - runner.start
     return runner.summary
 
@@ -213,25 +278,25 @@ def _each_job(jobs: list, work: Work, events: Events, runner: _Loop) -> None:
 class _Loop:
     """The bookkeeping of one run_jobs call: the summary, the report and the events."""
 
-    def __init__(self, work: Work, report, events: Events, total: int, summary: Summary | None = None):
+    def __init__(
+        self, work: Work, report, events: Events, total: int, summary: Summary | None = None, claiming: bool = True
+    ):
         self.work, self.events, self.total = work, events, total
         self.outcomes = Outcomes(report, events, summary)
         self.summary = self.outcomes.summary
         self.start = time.perf_counter()
         self.claims: dict[int, object] = {}  # id(job) -> its claims.Claim, while it runs
+        self.folders: list[Path] = []  # output folders this run made (for its claims and files)
+        self.claiming = claiming
+        self.leftovers = Leftovers()  # temporary files killed writers left, listed once per folder
 
     def claim(self, job) -> tuple[str, str] | None:
         """None when ``job`` is to be processed (it is then claimed); else its record's (status, why)."""
-        verdict = self.work.existing(job)
-        if verdict is not None:
-            return verdict
-        held = claim(job.output)
-        if isinstance(held, str):
-            return "skipped", f"{job.output}: another run is making it ({held})"
-        verdict = self.work.existing(job)  # that run may have finished it while we looked
-        if verdict is not None:
-            held.release()
-            return verdict
+        if not self.claiming:
+            return self.work.existing(job)
+        held = claim_job(self.work, job, self.leftovers, self.folders)
+        if isinstance(held, tuple):
+            return held
         self.claims[id(job)] = held
         return None
 

@@ -3,7 +3,8 @@
 Each worker loads the models once on its device and takes batches of pairs
 from the queue until it is empty, so a fast device simply takes more work. The
 parent process owns the report and everything the user sees. Results do not
-depend on which worker ran a pair: every pair carries its own seed.
+depend on which worker ran a pair: every pair carries its own seed, and every
+worker uses the same number of CPU threads (:func:`worker_threads`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def _stop_with(parent: int) -> None:
         raise SystemExit(1)
 
 
+def worker_threads(workers: int) -> int:
+    """torch's CPU threads in each of ``workers`` workers: this process's share of its own threads
+    (one per physical core by default, or OMP_NUM_THREADS), so that the workers do not oversubscribe
+    the cores, at least 1. A local run with that many threads makes the same bytes."""
+    return max(1, torch.get_num_threads() // max(1, workers))
+
+
 def _worker(
     index: int,
     device: str,
@@ -82,9 +90,12 @@ def _worker(
     results,
     parent: int,
     models_info: dict | None = None,
+    threads: int | None = None,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     _stop_with(parent)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         card = torch.device(device)
         if card.type == "cuda" and card.index is not None:
@@ -136,10 +147,11 @@ def run_on_devices(
             tasks.put(todo[i : i + size])
         for _ in devices:
             tasks.put(None)
+        threads = worker_threads(len(devices))
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(i, d, loader, settings, options, tasks, results, os.getpid(), models_info),
+                args=(i, d, loader, settings, options, tasks, results, os.getpid(), models_info, threads),
                 daemon=True,
             )
             for i, d in enumerate(devices)

@@ -14,7 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from clipstyle.errors import ClipstyleError, OutputError
+from clipstyle import errors
+from clipstyle.errors import ClipstyleError, OutputError, decode_text, read_text
 from clipstyle.images import IMAGE_EXTENSIONS
 from clipstyle.jobs.globs import expand_glob
 from clipstyle.video import OUTPUT_FORMATS, VIDEO_EXTENSIONS, is_video
@@ -52,14 +53,10 @@ def collect_inputs(
     listed = list(items)
     if from_file is not None:
         if from_file == "-":
-            text = stdin.read() if stdin is not None else ""
+            limit = errors.MAX_TEXT_BYTES
+            text = decode_text(stdin.read(limit + 1) if stdin is not None else "", "-", "the list of inputs", limit)
         else:
-            try:
-                text = Path(from_file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ClipstyleError(
-                    f"cannot read the list of inputs: {getattr(exc, 'strerror', None) or exc}", from_file
-                ) from None
+            text = read_text(from_file, "the list of inputs")
         listed += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     found: list[InputFile] = []
     seen: set[str] = set()
@@ -200,7 +197,8 @@ def check_outputs(jobs, report: Path | None = None) -> None:
     cannot be written, and a ``report`` file that is an input or an output.
 
     ``jobs``: anything with ``.input`` (an InputFile) and ``.output`` (a Path), and
-    optionally ``.style`` (a second output). Creates the output folders.
+    optionally ``.style`` (a second output). Creates nothing: a missing output folder is
+    made when its first file is written (batch.run_jobs), and removed again if left empty.
     """
     inputs = {_key(j.input.path) for j in jobs}
     outputs: set[str] = set()
@@ -221,12 +219,50 @@ def check_outputs(jobs, report: Path | None = None) -> None:
         if parent in checked:
             continue
         checked.add(parent)
+        check_folder_writable(parent, "output folder")
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (the one a new folder would be made in)."""
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_folder_writable(folder: Path, what: str) -> None:
+    """``folder`` can be written into, or made where it is missing; checked, nothing created."""
+    there = nearest_existing(folder)
+    if not there.is_dir():
+        raise OutputError(f"cannot create the {what}: {there.name} is not a folder", folder)
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} is not writable", folder)
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; the ones made, outermost first (raises OSError)."""
+    missing = []
+    probe = Path(folder)
+    while not os.path.lexists(probe) and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    made = []
+    for path in reversed(missing):
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create the output folder: {exc.strerror}", parent) from None
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError("output folder is not writable", parent)
+            path.mkdir()
+        except FileExistsError:  # another run made it meanwhile: theirs
+            continue
+        made.append(path)
+    return made
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (as make_folders returned them) that are empty, innermost first."""
+    for path in reversed(folders):
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or gone: left as it is
+            pass
 
 
 def _check_report(report: Path, jobs, inputs: set[str], outputs: set[str]) -> None:

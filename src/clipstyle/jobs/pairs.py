@@ -27,6 +27,20 @@ class RunJob:
     # --train-on: the images (and films) one network is trained over; the job's output is then
     # the style file alone. A film input (no train_on) trains on its own frames and renders itself.
     train_on: tuple[InputFile, ...] | None = None
+    # What the network is trained towards when it is more than ``prompt`` alone: a
+    # clipstyle.method.targets.Targets (style images, a blend, phrases to avoid); ``prompt`` is then its label.
+    target: object | None = None
+
+    def targets(self):
+        """The pair's Targets: ``target``, or the prompt alone."""
+        from clipstyle.method.targets import Targets
+
+        return self.target if self.target is not None else Targets.of(self.prompt)
+
+    def target_record(self) -> dict | None:
+        """What outputs record about the target beyond the prompt (None for a plain prompt)."""
+        spec = self.targets()
+        return None if spec.plain else spec.record()
 
     @property
     def film(self) -> bool:

@@ -13,12 +13,13 @@ the finishing of a pair) lives in clipstyle.jobs.batch.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipstyle.config import CLIP_MODEL, CLIP_PRETRAINED, Settings
+from clipstyle.config import AVOID_WEIGHT, CLIP_MODEL, CLIP_PRETRAINED, Settings
 from clipstyle.errors import ClipstyleError
 from clipstyle.jobs.batch import Events, Summary
 from clipstyle.jobs.pairs import RunJob
@@ -149,6 +150,9 @@ def plan_run(
     report: Path | None = None,
     videos: bool = False,
     train_on: list[str] | None = None,
+    targets: list = (),
+    avoid: tuple[str, ...] = (),
+    avoid_weight: float = AVOID_WEIGHT,
 ) -> RunPlan:
     """Plan a run of every image of ``sources`` (files, folders, globs; ``from_file``: a list of
     paths, '-' for ``stdin``) with every prompt. Raises ClipstyleError, naming the file, for the
@@ -156,11 +160,16 @@ def plan_run(
     input image, outputs that clash with each other, with an input or with ``report``.
 
     ``videos``: folders give their films too, and a film trains its style on its own frames and
-    is rendered whole. ``train_on``: files, folders or globs of one set that one style per prompt
-    is trained over, saved to ``save_style`` (then ``sources`` must be empty)."""
+    is rendered whole. ``train_on``: files, folders or globs of one set that one style per target
+    is trained over, saved to ``save_style`` (then ``sources`` must be empty).
+    ``targets``: more jobs per image beside the prompts, each a clipstyle.method.targets.Targets
+    (a style image, or a blend of texts and style images with weights: one network each).
+    ``avoid``: phrases every job's patches are pushed away from, with ``avoid_weight``. Each
+    pair carries its full Targets (RunJob.target) wherever it runs."""
     from clipstyle.jobs.inputs import InputFile, check_outputs, collect_inputs
     from clipstyle.jobs.pairs import plan_pairs, plan_set
     from clipstyle.jobs.run import RunOptions
+    from clipstyle.method.targets import Targets
 
     settings = settings or Settings()
     options = options or RunOptions()
@@ -168,8 +177,20 @@ def plan_run(
     check_prompts(prompts)
     if options.batch == "auto" and executor.kind != "local":  # chosen where the models load, per device
         raise ClipstyleError("--batch auto needs one device (--device); with --devices or Ray give a number")
+    specs = {}  # job label -> its Targets, for every job that is more than a prompt
+    for spec in [*(Targets.of(p) for p in dict.fromkeys(prompts)), *targets]:
+        spec = spec.with_avoid(avoid, avoid_weight) if avoid else spec
+        label = spec.label()
+        if label in specs and specs[label] != spec:
+            raise ClipstyleError(f"two targets are both named {label!r}; rename a file or reword a prompt")
+        specs[label] = spec
+    check_prompts([t for spec in specs.values() for t in spec.texts()])
     check_sizes(settings, options, executor)
-    prompts = list(dict.fromkeys(prompts))
+    if executor.kind == "ray":  # a cluster address nothing (or not Ray) answers at, before folders are made
+        from clipstyle.jobs.ray_executor import check_address
+
+        check_address(executor.ray_address or os.environ.get("RAY_ADDRESS"))
+    labels = list(specs)
     if train_on:
         if save_style is None:
             raise ClipstyleError("training on a set (--train-on) needs --save-style FILE.style for the style")
@@ -177,13 +198,15 @@ def plan_run(
         if not members:
             raise ClipstyleError("no images to train on found", train_on[0])
         name = InputFile(Path(train_on[0]), Path(train_on[0].rstrip("/\\")).name or "set")
-        pairs = plan_set(name, members, prompts, save_style, options.base_seed)
+        pairs = plan_set(name, members, labels, save_style, options.base_seed)
         inputs = members
     else:
         inputs = collect_inputs(list(sources), recursive=recursive, from_file=from_file, stdin=stdin, videos=videos)
         if not inputs:
             raise ClipstyleError("no input images found")
-        pairs = plan_pairs(inputs, prompts, output, options.base_seed, shard, save_style)
+        pairs = plan_pairs(inputs, labels, output, options.base_seed, shard, save_style)
+    for pair in pairs:
+        pair.target = None if specs[pair.prompt].plain else specs[pair.prompt]
     several = [p for p in pairs if p.film or p.train_on is not None]
     if several and executor.kind != "local":
         raise ClipstyleError("films and --train-on run on this machine's device (--device), not with --devices or Ray")

@@ -31,7 +31,8 @@ from pathlib import Path
 from clipstyle import __version__
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import open_image, png_bytes, write_atomic
-from clipstyle.jobs.batch import Events, Outcomes, Summary, not_done
+from clipstyle.jobs.batch import Events, Outcomes, Summary, claim_job, not_done
+from clipstyle.jobs.claims import Leftovers
 from clipstyle.jobs.pairs import RunJob
 from clipstyle.jobs.report import Report
 from clipstyle.jobs.run import Files, RunOptions, base_record, run_pairs, run_work
@@ -99,7 +100,8 @@ def stylize_batch(
     """An actor's work on one batch: runner.run_pairs on the bytes it was sent.
 
     Existing files are the driver's business, so the actor overwrites its
-    (in-memory) outputs; the driver applies ``--overwrite`` when it writes.
+    (in-memory) outputs and claims nothing; the driver claims each pair, applies
+    ``--overwrite`` when it writes, and releases the claim after writing.
     """
     returned = Returned()
     files = _Received(data)
@@ -112,6 +114,7 @@ def stylize_batch(
         _Collect(returned),
         models_info=models_info,
         files=files,
+        claiming=False,
     )
     returned.files = files.written
     return returned
@@ -140,13 +143,18 @@ class Worker:
     """One Ray actor: models loaded once, then batch after batch (wrapped by ray.remote when used).
 
     ``job(models, batch, data, settings, options) -> Returned`` is stylize_batch,
-    or a stand-in in tests and benchmarks.
+    or a stand-in in tests and benchmarks. ``threads``: torch's CPU threads in this
+    actor (the CPUs Ray gives it), whatever the node's core count.
     """
 
-    def __init__(self, loader, device: str, settings, options: RunOptions, job=None):
+    def __init__(self, loader, device: str, settings, options: RunOptions, job=None, threads: int | None = None):
         self.settings, self.options, self.job = settings, options, job or stylize_batch
         self.models, self.fatal = None, None
         try:
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
             self.models = loader(device=device)
         except BaseException as exc:  # noqa: BLE001 - reported to the driver as one line
             self.fatal = _one_line(exc)
@@ -187,8 +195,16 @@ def default_workers(resources: dict, cpus_per_worker: int) -> tuple[int, bool]:
     return max(1, int(resources.get("CPU", 1)) // max(1, cpus_per_worker)), False
 
 
-def check_address(address: str | None, timeout: float = 10.0) -> None:
-    """Refuse a cluster address nothing answers at: Ray itself retries for minutes."""
+# What a gRPC server (Ray's GCS, or a Ray Client server) answers at once: HTTP/2's client preface and an
+# empty SETTINGS frame are met by a SETTINGS frame (9-byte header, type 4). Anything else is not a Ray cluster.
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_address(address: str | None, timeout: float | None = None) -> None:
+    """Refuse a cluster address nothing answers at, or something other than Ray answers at:
+    Ray itself retries for minutes (a port that accepts and never answers kept it waiting
+    over ten). ``timeout``: seconds for each of connecting and the first answer."""
     if not address or address in ("auto", "local"):
         return
     host, _, port = address.split("://", 1)[-1].rpartition(":")
@@ -196,8 +212,21 @@ def check_address(address: str | None, timeout: float = 10.0) -> None:
         return  # a form Ray may know and we do not: Ray judges
     import socket
 
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "", "false"):  # TLS: Ray judges
+                sock.sendall(HTTP2_HELLO)
+                head = b""
+                while len(head) < 9:
+                    chunk = sock.recv(9 - len(head))
+                    if not chunk:
+                        break
+                    head += chunk
+                if len(head) < 9 or head[3] != 4:
+                    raise ClipstyleError("something answers there, but not a Ray cluster", address)
+    except TimeoutError:
+        raise ClipstyleError(f"cannot reach the Ray cluster: no answer in {timeout:g} s", address) from None
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise ClipstyleError(f"cannot reach the Ray cluster: {reason}", address) from None
@@ -264,7 +293,7 @@ def run_with_ray(
             driver = _Driver(
                 ray, todo, len(pairs), loader, settings, options, events, finish, workers, cpus_per_worker, device, job
             )
-            driver.keeps = work.keeps  # outputs already there, made as asked: not written again
+            driver.work = work  # decides again, once a pair is claimed; keeps what is there, made as asked
             driver.run()
         finally:
             if started_here:
@@ -281,14 +310,17 @@ class _Driver:
     ):
         self.ray, self.total, self.settings, self.options = ray, total, settings, options
         self.events, self.finish = events, finish
-        self.keeps = lambda path: False  # run_with_ray sets it: which existing outputs to keep
+        self.work = None  # run_with_ray sets it: run's batch.Work, which claims and keeps outputs
+        self.claims: dict[str, object] = {}  # output -> its claims.Claim, from hand-out until written
+        self.leftovers = Leftovers()  # temporary files killed writers left, listed once per folder
         size = max(1, options.batch)
         self.queue = collections.deque(_Batch(todo[i : i + size]) for i in range(0, len(todo), size))
         count, gpu = default_workers(ray.cluster_resources(), cpus_per_worker)
         self.count = workers or count
         self.needs = {"num_gpus": 1 if gpu else 0, "num_cpus": 1 if gpu else cpus_per_worker}
         self.remote = ray.remote(Worker).options(**self.needs, max_restarts=0, max_task_retries=0)
-        self.args = (loader, device, settings, options, job)
+        # torch's threads in each actor: the CPUs it is given, as a local run on that many cores would use
+        self.args = (loader, device, settings, options, job, self.needs["num_cpus"])
         self.keys = itertools.count()
         self.actors: dict = {}  # actor key -> handle, the live ones
         self.order: dict = collections.defaultdict(list)  # actor key -> its batches in flight, oldest first
@@ -333,6 +365,9 @@ class _Driver:
             for handle in self.actors.values():
                 self.ray.kill(handle, no_restart=True)
             self.actors.clear()
+            for held in self.claims.values():  # interrupted: nothing stays claimed
+                held.release()
+            self.claims.clear()
         reason = "; ".join(dict.fromkeys(self.fatal)) or "no Ray worker left"
         for batch in self.queue:  # pairs no actor could take
             for pair in batch.pairs:
@@ -378,6 +413,8 @@ class _Driver:
                 data = {}
                 ready = []
                 for pair in batch.pairs:
+                    if not self._claim(pair):
+                        continue
                     content = self._read(pair)
                     if isinstance(content, ClipstyleError):
                         self._finish(pair, base_record(pair, self.settings, "failed", str(content)))
@@ -390,6 +427,19 @@ class _Driver:
                 self.events.started(ready, self.done, self.total)
                 self.inflight[handle.run.remote(ready, data)] = (key, batch)
                 self.order[key].append(batch)
+
+    def _claim(self, pair: RunJob) -> bool:
+        """Claim ``pair`` on this machine, as a local run does (held until its files are written, so
+        a local run on the same folder neither computes it too nor is skipped by a lock a worker
+        left); False when it ended here instead: done meanwhile, refused, or another run's."""
+        if str(pair.output) in self.claims:  # a batch back from a lost worker: still ours
+            return True
+        held = claim_job(self.work, pair, self.leftovers)
+        if isinstance(held, tuple):
+            self._finish(pair, self.work.record(pair, *held))
+            return False
+        self.claims[str(pair.output)] = held
+        return True
 
     def _read(self, pair: RunJob) -> bytes | ClipstyleError:
         """The input's bytes (the last one is kept: with several prompts it is read once)."""
@@ -443,7 +493,7 @@ class _Driver:
         """Write a pair's PNG, then its style file, as run_pairs does locally (outputs already
         there, made as asked, are kept)."""
         try:
-            if not self.keeps(pair.output):
+            if not self.work.keeps(pair.output):
                 self._write(record["output"], files[record["output"]], self.options.overwrite)
         except ClipstyleError as exc:
             record.pop("output_size", None)
@@ -454,7 +504,7 @@ class _Driver:
             data = files[record.pop("style")]
             style = pair.style
             try:
-                if not self.keeps(style):
+                if not self.work.keeps(style):
                     write_atomic(style, lambda fh: fh.write(data), overwrite=self.options.overwrite)
                 record["style"] = str(style)
             except ClipstyleError as exc:
@@ -511,5 +561,8 @@ class _Driver:
                 del self.pending_info[ref]
 
     def _finish(self, pair: RunJob, record: dict) -> None:
+        held = self.claims.pop(str(pair.output), None)
+        if held is not None:  # its files are written (or it failed): another run may look at it now
+            held.release()
         self.done += 1
         self.finish(pair, record)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from clipstyle.errors import ClipstyleError, OutputError
+from clipstyle.jobs.inputs import check_folder_writable
 
 
 class Report:
@@ -27,14 +29,7 @@ class Report:
         self._pending: list[bytes] = []
         self._warn, self._warned = warn, False
         if self.path is not None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"cannot open the report: {exc.strerror}", self.path) from None
-            target = self.path if self.path.exists() else self.path.parent
-            if self.path.is_dir() or not os.access(target, os.W_OK):
-                reason = "is a folder" if self.path.is_dir() else "permission denied"
-                raise OutputError(f"cannot open the report: {reason}", self.path)
+            check_report_file(self.path)
 
     def write(self, record: dict) -> None:
         if self.path is None:
@@ -47,7 +42,8 @@ class Report:
     def _flush(self) -> None:
         try:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # made with the first record, as the file
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
             while self._pending:
                 _append(self._fd, self._pending[0])
                 self._pending.pop(0)
@@ -74,6 +70,34 @@ class Report:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def check_report_file(path: Path) -> None:
+    """A --report path that can be appended to, checked without creating or opening anything: a new
+    file in a folder that can be made, a report (JSON lines) already there, or a device (such as
+    /dev/full). Refused: a folder, a pipe or socket (opening one blocks until a reader comes, and
+    a signal cannot stop that), and any other file, such as an image, that a JSON line would spoil."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        check_folder_writable(path.parent, "report's folder")
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot open the report: {exc.strerror or exc}", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError("cannot open the report: is a folder", path)
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        raise OutputError("cannot open the report: is a pipe or socket; give a regular file", path)
+    if not os.access(path, os.W_OK):
+        raise OutputError("cannot open the report: permission denied", path)
+    if stat.S_ISREG(st.st_mode) and st.st_size:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(64).lstrip()
+        except OSError as exc:
+            raise OutputError(f"cannot open the report: {exc.strerror or exc}", path) from None
+        if head and not head.startswith(b"{"):
+            raise OutputError("exists and is not a report (JSON lines); give another --report file", path)
 
 
 def _append(fd: int, data: bytes) -> None:

@@ -22,6 +22,10 @@ RESULT_NEUTRAL_SETTINGS = ("crop_batch", "log_every", "memory_format", "compile"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+# Values that records before a feature lack, and what such a record means: an output without a
+# "target" was made for its prompt alone (so a rerun with a style image, a blend or --avoid is not skipped).
+ABSENT_MEANS = {"target": None}
+
 
 def settings_identity(settings) -> dict:
     """The settings that determine a result, JSON-ready."""
@@ -67,13 +71,16 @@ def differences(record: dict, expected: dict) -> list[str]:
 
     A value the record lacks (written by an older clipstyle) is not compared,
     except a setting, which is compared with its default (a setting added later
-    behaves as its default did before).
+    behaves as its default did before), and a key of ABSENT_MEANS, compared with
+    what its absence means.
     """
     expected = json.loads(json.dumps(expected))  # tuples as lists, as in the record
     defaults = json.loads(json.dumps(settings_identity(Settings())))
     found = []
     for key, value in expected.items():
         if key not in record:
+            if key in ABSENT_MEANS and value != ABSENT_MEANS[key]:
+                found.append(key)
             continue
         if key == "settings" and isinstance(value, dict) and isinstance(record[key], dict):
             found += [name for name, v in value.items() if record[key].get(name, defaults.get(name)) != v]

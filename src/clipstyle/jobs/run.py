@@ -18,7 +18,7 @@ import torch
 
 from clipstyle import images as io
 from clipstyle.config import MAX_PIXELS, TRAIN_FRAMES
-from clipstyle.device import release_cached_memory
+from clipstyle.device import compute_info, release_cached_memory
 from clipstyle.errors import ClipstyleError, is_out_of_memory
 from clipstyle.jobs.batch import Events, Summary, Work, job_error, run_jobs
 from clipstyle.jobs.film import FrameProgress, film_fields, restyle_film, training_frames
@@ -29,6 +29,7 @@ from clipstyle.method.loop import stylize_many
 from clipstyle.method.text import check_prompt
 from clipstyle.provenance import file_sha256, stamp
 from clipstyle.regions.cache import Regions
+from clipstyle.regions.where import phrase_warnings
 from clipstyle.styles.rendering import render, target_size
 from clipstyle.styles.stylefile import save_style, style_metadata
 from clipstyle.video import Encoding, is_video
@@ -72,7 +73,7 @@ class RunOptions:
 
 
 def base_record(job: RunJob, settings, status: str, error: str | None = None) -> dict:
-    return {
+    record = {
         "input": str(job.input.path),
         "prompt": job.prompt,
         "output": str(job.output),
@@ -88,14 +89,25 @@ def base_record(job: RunJob, settings, status: str, error: str | None = None) ->
         "losses": None,
         "peak_memory_bytes": None,
         "rejected_fraction": None,
+        "compute": None,
     }
+    target = job.target_record()
+    if target is not None:  # style images, a blend, phrases to avoid: only then, so plain records stay as they were
+        record["target"] = target
+    return record
 
 
 def output_metadata(
-    job: RunJob, settings, models_info: dict, options: RunOptions, input_sha256: str | None = None
+    job: RunJob,
+    settings,
+    models_info: dict,
+    options: RunOptions,
+    input_sha256: str | None = None,
+    compute: dict | None = None,
 ) -> dict:
-    """What goes into the PNG's text chunks: enough to repeat the run (no timings, so
-    the same seed gives the same bytes), and to know on a rerun whether it is done (resume.py)."""
+    """What goes into the PNG's text chunks: enough to repeat the run (no timings, so the same
+    seed on the same ``compute`` - device.compute_info - gives the same bytes), and to know on a
+    rerun whether it is done (resume.py; ``compute`` is not compared: see docs/scale.md)."""
     return {
         "prompt": job.prompt,
         **stamp(
@@ -108,8 +120,10 @@ def output_metadata(
             strength=options.strength,
             output_size=options.output_size,
             settings=settings.to_dict(),
+            **({"compute": compute} if compute is not None else {}),
             models=models_info,
             **({"region": options.region.record()} if options.region is not None else {}),
+            **({"target": job.target_record()} if job.target_record() is not None else {}),
         ),
     }
 
@@ -162,6 +176,7 @@ class _StylizePairs(Work):
         self._last: tuple[str, _Content | ClipstyleError] | None = None  # one decoded image at a time
         self._regions: Regions | None = None
         self._batch_chosen = False
+        self._where_checked = False  # --where's phrase checked (once, with the run's CLIP)
 
     def start(self) -> None:
         if callable(self._models):
@@ -194,6 +209,7 @@ class _StylizePairs(Work):
             "settings": settings_identity(self.settings),
             "models": self.models_info,
             "input_sha256": self._input_sha256(job),
+            "target": job.target_record(),  # None: the prompt alone (resume.py reads a record without it so)
         }
         if job.film or job.train_on is not None:
             made["train_frames"] = self.options.train_frames
@@ -221,9 +237,11 @@ class _StylizePairs(Work):
         return self._input_hashes[key]
 
     def prepare(self, job: RunJob, events: Events) -> _Content:
-        self._check_prompt(job.prompt, events)
-        if self._prompts[job.prompt] is not None:
-            raise ClipstyleError(self._prompts[job.prompt], repr(job.prompt))
+        self._check_where(events)
+        for text in job.targets().texts():  # the prompt, or every text of a blend and every avoided phrase
+            self._check_prompt(text, events)
+            if self._prompts[text] is not None:
+                raise ClipstyleError(self._prompts[text], repr(text))
         several = job.film or job.train_on is not None  # frames or a set, trained on together
         key = "\0".join(str(m.path) for m in job.train_on) if job.train_on is not None else str(job.input.path)
         if self._last is None or self._last[0] != key:
@@ -232,6 +250,14 @@ class _StylizePairs(Work):
         if isinstance(content, ClipstyleError):
             raise content
         return content
+
+    def _check_where(self, events: Events) -> None:
+        region = self.options.region
+        if self._where_checked or region is None or region.where is None:
+            return
+        self._where_checked = True
+        for warning in phrase_warnings(self.models.clip, region.where):
+            events.note(None, warning)
 
     def _check_prompt(self, prompt: str, events: Events) -> None:
         if prompt in self._prompts:
@@ -345,6 +371,7 @@ class _StylizePairs(Work):
                 None if isinstance(c.tensor, list) else self._regions.training_mask(str(j.input.path), c.tensor)
                 for j, c in batch
             ],
+            targets=[j.target for j in jobs],
         )
         return [self._save(job, content, result, events) for (job, content), result in zip(batch, results)]
 
@@ -355,6 +382,7 @@ class _StylizePairs(Work):
             snap = job.output.with_name(f"{job.output.stem}.step{info.step:04d}.png")
             image = io.enhance_contrast(info.output) if self.options.contrast else info.output
             self.files.save_png(image, snap, {"prompt": job.prompt, "step": str(info.step)}, overwrite=True)
+            events.snapshot(job, snap)
 
     def _save(self, job: RunJob, content: _Content, result, events: Events | None = None) -> dict:
         record = self.record(job, "ok")
@@ -368,6 +396,7 @@ class _StylizePairs(Work):
             peak_memory_bytes=result.peak_memory_bytes,
             rejected_fraction=result.rejected_fraction,
             batch=self.batch_size,
+            compute=compute_info(self.models.device),
         )
         if self.options.region is not None:
             record["region"] = self.options.region.record()
@@ -385,7 +414,9 @@ class _StylizePairs(Work):
                 return record
             image = self._regions.finish(str(job.input.path), self._final_image(content, result), self.options.contrast)
             if not self.keeps(job.output):
-                meta = output_metadata(job, self.settings, self.models_info, self.options, self._input_sha256(job))
+                meta = output_metadata(
+                    job, self.settings, self.models_info, self.options, self._input_sha256(job), record["compute"]
+                )
                 self.files.save_png(image, job.output, meta, overwrite=self.overwrite)
             record["output_size"] = list(image.shape[-1:-3:-1])
             if job.style is not None and not self.keeps(job.style):
@@ -401,6 +432,8 @@ class _StylizePairs(Work):
                 )
                 if self.options.region is not None:
                     meta["region"] = self.options.region.record()
+                if job.target_record() is not None:
+                    meta["target"] = job.target_record()
                 self.files.save_style(job.style, result.network, meta, overwrite=self.overwrite)
                 record["style"] = str(job.style)
         except ClipstyleError as exc:
@@ -487,6 +520,7 @@ def run_pairs(
     models_info: dict | None = None,
     summary: Summary | None = None,
     files: Files | None = None,
+    claiming: bool = True,
 ) -> Summary:
     """Optimise every pair through the shared batch loop (batch.run_jobs).
 
@@ -496,5 +530,7 @@ def run_pairs(
     with existing outputs; given, a rerun whose outputs are all done loads
     nothing; default: the models' own ``info``. ``summary``: see batch.run_jobs.
     ``files``: where inputs are read and results written (default: this machine's files).
+    ``claiming``: see batch.run_jobs.
     """
-    return run_jobs(jobs, run_work(models, settings, options, models_info, files), report, events, summary)
+    work = run_work(models, settings, options, models_info, files)
+    return run_jobs(jobs, work, report, events, summary, claiming)

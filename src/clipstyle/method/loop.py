@@ -50,7 +50,7 @@ from clipstyle.method import losses as L
 from clipstyle.method.augment import CropDraw, crop_grids, draw_crops, sample_crops
 from clipstyle.method.masked import composite, crop_sampler
 from clipstyle.method.rejection import PathChooser, Rejection, kept_crops, select
-from clipstyle.method.text import text_embedding
+from clipstyle.method.targets import Targets, avoid_directions, avoid_penalty, target_direction
 from clipstyle.method.unet import StyleNet
 from clipstyle.models.encoders import Models
 
@@ -152,7 +152,7 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float | torch.Tensor) -> None:
 class _PairState:
     """The optimisation state of one (image, prompt) pair: its network, optimiser, crops and constants."""
 
-    def __init__(self, index, content, prompt, seed, models, vgg, settings, amp, mask=None):
+    def __init__(self, index, content, prompt, seed, models, vgg, settings, amp, mask=None, target=None):
         device = models.device
         self.index, self.prompt, self.seed = index, prompt, seed
         # A list of contents trains one network over a set (frames of a film): each
@@ -192,9 +192,11 @@ class _PairState:
         self.forward = torch.compile(self.net, mode=settings.compile) if settings.compile else self.net
         with torch.no_grad(), autocast(device, amp):
             # Constant for the whole run: text direction, source embedding, content features.
-            style = text_embedding(models, prompt, settings.templates)
-            source = text_embedding(models, settings.source, settings.templates)
-            self.text_dir = L.text_direction(style, source)  # (D,)
+            # (clipstyle.method.targets: the prompt's text direction, or a blend with style images)
+            target = target or Targets.of(prompt)
+            self.text_dir = target_direction(models, target, settings, self.content)  # (D,)
+            self.avoid_dirs = avoid_directions(models, target, settings)  # (K, D) or None
+            self.avoid_weight = target.avoid_weight
             self.source_emb = F.normalize(models.clip.encode_image(self.content).float(), dim=-1)[0]  # (D,)
             self.content_feats = {k: v.float() for k, v in vgg(self.content).items()}
             if self.contents:  # each content's own source embedding and content features
@@ -460,6 +462,7 @@ def stylize_many(
     rejection: Rejection | None = None,
     host_reads: bool | None = None,
     watch: AbstractContextManager | None = None,
+    targets: list[Targets | None] | None = None,
 ) -> list[StylizeResult]:
     """Optimise one fresh StyleNet per (content, prompt, seed) triple, all in one batch.
 
@@ -478,6 +481,8 @@ def stylize_many(
     watch: a re-enterable context manager entered around each step's work
     (not the loss reads every ``log_every`` steps, nor the callbacks), e.g. a
     clipstyle.method.counting.OpCounter.
+    targets: per pair None (its prompt) or a clipstyle.method.targets.Targets: style images,
+    weighted blends, phrases to avoid (the losses then have an "avoid" part).
     """
     settings = settings or Settings()
     rejection = rejection or Rejection()
@@ -500,9 +505,10 @@ def stylize_many(
     out_size = clip.image_size[0]
     reset_peak_memory(device)
     masks = masks or [None] * len(contents)
+    targets = targets or [None] * len(contents)
     pairs = [
-        _PairState(i, c, p, s, models, vgg, settings, amp, m)
-        for i, (c, p, s, m) in enumerate(zip(contents, prompts, seeds, masks))
+        _PairState(i, c, p, s, models, vgg, settings, amp, m, t)
+        for i, (c, p, s, m, t) in enumerate(zip(contents, prompts, seeds, masks, targets))
     ]
     active = list(pairs)
     n = settings.crops
@@ -575,7 +581,19 @@ def stylize_many(
             elif not two_pass:
                 rejected = is_crop_t & (per_row.detach() < settings.threshold)
                 per_row = torch.where(is_crop_t, L.reject_below(per_row, settings.threshold), per_row)
-            (per_row * torch.cat(weight)).sum().backward()
+            row_weight = torch.cat(weight)
+            loss = (per_row * row_weight).sum()
+            i = 0
+            for p, kind, rows in owners:  # --avoid: push the kept rows' directions off the avoided phrases
+                if p.avoid_dirs is not None:
+                    part = p.avoid_weight * avoid_penalty(emb[i : i + rows], p.source_emb, p.avoid_dirs)
+                    if rejected is not None:
+                        part = torch.where(rejected[i : i + rows], torch.zeros_like(part), part)
+                    part = (part * row_weight[i : i + rows]).sum()
+                    loss = loss + part
+                    p.sums["avoid"] = p.sums.get("avoid", 0) + part.detach()
+                i += rows
+            loss.backward()
             detached = per_row.detach()
             i = 0
             for p, kind, rows in owners:
@@ -615,6 +633,7 @@ def stylize_many(
                 + settings.lambda_dir * s["dir"]
                 + settings.lambda_content * s["content"]
                 + settings.lambda_tv * s["tv"]
+                + s.get("avoid", 0)  # --avoid: already weighted
             )
             p.output = p.leaf.detach()
         return two_pass

@@ -125,14 +125,46 @@ def _cached_pretrained_file(cfg: dict, cache_dir: str | None) -> str | None:
     return None
 
 
+HUB_PROBE_SECONDS = 5.0  # how long the look-up waits to connect to the weights hub before calling it offline
+
+
+def hub_unreachable() -> str | None:
+    """Why the weights hub cannot be reached, found at once; None when it may be.
+
+    Offline, the hub client retries with back-off for most of a minute before
+    failing; one name look-up and connection, bounded by HUB_PROBE_SECONDS,
+    says so in a moment. HF_HUB_OFFLINE=1 skips even that. Behind a proxy
+    (HTTPS_PROXY, ALL_PROXY) no direct connection is tried: the client knows best.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname} cannot be reached ({exc.strerror or exc})"
+    return None
+
+
 def _pretrained_file(model_name: str, pretrained: str, cfg: dict, cache_dir: str | None) -> str:
-    """The local file of an open_clip tag: from the cache, else downloaded once by open_clip."""
+    """The local file of an open_clip tag: from the cache, else downloaded once by open_clip
+    (not tried when the hub cannot be reached: the same error, at once)."""
     import open_clip.factory
 
     cached = _cached_pretrained_file(cfg, cache_dir)
     if cached:
         return cached
     try:
+        offline = hub_unreachable() if cfg.get("hf_hub") else None
+        if offline:
+            raise OSError(offline)
         path = open_clip.factory.download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as exc:  # download failures surface as many error types
         raise WeightsError(

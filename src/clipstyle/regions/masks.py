@@ -106,12 +106,12 @@ def _snap(x: torch.Tensor) -> torch.Tensor:
 # --- a photo's mask -------------------------------------------------------------------------------------
 
 
-def photo_mask(region, photo, clip=None, where_settings=None) -> torch.Tensor | None:
+def photo_mask(region, photo, clip=None, where_settings=None, allow_empty: bool = False) -> torch.Tensor | None:
     """The region's mask for ``photo`` (a PIL image as clipstyle reads it), (1, 1, H, W) at its own size,
     before feathering; None when the region selects nothing to mask (no file, no phrase).
 
     ``clip``: the ClipEncoder for ``where``. Raises MaskError for a mask of
-    another aspect ratio, or one that selects nothing.
+    another aspect ratio, or one that selects nothing (unless ``allow_empty``).
     """
     if region is None or not region.selects:
         return None
@@ -126,7 +126,7 @@ def photo_mask(region, photo, clip=None, where_settings=None) -> torch.Tensor | 
         mask = found if mask is None else mask * found
     if region.invert:
         mask = 1 - mask
-    if float(mask.max()) < EMPTY:
+    if float(mask.max()) < EMPTY and not allow_empty:
         if region.where is not None and region.mask is None and not region.invert:
             raise MaskError(f"--where {region.where!r} selects nothing in this image")
         raise MaskError(
@@ -138,8 +138,9 @@ def photo_mask(region, photo, clip=None, where_settings=None) -> torch.Tensor | 
 
 def feather(mask: torch.Tensor, pixels: float) -> torch.Tensor:
     """Soften edges with a separable tent filter of radius ceil(pixels / 2) (edges replicated).
-    Pixels farther than that from any edge keep their value exactly."""
-    r = math.ceil(pixels / 2)
+    Pixels farther than that from any edge keep their value exactly. A radius beyond the mask's
+    longest side is taken as that side: the filter stays the image's size, whatever ``pixels``."""
+    r = min(math.ceil(pixels / 2), max(mask.shape[-2:]))
     if r <= 0:
         return mask
     d = torch.arange(-r, r + 1, dtype=mask.dtype, device=mask.device)

@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipstyle.config import FEATHER
+from clipstyle.config import FEATHER, MAX_FEATHER
 from clipstyle.errors import MaskError
+from clipstyle.prompts import is_blank
 from clipstyle.provenance import file_sha256
 from clipstyle.regions.masks import read_mask
 
@@ -43,10 +44,10 @@ class Region:
 
     def check(self) -> None:
         """Every problem a user can cause, before anything is computed or written."""
-        if self.where is not None and not self.where.strip():
+        if self.where is not None and is_blank(self.where):  # the prompts' rule: zero-width characters too
             raise MaskError("the --where phrase is empty")
-        if not (math.isfinite(self.feather) and self.feather >= 0):
-            raise MaskError(f"feather must be 0 or more pixels (got {self.feather})")
+        if not (math.isfinite(self.feather) and 0 <= self.feather <= MAX_FEATHER):
+            raise MaskError(f"feather must be 0 to {MAX_FEATHER:g} pixels (got {self.feather:g})")
         if self.invert and not self.selects:
             raise MaskError("--invert-mask needs --mask or --where")
         if self.mask is not None:

@@ -105,6 +105,17 @@ def phrase_embeddings(clip, phrase: str, settings: WhereSettings | None = None) 
     return cache[key]
 
 
+def phrase_warnings(clip, phrase: str, settings: WhereSettings | None = None) -> list[str]:
+    """Warnings about a --where phrase, as for prompts (clipstyle.method.text.check_prompt): a phrase
+    that with its longest template needs more tokens than CLIP reads is cut off at the end."""
+    settings = settings or WhereSettings()
+    limit = clip.context_length
+    n = max(clip.token_count(t.format(phrase)) for t in settings.templates)
+    if n > limit:
+        return [f"the --where phrase needs {n} tokens, more than CLIP's {limit}: the end is cut off"]
+    return []
+
+
 def window_starts(length: int, side: int, stride: float) -> list[int]:
     """Starts of windows of ``side`` covering ``range(length)``, evenly spread, at most ``stride * side`` apart."""
     if length <= side:
@@ -190,4 +201,12 @@ def where_mask(
     return torch.where(near, (soft > 0.5).float(), F.interpolate(hard, size=(h, w), mode="nearest"))
 
 
-__all__ = ["WhereError", "dense_embeddings", "phrase_embeddings", "relevance", "where_mask", "window_starts"]
+__all__ = [
+    "WhereError",
+    "dense_embeddings",
+    "phrase_embeddings",
+    "phrase_warnings",
+    "relevance",
+    "where_mask",
+    "window_starts",
+]
