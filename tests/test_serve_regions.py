@@ -12,7 +12,8 @@ from PIL import Image
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from clipstyle.serve.jobs import MAX_FEATHER, Job, JobQueue
+from clipstyle.config import MAX_FEATHER
+from clipstyle.serve.jobs import Job, JobQueue
 from serve_support import TINY, get_json, jpeg, post_json, running, upload, wait_for
 
 from conftest import counting_loader, invoke, tiny_models
@@ -133,9 +134,10 @@ def test_hostile_region_values_get_one_line_and_queue_nothing(server, queue):
         ({"where": 5}, "is not text"),
         ({"where": "x" * 1001}, "at most 1,000"),
         ({"where": "\ud800"}, "not valid text"),
-        ({"feather": "Infinity"}, "feather must be between 0 and 1,000"),
+        ({"feather": "Infinity"}, "feather must be between 0 and 10,000"),
         ({"feather": -1}, "feather must be between"),
-        ({"feather": 1e9}, "feather must be between"),  # a tent filter padded by half a billion pixels
+        ({"feather": 1e9}, "feather must be between"),  # run's bound (config.MAX_FEATHER)
+        ({"where": "\u200b \u200b"}, "where: the phrase has no visible character"),
         ({"feather": "NaN"}, "feather must be between"),
         ({"feather": True}, "feather: True is not a number"),
         ({"feather": [1]}, "is not a number"),
@@ -156,7 +158,7 @@ def test_hostile_region_values_get_one_line_and_queue_nothing(server, queue):
         assert status == 400, (change, body)
         assert expected in body["error"] and "\n" not in body["error"], (change, body)
     assert queue.jobs == {}
-    assert MAX_FEATHER == 1000.0
+    assert MAX_FEATHER == 10_000
 
 
 def test_planted_region_records_are_skipped(tmp_path):

@@ -219,7 +219,8 @@ class _RenderFiles(Work):
                     "lower --size",
                     job.input.path,
                 )
-            meta = _output_metadata(job, self.styles, options, (0, 0), self.identity(job, job.output))
+            compute = compute_info(self.device)
+            meta = _output_metadata(job, self.styles, options, (0, 0), self.identity(job, job.output), compute)
             fields = meta["clipstyle"]
             fields.update(encoding=options.encoding.record(), size=None)
             stats = restyle_film(
@@ -238,7 +239,7 @@ class _RenderFiles(Work):
                 overwrite=self.overwrite,
                 progress=lambda d, t: events.progress(job, FrameProgress(d, t)),
             )
-            record.update(size=list(stats.size), **film_fields(stats))
+            record.update(size=list(stats.size), compute=compute, **film_fields(stats))
         except ClipstyleError as exc:
             record.update(status="failed", error=job_error(job, exc))
         record["seconds"] = round(time.perf_counter() - t0, 4)

@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clipstyle import video
-from clipstyle.config import FEATHER, MAX_PIXELS, PRECISIONS, PRESETS, Settings
+from clipstyle.config import FEATHER, MAX_FEATHER, MAX_PIXELS, PRECISIONS, PRESETS, Settings
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import fit_size, open_image, save_png, slugify, to_pil, write_atomic
 from clipstyle.jobs.apply import ApplyJob, ApplyOptions, apply_files
@@ -66,6 +66,7 @@ from clipstyle.jobs.pairs import RunJob, pair_seed
 from clipstyle.jobs.plan import RunPlan, check_prompts, execute
 from clipstyle.jobs.report import Report
 from clipstyle.jobs.run import RunOptions, output_metadata
+from clipstyle.prompts import is_blank
 from clipstyle.provenance import bytes_sha256, file_sha256
 from clipstyle.regions.region import Region
 from clipstyle.styles.stylefile import load_style
@@ -90,9 +91,6 @@ CHOICES = {"precision": PRECISIONS}
 # The region and colour controls of `clipstyle run` (--where, --mask, --invert-mask, --feather,
 # --preserve-color), by their form names; ``mask`` is the id of an uploaded image.
 REGION_FIELDS = ("where", "mask", "invert_mask", "feather", "preserve_color")
-# Feather radius in output pixels: the tent filter pads the mask by half of it on every side, so a
-# huge value is memory in proportion before anything runs; 1,000 px is far beyond any soft edge.
-MAX_FEATHER = 1000.0
 MAX_PROMPTS = 16  # one job per prompt line
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; a longer text is a mistake or an attack
 MAX_NAME = 200
@@ -188,7 +186,7 @@ class ServedRegion(Region):
 def region_from_form(form: dict) -> dict | None:
     """The region and colour values of a form, checked like the other form values (one line each;
     flags must be true or false, the feather a finite number from 0 to MAX_FEATHER, the phrase
-    text): the job's record of them, or None when none is asked for. The mask's upload id is
+    text, as run's --where is): the job's record of them, or None when none is asked for. The mask's upload id is
     checked by the queue (JobQueue.region_for)."""
     where = form.get("where")
     if where is not None and not isinstance(where, str):
@@ -199,6 +197,8 @@ def region_from_form(form: dict) -> dict | None:
             raise ClipstyleError(f"where: {len(where):,} characters, at most {MAX_PROMPT_CHARS:,}")
         if not _utf8(where):
             raise ClipstyleError("where: not valid text (a lone surrogate)")
+        if is_blank(where):
+            raise ClipstyleError("where: the phrase has no visible character")
     mask = form.get("mask")
     if mask is not None and mask != "" and not isinstance(mask, str):
         raise ClipstyleError(f"mask: {_shown(mask)} is not an upload id")
