@@ -55,6 +55,7 @@ def test_apply_keeps_frames_rate_duration_and_audio_bytes(tmp_path, style, clip)
     assert record["status"] == "ok" and record["frames"] == 16 and record["audio_streams"] == 1
     assert record["size"] == [48, 32] and record["seconds_restyle"] > 0
     assert video.read_record(out)["styles"][0]["file"] == "ink.style"
+    assert video.read_record(out)["compute"] == record["compute"] and record["compute"]["device"] == "cpu"
     assert leftovers(tmp_path) == []
 
 
@@ -189,6 +190,7 @@ def test_run_trains_on_frames_spread_over_the_film_and_renders_it(tmp_path, clip
     assert meta["train_frames"] == 4 and meta["input"] == "clip.mp4"
     (record,) = records(report)
     assert record["status"] == "ok" and record["frames"] == 16 and record["trained_on"]["images"] == 4
+    assert video.read_record(out)["compute"] == record["compute"] and "threads" in record["compute"]
     assert len(loads) == 1
     again = invoke(*args, *TINY_32)  # done with these settings: skipped, nothing loaded
     assert again.exit_code == 0 and len(loads) == 1 and records(report)[-1]["status"] == "skipped"

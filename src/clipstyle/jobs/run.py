@@ -470,7 +470,9 @@ class _StylizePairs(Work):
         --output-size N as a cap), then the style file if asked."""
         options = self.options
         if not self.keeps(job.output):
-            meta = output_metadata(job, self.settings, self.models_info, options, self._input_sha256(job))
+            meta = output_metadata(
+                job, self.settings, self.models_info, options, self._input_sha256(job), record["compute"]
+            )
             fields = dict(meta["clipstyle"], prompt=job.prompt, train_frames=options.train_frames)
             fields.update(encoding=options.encoding.record(), trained_on=content.trained_on)
             stats = restyle_film(
