@@ -255,3 +255,58 @@ def test_a_person_styles_only_the_sky_then_restyles_a_film(tmp_path, browser):
     assert done == [("apply", True, "done"), ("stylize", False, "done")]
     (styled,) = [j for j in queue.jobs.values() if j.kind == "stylize"]
     assert styled.region["where"] == "the sky" and styled.region["preserve_color"] is True
+
+
+def test_a_person_blends_a_prompt_with_a_painting_and_avoids_letters(tmp_path, browser):
+    """A style image uploaded in the form with a weight, blended with a weighted prompt into one network,
+    a phrase to avoid: the card names the blend and what it avoids; "Use these settings" gives it all back."""
+    picture = photo(tmp_path / "hills.jpg")
+    brush = tmp_path / "brush.png"
+    img = Image.new("RGB", (60, 60), (20, 30, 90))
+    draw = ImageDraw.Draw(img)
+    for x in range(-60, 60, 10):
+        draw.line([(x, 0), (x + 60, 60)], fill=(240, 200, 60), width=4)
+    img.save(brush)
+    queue = JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0.05)
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    find = browser.find_element
+    with running(queue) as base:
+        browser.get(base)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fields input"))
+        find(By.ID, "photo").send_keys(str(picture))
+        wait.until(lambda d: "hills.jpg (300×200)" in find(By.ID, "photo-name").text)
+        find(By.ID, "style-images").send_keys(str(brush))
+        weight = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#style-list li input.weight"))
+        assert find(By.CSS_SELECTOR, "#style-list li .name").text == "brush.png"
+        weight.clear()
+        weight.send_keys("0.3")
+        find(By.ID, "prompts").send_keys("ink wash painting:0.7")
+        find(By.ID, "blend").click()
+        find(By.CSS_SELECTOR, "#avoid-box summary").click()
+        assert find(By.ID, "avoid-weight").get_attribute("value") == "0.5"  # run's default, through /api/config
+        find(By.ID, "avoid").send_keys("letters")
+        Select(find(By.ID, "preset")).select_by_value("draft")
+        find(By.CSS_SELECTOR, "#settings summary").click()
+        for name, value in (("steps", "8"), ("size", str(SIZE)), ("crops", "4"), ("crop_size", "32")):
+            field = find(By.ID, f"f-{name}")
+            field.clear()
+            field.send_keys(value)
+        browser.execute_script("document.getElementById('settings').open = false")
+        shoot(browser, tmp_path, "7-targets")
+        find(By.ID, "start").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cards .card button.use"))
+        assert find(By.CSS_SELECTOR, "#cards .card .prompt").text == "ink wash painting:0.7 + [brush.png]:0.3"
+        assert "avoiding “letters”" in find(By.CSS_SELECTOR, "#cards .card p.muted").text
+        assert find(By.ID, "message").text == ""
+        # everything back into the form
+        browser.execute_script("""
+            for (const id of ['prompts', 'avoid']) document.getElementById(id).value = '';
+            document.getElementById('blend').checked = false;""")
+        find(By.CSS_SELECTOR, "#style-list li button").click()
+        find(By.CSS_SELECTOR, "#cards .card button.use").click()
+        wait.until(lambda d: find(By.ID, "prompts").get_attribute("value") == "ink wash painting:0.7")
+        assert find(By.ID, "blend").is_selected() and find(By.ID, "avoid").get_attribute("value") == "letters"
+        assert find(By.CSS_SELECTOR, "#style-list li input.weight").get_attribute("value") == "0.3"
+    (job,) = queue.jobs.values()
+    assert job.status == "done" and job.target["blend"] is True
+    assert [t["weight"] for t in job.target["targets"]] == [0.7, 0.3] and job.target["avoid"] == ["letters"]

@@ -50,11 +50,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from clipstyle import video
-from clipstyle.config import FEATHER, MAX_FEATHER, MAX_PIXELS, PRECISIONS, PRESETS, Settings
+from clipstyle.config import AVOID_WEIGHT, FEATHER, MAX_FEATHER, MAX_PIXELS, PRECISIONS, PRESETS, Settings
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import fit_size, open_image, save_png, slugify, to_pil, write_atomic
 from clipstyle.jobs.apply import ApplyJob, ApplyOptions, apply_files
@@ -66,7 +66,8 @@ from clipstyle.jobs.pairs import RunJob, pair_seed
 from clipstyle.jobs.plan import RunPlan, check_prompts, execute
 from clipstyle.jobs.report import Report
 from clipstyle.jobs.run import RunOptions, output_metadata
-from clipstyle.prompts import is_blank
+from clipstyle.method.targets import StyleImage, Target, Targets
+from clipstyle.prompts import is_blank, split_weight
 from clipstyle.provenance import bytes_sha256, file_sha256
 from clipstyle.regions.region import Region
 from clipstyle.styles.stylefile import load_style
@@ -91,6 +92,8 @@ CHOICES = {"precision": PRECISIONS}
 # The region and colour controls of `clipstyle run` (--where, --mask, --invert-mask, --feather,
 # --preserve-color), by their form names; ``mask`` is the id of an uploaded image.
 REGION_FIELDS = ("where", "mask", "invert_mask", "feather", "preserve_color")
+# run's target options (--style-image, --blend, --avoid, --avoid-weight) by form name -> run's parameter name.
+TARGET_HELP = {"style_images": "style_images", "blend": "blend", "avoid": "avoid", "avoid_weight": "avoid_weight"}
 MAX_PROMPTS = 16  # one job per prompt line
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; a longer text is a mistake or an attack
 MAX_NAME = 200
@@ -150,12 +153,18 @@ def form_schema(help_texts: dict | None = None) -> dict:
         # the help of run's options, by form name (preserve_color is run's --preserve-color)
         "help": {name: helps.get("preserve_colour" if name == "preserve_color" else name) for name in REGION_FIELDS},
     }
+    targets = {
+        "avoid_weight": AVOID_WEIGHT,
+        # run's --style-image, --blend, --avoid and --avoid-weight, by form name
+        "help": {name: helps.get(option) for name, option in TARGET_HELP.items()},
+    }
     return {
         "fields": fields,
         "presets": PRESETS,
         "seed": 0,
         "max_prompts": MAX_PROMPTS,
         "region": region,
+        "targets": targets,
         "films": film_support(),
     }
 
@@ -167,6 +176,87 @@ def film_support() -> dict:
     except ClipstyleError as exc:
         return {"available": False, "hint": str(exc), "suffixes": list(FILM_SUFFIXES)}
     return {"available": True, "hint": None, "suffixes": list(FILM_SUFFIXES)}
+
+
+def _weight(raw, what: str, minimum_exclusive: bool = True) -> float:
+    """A weight from a form: a plain number (or its text), finite, above 0 (or 0 and above)."""
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+            raise ValueError
+        number = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise ClipstyleError(f"{what}: {_shown(raw)} is not a number") from None
+    if not math.isfinite(number) or number < 0 or (minimum_exclusive and number == 0):
+        raise ClipstyleError(f"{what} must be a number above 0" if minimum_exclusive else f"{what} must be 0 or more")
+    return number
+
+
+def _texts(raw, what: str) -> list[str]:
+    """A list of texts from a form (each stripped, empty ones dropped), bounded like the prompts."""
+    if raw is None or raw == "":
+        return []
+    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+        raise ClipstyleError(f"{what} must be a list of texts")
+    texts = [t.strip() for t in raw if t.strip()]
+    if len(texts) > MAX_PROMPTS:
+        raise ClipstyleError(f"{len(texts)} {what} phrases: at most {MAX_PROMPTS} at a time")
+    for t in texts:
+        if len(t) > MAX_PROMPT_CHARS:
+            raise ClipstyleError(f"{what}: a phrase has {len(t):,} characters, at most {MAX_PROMPT_CHARS:,}")
+        if not _utf8(t):
+            raise ClipstyleError(f"{what}: not valid text (a lone surrogate)")
+    return texts
+
+
+def targets_from_form(prompts: list[str], form: dict) -> list[tuple[str | None, dict | None]]:
+    """The jobs a form asks for, as `clipstyle run` makes them from -p, --style-image, --blend,
+    --avoid and --avoid-weight: one (prompt, None) per plain prompt, else (None, its target
+    record), with style images by upload id (the queue checks them, JobQueue.targets_for). Without
+    ``blend`` each prompt and each style image is a job; with it, all are one job, a prompt's
+    weight written ``"text:0.7"`` as on the command line, a style image's beside it."""
+    raw = form.get("style_images")
+    if raw is None or raw == "":
+        raw = []
+    if not isinstance(raw, list):
+        raise ClipstyleError("style images must be a list of uploads")
+    images = []
+    for item in raw:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("upload"), str)
+            or not set(item) <= {"upload", "weight"}
+        ):
+            raise ClipstyleError(f"style image: {_shown(item)} is not an upload and a weight")
+        weight = item.get("weight")
+        weight = 1.0 if weight is None or weight == "" else _weight(weight, "a style image's weight")
+        images.append({"image": item["upload"], "name": None, "weight": weight})
+    blend = form.get("blend")
+    if blend is not None and not isinstance(blend, bool):
+        raise ClipstyleError(f"blend: {_shown(blend)} is not true or false")
+    avoid = _texts(form.get("avoid"), "avoid")
+    avoid_weight = form.get("avoid_weight")
+    avoid_weight = (
+        AVOID_WEIGHT if avoid_weight is None or avoid_weight == "" else _weight(avoid_weight, "avoid weight", False)
+    )
+    if not prompts and not images:
+        raise ClipstyleError("the prompt is empty")
+    extra = {"avoid": avoid, "avoid_weight": avoid_weight}
+    if blend:
+        if len(prompts) + len(images) < 2:
+            raise ClipstyleError("a blend needs at least two targets (prompts or style images)")
+        texts = []
+        for prompt in prompts:
+            body, weight = split_weight(prompt)
+            texts.append({"text": body, "weight": 1.0 if weight is None else weight})
+        return [(None, {"targets": [*texts, *images], **extra, "blend": True})]
+    if len(prompts) + len(images) > MAX_PROMPTS:
+        raise ClipstyleError(f"{len(prompts) + len(images)} prompts and style images: at most {MAX_PROMPTS} at a time")
+    jobs: list[tuple[str | None, dict | None]] = [
+        (None, {"targets": [{"text": p, "weight": 1.0}], **extra, "blend": False}) if avoid else (p, None)
+        for p in prompts
+    ]
+    jobs += [(None, {"targets": [image], **extra, "blend": False}) for image in images]
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -350,6 +440,9 @@ class Job:
     region: dict | None = None  # stylize: the form's region and colour values (region_from_form)
     film: bool = False  # apply: the upload is a film (step and steps count its frames)
     video: str | None = None  # the restyled film in results/ (a film job's result instead of ``png``)
+    # stylize: what the network is trained towards beyond the prompt alone (targets_from_form): style
+    # images (by upload id, with their names), a blend's parts and weights, phrases to avoid
+    target: dict | None = None
 
     def public(self, full: bool = True) -> dict:
         """The job as JSON. ``full=False``: without settings, metadata and notes, for the state that
@@ -403,6 +496,7 @@ class Job:
             "video": lambda v: v is None or v == f"{job_id}.mp4",
             "film": lambda v: isinstance(v, bool),
             "region": lambda v: v is None or _region_ok(v),
+            "target": lambda v: v is None or _target_ok(v),
             "style": lambda v: v is None or v == f"{job_id}.style",
             "metadata": lambda v: (
                 v is None
@@ -432,6 +526,36 @@ def _region_ok(v) -> bool:
         and 0 <= v["feather"] <= MAX_FEATHER
         and isinstance(v["invert_mask"], bool)
         and isinstance(v["preserve_color"], bool)
+    )
+
+
+def _target_ok(v) -> bool:
+    """A job record's target, as targets_from_form makes it (style images by upload id)."""
+
+    def part_ok(p) -> bool:
+        if not isinstance(p, dict) or not (_number(p.get("weight")) and p["weight"] > 0):
+            return False
+        if set(p) == {"text", "weight"}:
+            return _text(p["text"])
+        return (
+            set(p) == {"image", "name", "weight"}
+            and isinstance(p["image"], str)
+            and bool(UPLOAD_ID.fullmatch(p["image"]))
+            and _name_ok(p["name"])
+        )
+
+    return (
+        isinstance(v, dict)
+        and set(v) == {"targets", "avoid", "avoid_weight", "blend"}
+        and isinstance(v["targets"], list)
+        and 0 < len(v["targets"]) <= 2 * MAX_PROMPTS
+        and all(part_ok(p) for p in v["targets"])
+        and isinstance(v["avoid"], list)
+        and len(v["avoid"]) <= MAX_PROMPTS
+        and all(_text(a) for a in v["avoid"])
+        and _number(v["avoid_weight"])
+        and v["avoid_weight"] >= 0
+        and isinstance(v["blend"], bool)
     )
 
 
@@ -706,6 +830,9 @@ class JobQueue:
         with self._lock:
             used = {job.upload for job in self.jobs.values()}
             used |= {job.region["mask"] for job in self.jobs.values() if job.region and job.region["mask"]}
+            used |= {
+                p["image"] for job in self.jobs.values() if job.target for p in job.target["targets"] if "image" in p
+            }
         found = {}
         for path in self.uploads.glob("*.json"):
             if UPLOAD_ID.fullmatch(path.stem) and path.stem not in used:
@@ -769,6 +896,47 @@ class JobQueue:
             raise ClipstyleError(describe_error(exc, path, info["name"])) from None
         return region
 
+    def targets_for(self, prompts: list[str], form: dict) -> dict[str, dict | None]:
+        """The form's jobs (targets_from_form) by label, as `clipstyle run` plans them: each style
+        image an image upload of this server, read with the checks every input gets, and named by
+        the name it was uploaded under; weights and phrases checked by clipstyle.method.targets;
+        every text CLIP reads checked as a prompt; two different targets under one label refused."""
+        wanted: dict[str, dict | None] = {}
+        for label, record in targets_from_form(prompts, form):
+            if record is not None:
+                for part in record["targets"]:
+                    if "image" in part:
+                        info = self.upload_info(part["image"])
+                        if info.get("film"):
+                            raise ClipstyleError(f"{info['name']}: a style image is an image, not a film")
+                        part["name"] = info["name"]
+                spec = self._targets(record)
+                label = spec.label()
+                check_prompts(spec.texts())
+            if label in wanted and wanted[label] != record:
+                raise ClipstyleError(f"two targets are both named {label!r}; rename a file or reword a prompt")
+            wanted[label] = record
+        return wanted
+
+    def _targets(self, record: dict | None) -> Targets | None:
+        """The library's Targets for a job's target record (None for a plain prompt): style images
+        read again from their uploads (ImageError names the upload by its name)."""
+        if record is None:
+            return None
+        parts = []
+        for part in record["targets"]:
+            if "text" in part:
+                parts.append(Target(part["text"], weight=part["weight"]))
+                continue
+            info = self.upload_info(part["image"])
+            path = self.upload_path(part["image"], info)
+            try:
+                image = StyleImage.open(path, self.max_pixels)
+            except ClipstyleError as exc:
+                raise ClipstyleError(describe_error(exc, path, part["name"])) from None
+            parts.append(Target(image=replace(image, name=part["name"]), weight=part["weight"]))
+        return Targets(tuple(parts), tuple(record["avoid"]), record["avoid_weight"])
+
     def _region(self, region: dict | None) -> ServedRegion | None:
         """The library's Region for a job's region record."""
         if region is None:
@@ -791,8 +959,6 @@ class JobQueue:
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise ClipstyleError("prompts must be a list of texts")
         prompts = [p.strip() for p in prompts if p.strip()]
-        if not prompts:
-            raise ClipstyleError("the prompt is empty")
         if len(prompts) > MAX_PROMPTS:
             raise ClipstyleError(f"{len(prompts)} prompts: at most {MAX_PROMPTS} at a time")
         for p in prompts:
@@ -807,6 +973,7 @@ class JobQueue:
             )
         settings = settings_from_form(form)
         region = self.region_for(form)
+        wanted = self.targets_for(prompts, form)  # label -> target record (None: the prompt alone)
         self._check_size(settings, info)
         base_seed = _seed(form)
         preset = form.get("preset") or "paper"
@@ -816,16 +983,17 @@ class JobQueue:
                 kind="stylize",
                 upload=upload_id,
                 input_name=info["name"],
-                prompt=p,
+                prompt=label,  # as run names a job: the prompt, "[style.jpg]", or a blend's parts and weights
                 settings=settings.to_dict(),
                 preset=preset,
                 base_seed=base_seed,
-                seed=pair_seed(base_seed, info["name"], p),
+                seed=pair_seed(base_seed, info["name"], label),
                 steps=settings.steps,
                 created=time.time(),
                 region=dict(region) if region else None,
+                target=target,
             )
-            for p in dict.fromkeys(prompts)
+            for label, target in wanted.items()
         ]
         self._enqueue(jobs, {job.id: settings for job in jobs})
         return jobs
@@ -1036,12 +1204,14 @@ class JobQueue:
         with self._lock:
             settings = self._settings.pop(job.id)
         source = self.uploads / f"{job.upload}.bin"
+        target = self._targets(job.target)
         pair = RunJob(
             InputFile(source, job.input_name, label=job.input_name),
             job.prompt,
             self.results / f"{job.id}.png",
             job.seed,
             style=self.results / f"{job.id}.style",
+            target=None if target is None or target.plain else target,  # as plan_run sets it
         )
         # the form's region and colour values, as `clipstyle run --where/--mask/--preserve-color` takes them
         options = RunOptions(base_seed=job.base_seed, max_pixels=self.max_pixels, region=self._region(job.region))

@@ -7,6 +7,7 @@ const HEADERS = { "X-Clipstyle": "1" };
 let config = null;
 let upload = null;          // the current photo or film: {id, name, width, height, film}
 let mask = null;            // the mask image of the region controls: {id, name, width, height}
+let styles = [];            // style images: {id, name, weight} (weight as typed; used in a blend)
 let shownPreview = "";      // the live image's current URL
 let galleryKey = "";        // what the gallery shows, to redraw only on change
 const reported = new Set(); // failed jobs whose error was shown
@@ -58,6 +59,11 @@ function buildForm() {
     if (help[name]) $(id).title = help[name];
   }
   $("feather").max = config.region.max_feather;
+  const targetHelp = config.targets.help;
+  for (const [name, id] of [["style_images", "style-images"], ["blend", "blend"], ["avoid", "avoid"], ["avoid_weight", "avoid-weight"]]) {
+    if (targetHelp[name]) $(id).title = targetHelp[name];
+  }
+  setTargets(null);
   setRegion(null);
   if (!config.films.available) $("film-hint").textContent = `(films: ${config.films.hint})`;
   applyPreset("paper");
@@ -79,7 +85,45 @@ function formValues() {
   form.invert_mask = $("invert-mask").checked;
   form.feather = $("feather").value;
   form.preserve_color = $("preserve-color").checked;
+  // the targets, as `clipstyle run --style-image/--blend/--avoid/--avoid-weight`
+  form.style_images = styles.map((s) => ({ upload: s.id, weight: s.weight }));
+  form.blend = $("blend").checked;
+  form.avoid = $("avoid").value.split("\n").map((a) => a.trim()).filter(Boolean);
+  form.avoid_weight = $("avoid-weight").value;
   return form;
+}
+
+function setTargets(target) {
+  styles = target ? target.targets.filter((t) => t.image).map((t) => ({ id: t.image, name: t.name, weight: String(t.weight) })) : [];
+  $("blend").checked = !!(target && target.blend);
+  $("avoid").value = target ? target.avoid.join("\n") : "";
+  $("avoid-weight").value = target ? target.avoid_weight : config.targets.avoid_weight;
+  if (target && target.avoid.length) $("avoid-box").open = true;
+  showStyles();
+}
+
+function showStyles() {
+  $("style-list").replaceChildren(...styles.map((s, i) => {
+    const weight = el("input", { type: "number", min: "0", step: "any", value: s.weight, title: "weight in a blend",
+                                 className: "weight", oninput: (e) => { s.weight = e.target.value; } });
+    return el("li", {}, el("img", { src: `/files/uploads/${s.id}.jpg`, alt: "" }), el("span", { className: "name", textContent: s.name }),
+              weight, el("button", { type: "button", className: "plain", textContent: "Remove",
+                                     onclick: () => { styles.splice(i, 1); showStyles(); } }));
+  }));
+}
+
+async function sendStyles(files) {
+  say("");
+  for (const file of files) {
+    try {
+      const info = await api("POST", "/api/uploads", file,
+                             { "X-Filename": encodeURIComponent(file.name), "Content-Type": "application/octet-stream" });
+      if (info.film) throw new Error(`${info.name}: a style image is an image, not a film`);
+      if (!styles.some((s) => s.id === info.id)) styles.push({ id: info.id, name: info.name, weight: "1" });
+    } catch (e) { say(e.message); }
+  }
+  $("style-images").value = "";
+  showStyles();
 }
 
 function setRegion(region) {
@@ -118,7 +162,12 @@ async function useSettings(id) {
   applyPreset(job.preset in config.presets ? job.preset : "paper");
   for (const f of config.fields) if (f.name in job.settings) $("f-" + f.name).value = job.settings[f.name];
   $("seed").value = job.base_seed;
-  $("prompts").value = job.prompt;
+  // the prompt lines as typed: a blend's texts with their weights, none for a style image alone
+  const target = job.target;
+  $("prompts").value = !target ? job.prompt
+    : target.targets.filter((t) => t.text !== undefined)
+        .map((t) => target.blend ? `${t.text.replaceAll(":", "\\:")}:${t.weight}` : t.text).join("\n");
+  setTargets(target);
   setRegion(job.region);
   showUpload({ id: job.upload, name: job.input_name });
   say("");
@@ -168,7 +217,7 @@ async function start() {
   say("");
   if (!upload) return say("choose a photo first");
   const prompts = $("prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
-  if (!prompts.length) return say("type a prompt");
+  if (!prompts.length && !styles.length) return say("type a prompt or add a style image");
   try {
     await api("POST", "/api/jobs", JSON.stringify({ upload: upload.id, prompts, form: formValues() }),
               { "Content-Type": "application/json" });
@@ -248,6 +297,7 @@ function card(job) {
                  job.kind === "apply" ? `style applied (strength ${job.strength})` : `${job.steps} steps`,
                  region.where ? `where “${region.where}”` : "", region.mask_name ? `mask ${region.mask_name}` : "",
                  region.invert_mask ? "inverted" : "", region.preserve_color ? "colours kept" : "",
+                 job.target && job.target.avoid.length ? `avoiding “${job.target.avoid.join("”, “")}”` : "",
                  job.status === "stopped" ? `stopped at step ${job.step}` : ""].filter(Boolean).join(" · ");
   const links = el("p", {}, job.video
     ? el("a", { href: `/files/results/${job.video}`, download: "", className: "download-film", textContent: "film" })
@@ -319,6 +369,7 @@ async function main() {
   });
   $("mask").addEventListener("change", () => { if ($("mask").files[0]) sendMask($("mask").files[0]); });
   $("mask-clear").addEventListener("click", () => showMask(null));
+  $("style-images").addEventListener("change", () => sendStyles([...$("style-images").files]));
   $("start").addEventListener("click", start);
   $("stop").addEventListener("click", () => act("POST", `/api/jobs/${$("stop").dataset.job}/stop`));
   listen();
