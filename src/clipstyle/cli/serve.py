@@ -116,8 +116,9 @@ def serve(
       clipstyle serve                      # then open http://127.0.0.1:7860
       clipstyle serve --device cuda:1 --port 8000 --folder ~/styles
 
-    The form has run's region and colour controls (a where phrase, a mask
-    upload, invert, feather, preserve colour). A film uploaded in the same box
+    The form has run's style images, blend weights and phrases to avoid, and
+    its region and colour controls (a where phrase, a mask upload, invert,
+    feather, preserve colour). A film uploaded in the same box
     is restyled with a finished result's style, frame by frame (needs
     clipstyle[video]), and plays in the gallery.
 

@@ -15,7 +15,9 @@ and keeps nothing either (a film is written whole or not at all).
 
 A stylize job's region and colour values (``run``'s --where, --mask, --invert-mask,
 --feather, --preserve-color; the mask an uploaded image) go into its one-pair plan
-as ``RunOptions.region``, as ``clipstyle run`` passes them.
+as ``RunOptions.region``, as ``clipstyle run`` passes them; its style images, blend weights
+and avoided phrases (``run``'s --style-image, --blend, --avoid, --avoid-weight; style images
+uploaded like photos) as the pair's ``RunJob.target``, as ``plan_run`` sets it.
 
 The server's folder holds everything it serves::
 
