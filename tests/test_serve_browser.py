@@ -178,3 +178,135 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
     assert kinds == [("apply", "done"), ("stylize", "done"), ("stylize", "stopped")]
     applied = next(j for j in queue.jobs.values() if j.kind == "apply")
     assert applied.size == [300, 200]  # a saved style renders the photo at its own size
+
+
+def test_a_person_styles_only_the_sky_then_restyles_a_film(tmp_path, browser):
+    """The region controls (a `--where` phrase, preserve colour) in the form, recorded on the card and
+    given back by "Use these settings"; then a film uploaded, restyled with the saved style frame by
+    frame, played and downloaded from the gallery."""
+    pytest.importorskip("av")
+    from videos import make_video
+
+    picture = photo(tmp_path / "hills.jpg")
+    film = make_video(tmp_path / "holiday.mp4", frames=24, size=(96, 64))
+    queue = JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0.05)
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    find = browser.find_element
+    with running(queue) as base:
+        browser.get(base)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fields input"))
+        find(By.ID, "photo").send_keys(str(picture))
+        wait.until(lambda d: "hills.jpg (300×200)" in find(By.ID, "photo-name").text)
+        find(By.ID, "prompts").send_keys("golden sunset")
+        Select(find(By.ID, "preset")).select_by_value("draft")
+        find(By.CSS_SELECTOR, "#settings summary").click()
+        for name, value in (("steps", "10"), ("size", str(SIZE)), ("crops", "4"), ("crop_size", "32")):
+            field = find(By.ID, f"f-{name}")
+            field.clear()
+            field.send_keys(value)
+        browser.execute_script("document.getElementById('settings').open = false")
+        find(By.CSS_SELECTOR, "#region summary").click()
+        assert find(By.ID, "feather").get_attribute("value") == "4"  # run's default, through /api/config
+        find(By.ID, "where").send_keys("the sky")
+        find(By.ID, "preserve-color").click()
+        shoot(browser, tmp_path, "5-region")
+        find(By.ID, "start").click()
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card button.apply"))
+        facts = find(By.CSS_SELECTOR, "#cards .card p.muted").text
+        assert "where “the sky”" in facts and "colours kept" in facts
+        # the region goes back into the form with the rest of the settings
+        find(By.ID, "where").clear()
+        find(By.ID, "preserve-color").click()
+        find(By.CSS_SELECTOR, "#cards .card button.use").click()
+        wait.until(lambda d: find(By.ID, "where").get_attribute("value") == "the sky")
+        assert find(By.ID, "preserve-color").is_selected()
+        # a film: uploaded in the same box, restyled with the card's style, counted in frames
+        find(By.ID, "photo").send_keys(str(film))
+        wait.until(lambda d: "holiday.mp4 (film, 96×64, 24 frames" in find(By.ID, "photo-name").text)
+        browser.execute_script("""
+            const text = document.getElementById('progress-text');
+            window.frames_seen = [];
+            new MutationObserver(() => window.frames_seen.push(text.textContent))
+              .observe(text, {childList: true, characterData: true, subtree: true});""")
+        card.click()
+        played = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card video"))
+        assert any(t.startswith("frame ") and "/ 24" in t for t in browser.execute_script("return window.frames_seen"))
+        assert find(By.ID, "progress-text").text.startswith("frame 24 / 24")
+        assert find(By.ID, "message").text == ""
+        src = played.get_attribute("src")
+        assert src.endswith(".mp4") and "/files/results/" in src
+        # the page may load it (media-src), and the browser reads its size from the file
+        # its first frame shown (HAVE_CURRENT_DATA): the browser decodes the film
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState", played) >= 2, "the film did not load")
+        assert browser.execute_script("return [arguments[0].videoWidth, arguments[0].videoHeight]", played) == [96, 64]
+        browser.execute_script("document.getElementById('gallery').scrollIntoView()")
+        shoot(browser, tmp_path, "6-film")
+        find(By.CSS_SELECTOR, "#cards .card a.download-film").click()
+        deadline = time.monotonic() + 20
+        while not (films := list(browser.downloads.glob("*.mp4"))):
+            assert time.monotonic() < deadline, "the film did not download"
+            time.sleep(0.05)
+        (got,) = films
+        assert got.name == "holiday-golden-sunset-applied.mp4"
+        from videos import decoded_frames
+
+        assert len(decoded_frames(got)) == 24
+    done = sorted((j.kind, j.film, j.status) for j in queue.jobs.values())
+    assert done == [("apply", True, "done"), ("stylize", False, "done")]
+    (styled,) = [j for j in queue.jobs.values() if j.kind == "stylize"]
+    assert styled.region["where"] == "the sky" and styled.region["preserve_color"] is True
+
+
+def test_a_person_blends_a_prompt_with_a_painting_and_avoids_letters(tmp_path, browser):
+    """A style image uploaded in the form with a weight, blended with a weighted prompt into one network,
+    a phrase to avoid: the card names the blend and what it avoids; "Use these settings" gives it all back."""
+    picture = photo(tmp_path / "hills.jpg")
+    brush = tmp_path / "brush.png"
+    img = Image.new("RGB", (60, 60), (20, 30, 90))
+    draw = ImageDraw.Draw(img)
+    for x in range(-60, 60, 10):
+        draw.line([(x, 0), (x + 60, 60)], fill=(240, 200, 60), width=4)
+    img.save(brush)
+    queue = JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0.05)
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    find = browser.find_element
+    with running(queue) as base:
+        browser.get(base)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fields input"))
+        find(By.ID, "photo").send_keys(str(picture))
+        wait.until(lambda d: "hills.jpg (300×200)" in find(By.ID, "photo-name").text)
+        find(By.ID, "style-images").send_keys(str(brush))
+        weight = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#style-list li input.weight"))
+        assert find(By.CSS_SELECTOR, "#style-list li .name").text == "brush.png"
+        weight.clear()
+        weight.send_keys("0.3")
+        find(By.ID, "prompts").send_keys("ink wash painting:0.7")
+        find(By.ID, "blend").click()
+        find(By.CSS_SELECTOR, "#avoid-box summary").click()
+        assert find(By.ID, "avoid-weight").get_attribute("value") == "0.5"  # run's default, through /api/config
+        find(By.ID, "avoid").send_keys("letters")
+        Select(find(By.ID, "preset")).select_by_value("draft")
+        find(By.CSS_SELECTOR, "#settings summary").click()
+        for name, value in (("steps", "8"), ("size", str(SIZE)), ("crops", "4"), ("crop_size", "32")):
+            field = find(By.ID, f"f-{name}")
+            field.clear()
+            field.send_keys(value)
+        browser.execute_script("document.getElementById('settings').open = false")
+        shoot(browser, tmp_path, "7-targets")
+        find(By.ID, "start").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cards .card button.use"))
+        assert find(By.CSS_SELECTOR, "#cards .card .prompt").text == "ink wash painting:0.7 + [brush.png]:0.3"
+        assert "avoiding “letters”" in find(By.CSS_SELECTOR, "#cards .card p.muted").text
+        assert find(By.ID, "message").text == ""
+        # everything back into the form
+        browser.execute_script("""
+            for (const id of ['prompts', 'avoid']) document.getElementById(id).value = '';
+            document.getElementById('blend').checked = false;""")
+        find(By.CSS_SELECTOR, "#style-list li button").click()
+        find(By.CSS_SELECTOR, "#cards .card button.use").click()
+        wait.until(lambda d: find(By.ID, "prompts").get_attribute("value") == "ink wash painting:0.7")
+        assert find(By.ID, "blend").is_selected() and find(By.ID, "avoid").get_attribute("value") == "letters"
+        assert find(By.CSS_SELECTOR, "#style-list li input.weight").get_attribute("value") == "0.3"
+    (job,) = queue.jobs.values()
+    assert job.status == "done" and job.target["blend"] is True
+    assert [t["weight"] for t in job.target["targets"]] == [0.7, 0.3] and job.target["avoid"] == ["letters"]

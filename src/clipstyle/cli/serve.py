@@ -86,7 +86,7 @@ def bind(host: str, port: int) -> socket.socket:
     type=click.IntRange(1),
     default=50,
     show_default=True,
-    help="Refuse uploads larger than this many megabytes.",
+    help="Refuse uploads (photos, masks, films) larger than this many megabytes.",
 )
 @click.option(
     "--upload-space-mb",
@@ -115,6 +115,12 @@ def serve(
     \b
       clipstyle serve                      # then open http://127.0.0.1:7860
       clipstyle serve --device cuda:1 --port 8000 --folder ~/styles
+
+    The form has run's style images, blend weights and phrases to avoid, and
+    its region and colour controls (a where phrase, a mask upload, invert,
+    feather, preserve colour). A film uploaded in the same box
+    is restyled with a finished result's style, frame by frame (needs
+    clipstyle[video]), and plays in the gallery.
 
     Jobs from every tab queue on one device; the models load once (their
     weights as for `clipstyle run`: local files, else the cache, else a

@@ -11,12 +11,14 @@ Routes (the page uses all of them; so can a script):
     GET  /api/config               the form: fields and defaults from Settings, presets
     GET  /api/state                queue and jobs, in short (JSON); /api/events streams it
     GET  /api/jobs/<id>            one job in full: settings, PNG metadata, notes
-    POST /api/uploads              the photo's bytes as the body, its name in X-Filename
+    POST /api/uploads              the photo's (or film's) bytes as the body, its name in X-Filename
     POST /api/jobs                 {"upload", "prompts": [...], "form": {...}} or {"upload", "apply": job id}
+                                   (a film upload takes only "apply": a saved style over every frame)
     POST /api/jobs/<id>/stop       cancel a queued job, or stop a running one keeping its last image
     DELETE /api/jobs/<id>          remove a finished job and its files
     GET  /api/jobs/<id>/preview    the job's current image
-    GET  /files/results/<id>.png   (or .style) downloads; /files/uploads/<id>.jpg the photo as shown
+    GET  /files/results/<id>.png   (or .style, or .mp4 for a film) downloads; /files/uploads/<id>.jpg the
+                                   photo as shown (a film's first frame)
 
 Safety: nothing is loaded from the internet (a Content-Security-Policy says
 so to the browser too); files come only from the server's own folder, by
@@ -54,9 +56,11 @@ DEFAULT_MAX_UPLOAD = 50 * 1024 * 1024  # bytes; the pixel limit is checked after
 MAX_BODY = 64 * 1024  # bytes of a JSON request (16 prompts of 1000 characters fit, escaped, several times)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; media-src 'self'; "
+    "connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
+MEDIA_TYPES = {".png": "image/png", ".mp4": "video/mp4"}  # results; a .style is octet-stream
 EVENT_INTERVAL = 0.1  # seconds between looks at the state
 KEEPALIVE = 15.0  # seconds between comments on an idle event stream
 
@@ -276,7 +280,7 @@ def make_app(
                 path,
                 filename=filename,
                 headers=headers,
-                media_type="image/png" if path.suffix == ".png" else "application/octet-stream",
+                media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
             )
         return FileResponse(path, headers=headers)
 

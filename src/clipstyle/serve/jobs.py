@@ -10,12 +10,21 @@ flag is set, which ends ``stylize_many`` between two steps; the last image the
 callback received is kept as the result. No style file is written for a
 stopped job: the network behind that image is not handed to callbacks. A job
 stopped before its first step, and an apply job (stopped between two tiles),
-keep nothing: they end "cancelled".
+keep nothing: they end "cancelled". A film (an apply job) stops between two frames
+and keeps nothing either (a film is written whole or not at all).
+
+A stylize job's region and colour values (``run``'s --where, --mask, --invert-mask,
+--feather, --preserve-color; the mask an uploaded image) go into its one-pair plan
+as ``RunOptions.region``, as ``clipstyle run`` passes them; its style images, blend weights
+and avoided phrases (``run``'s --style-image, --blend, --avoid, --avoid-weight; style images
+uploaded like photos) as the pair's ``RunJob.target``, as ``plan_run`` sets it.
 
 The server's folder holds everything it serves::
 
     uploads/<id>.bin   checked upload (original bytes), <id>.json its name and size, <id>.jpg a view
+    uploads/<id>.mp4   a checked film (its own suffix: .mov, .mkv...), <id>.jpg its first frame
     results/<job>.png  the result, with the same PNG metadata as ``clipstyle run`` writes
+    results/<job>.mp4  a restyled film (an apply job on a film), its record in the container
     results/<job>.style  the trained network (finished stylize jobs)
     results/<job>.json  the job's record: reloaded into the gallery when the server starts
 
@@ -43,21 +52,26 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from clipstyle.config import MAX_PIXELS, PRECISIONS, PRESETS, Settings
+from clipstyle import video
+from clipstyle.config import AVOID_WEIGHT, FEATHER, MAX_FEATHER, MAX_PIXELS, PRECISIONS, PRESETS, Settings
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import fit_size, open_image, save_png, slugify, to_pil, write_atomic
 from clipstyle.jobs.apply import ApplyJob, ApplyOptions, apply_files
 from clipstyle.jobs.batch import Events as BatchEvents
+from clipstyle.jobs.film import FrameProgress
 from clipstyle.jobs.inputs import InputFile
 from clipstyle.jobs.memory import check_fits, check_run_size, run_bytes
 from clipstyle.jobs.pairs import RunJob, pair_seed
 from clipstyle.jobs.plan import RunPlan, check_prompts, execute
 from clipstyle.jobs.report import Report
 from clipstyle.jobs.run import RunOptions, output_metadata
+from clipstyle.method.targets import StyleImage, Target, Targets
+from clipstyle.prompts import is_blank, split_weight
 from clipstyle.provenance import bytes_sha256, file_sha256
+from clipstyle.regions.region import Region
 from clipstyle.styles.stylefile import load_style
 
 # The settings the form shows, with the names of `clipstyle run`'s options.
@@ -77,6 +91,11 @@ FORM_FIELDS = (
     "precision",
 )
 CHOICES = {"precision": PRECISIONS}
+# The region and colour controls of `clipstyle run` (--where, --mask, --invert-mask, --feather,
+# --preserve-color), by their form names; ``mask`` is the id of an uploaded image.
+REGION_FIELDS = ("where", "mask", "invert_mask", "feather", "preserve_color")
+# run's target options (--style-image, --blend, --avoid, --avoid-weight) by form name -> run's parameter name.
+TARGET_HELP = {"style_images": "style_images", "blend": "blend", "avoid": "avoid", "avoid_weight": "avoid_weight"}
 MAX_PROMPTS = 16  # one job per prompt line
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; a longer text is a mistake or an attack
 MAX_NAME = 200
@@ -89,10 +108,13 @@ JOB_ID = re.compile(r"[0-9a-f]{12}")
 UPLOAD_ID = re.compile(r"[0-9a-f]{16}")
 # Files the server hands out: results by job id, upload views by upload id. Nothing else.
 SERVED = {
-    "results": re.compile(r"[0-9a-f]{12}\.(png|style)"),
+    "results": re.compile(r"[0-9a-f]{12}\.(png|style|mp4)"),
     "uploads": re.compile(r"[0-9a-f]{16}\.jpg"),
 }
 VIEW_SIDE = 768  # longest side of the upload's view in the page
+# Uploaded films keep their own suffix (clipstyle.video reads a film as one by its name):
+# uploads/<id>.mp4 etc. beside <id>.jpg (its first frame) and <id>.json.
+FILM_SUFFIXES = tuple(sorted(video.VIDEO_EXTENSIONS))
 FINISHED = ("done", "stopped", "failed", "cancelled", "interrupted")
 KEPT = ("done", "stopped")  # the statuses of jobs whose record is written (and reloaded)
 TEMPORARY = re.compile(r"\..+\.(\d+)-\d+\.tmp")  # images.write_atomic's temporary files: .<name>.<pid>-<n>.tmp
@@ -126,7 +148,175 @@ def form_schema(help_texts: dict | None = None) -> dict:
                 "help": (help_texts or {}).get(name),
             }
         )
-    return {"fields": fields, "presets": PRESETS, "seed": 0, "max_prompts": MAX_PROMPTS}
+    helps = help_texts or {}
+    region = {
+        "feather": FEATHER,
+        "max_feather": MAX_FEATHER,
+        # the help of run's options, by form name (preserve_color is run's --preserve-color)
+        "help": {name: helps.get("preserve_colour" if name == "preserve_color" else name) for name in REGION_FIELDS},
+    }
+    targets = {
+        "avoid_weight": AVOID_WEIGHT,
+        # run's --style-image, --blend, --avoid and --avoid-weight, by form name
+        "help": {name: helps.get(option) for name, option in TARGET_HELP.items()},
+    }
+    return {
+        "fields": fields,
+        "presets": PRESETS,
+        "seed": 0,
+        "max_prompts": MAX_PROMPTS,
+        "region": region,
+        "targets": targets,
+        "films": film_support(),
+    }
+
+
+def film_support() -> dict:
+    """Whether films can be uploaded (PyAV is installed), and if not, how to install it."""
+    try:
+        video.require_av()
+    except ClipstyleError as exc:
+        return {"available": False, "hint": str(exc), "suffixes": list(FILM_SUFFIXES)}
+    return {"available": True, "hint": None, "suffixes": list(FILM_SUFFIXES)}
+
+
+def _weight(raw, what: str, minimum_exclusive: bool = True) -> float:
+    """A weight from a form: a plain number (or its text), finite, above 0 (or 0 and above)."""
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+            raise ValueError
+        number = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise ClipstyleError(f"{what}: {_shown(raw)} is not a number") from None
+    if not math.isfinite(number) or number < 0 or (minimum_exclusive and number == 0):
+        raise ClipstyleError(f"{what} must be a number above 0" if minimum_exclusive else f"{what} must be 0 or more")
+    return number
+
+
+def _texts(raw, what: str) -> list[str]:
+    """A list of texts from a form (each stripped, empty ones dropped), bounded like the prompts."""
+    if raw is None or raw == "":
+        return []
+    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+        raise ClipstyleError(f"{what} must be a list of texts")
+    texts = [t.strip() for t in raw if t.strip()]
+    if len(texts) > MAX_PROMPTS:
+        raise ClipstyleError(f"{len(texts)} {what} phrases: at most {MAX_PROMPTS} at a time")
+    for t in texts:
+        if len(t) > MAX_PROMPT_CHARS:
+            raise ClipstyleError(f"{what}: a phrase has {len(t):,} characters, at most {MAX_PROMPT_CHARS:,}")
+        if not _utf8(t):
+            raise ClipstyleError(f"{what}: not valid text (a lone surrogate)")
+    return texts
+
+
+def targets_from_form(prompts: list[str], form: dict) -> list[tuple[str | None, dict | None]]:
+    """The jobs a form asks for, as `clipstyle run` makes them from -p, --style-image, --blend,
+    --avoid and --avoid-weight: one (prompt, None) per plain prompt, else (None, its target
+    record), with style images by upload id (the queue checks them, JobQueue.targets_for). Without
+    ``blend`` each prompt and each style image is a job; with it, all are one job, a prompt's
+    weight written ``"text:0.7"`` as on the command line, a style image's beside it."""
+    raw = form.get("style_images")
+    if raw is None or raw == "":
+        raw = []
+    if not isinstance(raw, list):
+        raise ClipstyleError("style images must be a list of uploads")
+    images = []
+    for item in raw:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("upload"), str)
+            or not set(item) <= {"upload", "weight"}
+        ):
+            raise ClipstyleError(f"style image: {_shown(item)} is not an upload and a weight")
+        weight = item.get("weight")
+        weight = 1.0 if weight is None or weight == "" else _weight(weight, "a style image's weight")
+        images.append({"image": item["upload"], "name": None, "weight": weight})
+    blend = form.get("blend")
+    if blend is not None and not isinstance(blend, bool):
+        raise ClipstyleError(f"blend: {_shown(blend)} is not true or false")
+    avoid = _texts(form.get("avoid"), "avoid")
+    avoid_weight = form.get("avoid_weight")
+    avoid_weight = (
+        AVOID_WEIGHT if avoid_weight is None or avoid_weight == "" else _weight(avoid_weight, "avoid weight", False)
+    )
+    if not prompts and not images:
+        raise ClipstyleError("the prompt is empty")
+    extra = {"avoid": avoid, "avoid_weight": avoid_weight}
+    if blend:
+        if len(prompts) + len(images) < 2:
+            raise ClipstyleError("a blend needs at least two targets (prompts or style images)")
+        texts = []
+        for prompt in prompts:
+            body, weight = split_weight(prompt)
+            texts.append({"text": body, "weight": 1.0 if weight is None else weight})
+        return [(None, {"targets": [*texts, *images], **extra, "blend": True})]
+    if len(prompts) + len(images) > MAX_PROMPTS:
+        raise ClipstyleError(f"{len(prompts) + len(images)} prompts and style images: at most {MAX_PROMPTS} at a time")
+    jobs: list[tuple[str | None, dict | None]] = [
+        (None, {"targets": [{"text": p, "weight": 1.0}], **extra, "blend": False}) if avoid else (p, None)
+        for p in prompts
+    ]
+    jobs += [(None, {"targets": [image], **extra, "blend": False}) for image in images]
+    return jobs
+
+
+@dataclass(frozen=True)
+class ServedRegion(Region):
+    """A Region whose mask is an upload: recorded under the name it was uploaded under (as
+    `clipstyle run --mask NAME` records it), not the server's ``<id>.bin``."""
+
+    mask_name: str | None = None
+
+    def record(self) -> dict:
+        out = super().record()
+        if self.mask is not None and self.mask_name:
+            out["mask"] = self.mask_name
+        return out
+
+
+def region_from_form(form: dict) -> dict | None:
+    """The region and colour values of a form, checked like the other form values (one line each;
+    flags must be true or false, the feather a finite number from 0 to MAX_FEATHER, the phrase
+    text, as run's --where is): the job's record of them, or None when none is asked for. The mask's upload id is
+    checked by the queue (JobQueue.region_for)."""
+    where = form.get("where")
+    if where is not None and not isinstance(where, str):
+        raise ClipstyleError(f"where: {_shown(where)} is not text")
+    where = (where or "").strip() or None
+    if where is not None:
+        if len(where) > MAX_PROMPT_CHARS:
+            raise ClipstyleError(f"where: {len(where):,} characters, at most {MAX_PROMPT_CHARS:,}")
+        if not _utf8(where):
+            raise ClipstyleError("where: not valid text (a lone surrogate)")
+        if is_blank(where):
+            raise ClipstyleError("where: the phrase has no visible character")
+    mask = form.get("mask")
+    if mask is not None and mask != "" and not isinstance(mask, str):
+        raise ClipstyleError(f"mask: {_shown(mask)} is not an upload id")
+    mask = mask or None
+    flags = {}
+    for name in ("invert_mask", "preserve_color"):
+        raw = form.get(name)
+        if raw is not None and not isinstance(raw, bool):
+            raise ClipstyleError(f"{name.replace('_', ' ')}: {_shown(raw)} is not true or false")
+        flags[name] = bool(raw)
+    raw = form.get("feather")
+    feather = FEATHER
+    if raw is not None and raw != "":
+        try:
+            if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+                raise ValueError
+            feather = float(raw)
+        except (TypeError, ValueError, OverflowError):
+            raise ClipstyleError(f"feather: {_shown(raw)} is not a number") from None
+        if not 0 <= feather <= MAX_FEATHER:  # false for nan too
+            raise ClipstyleError(f"feather must be between 0 and {MAX_FEATHER:,.0f} pixels")
+    if flags["invert_mask"] and where is None and mask is None:
+        raise ClipstyleError("invert mask needs a mask or a where phrase")
+    if where is None and mask is None and not flags["preserve_color"]:
+        return None
+    return {"where": where, "mask": mask, "mask_name": None, "feather": feather, **flags}
 
 
 def settings_from_form(form: dict) -> Settings:
@@ -249,6 +439,12 @@ class Job:
     style: str | None = None
     metadata: dict | None = None  # the PNG's text chunks, as written (JSON values stay text: 64-bit seeds)
     preview: int = 0  # bumps each time a new preview image is ready
+    region: dict | None = None  # stylize: the form's region and colour values (region_from_form)
+    film: bool = False  # apply: the upload is a film (step and steps count its frames)
+    video: str | None = None  # the restyled film in results/ (a film job's result instead of ``png``)
+    # stylize: what the network is trained towards beyond the prompt alone (targets_from_form): style
+    # images (by upload id, with their names), a blend's parts and weights, phrases to avoid
+    target: dict | None = None
 
     def public(self, full: bool = True) -> dict:
         """The job as JSON. ``full=False``: without settings, metadata and notes, for the state that
@@ -298,7 +494,11 @@ class Job:
             "created": _number,
             "finished": lambda v: v is None or _number(v),
             "size": lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_whole(n) for n in v)),
-            "png": lambda v: v == f"{job_id}.png",
+            "png": lambda v: v is None or v == f"{job_id}.png",
+            "video": lambda v: v is None or v == f"{job_id}.mp4",
+            "film": lambda v: isinstance(v, bool),
+            "region": lambda v: v is None or _region_ok(v),
+            "target": lambda v: v is None or _target_ok(v),
             "style": lambda v: v is None or v == f"{job_id}.style",
             "metadata": lambda v: (
                 v is None
@@ -306,14 +506,74 @@ class Job:
             ),
             "preview": _whole,
         }
-        required = ("id", "kind", "upload", "input_name", "prompt", "status", "png")
-        if any(name not in data for name in required):
+        required = ("id", "kind", "upload", "input_name", "prompt", "status")
+        if any(name not in data for name in required) or not (data.get("png") or data.get("video")):
             return None
         if not all(check(data[name]) for name, check in checks.items() if name in data):
             return None
         job = cls(**data)
         job.preview = 0
         return job
+
+
+def _region_ok(v) -> bool:
+    """A job record's region, as region_from_form makes it (the mask an upload id)."""
+    return (
+        isinstance(v, dict)
+        and set(v) == {"where", "mask", "mask_name", "feather", "invert_mask", "preserve_color"}
+        and (v["where"] is None or _text(v["where"]))
+        and (v["mask"] is None or (isinstance(v["mask"], str) and bool(UPLOAD_ID.fullmatch(v["mask"]))))
+        and (v["mask_name"] is None or _name_ok(v["mask_name"]))
+        and _number(v["feather"])
+        and 0 <= v["feather"] <= MAX_FEATHER
+        and isinstance(v["invert_mask"], bool)
+        and isinstance(v["preserve_color"], bool)
+    )
+
+
+def _target_ok(v) -> bool:
+    """A job record's target, as targets_from_form makes it (style images by upload id)."""
+
+    def part_ok(p) -> bool:
+        if not isinstance(p, dict) or not (_number(p.get("weight")) and p["weight"] > 0):
+            return False
+        if set(p) == {"text", "weight"}:
+            return _text(p["text"])
+        return (
+            set(p) == {"image", "name", "weight"}
+            and isinstance(p["image"], str)
+            and bool(UPLOAD_ID.fullmatch(p["image"]))
+            and _name_ok(p["name"])
+        )
+
+    return (
+        isinstance(v, dict)
+        and set(v) == {"targets", "avoid", "avoid_weight", "blend"}
+        and isinstance(v["targets"], list)
+        and 0 < len(v["targets"]) <= 2 * MAX_PROMPTS
+        and all(part_ok(p) for p in v["targets"])
+        and isinstance(v["avoid"], list)
+        and len(v["avoid"]) <= MAX_PROMPTS
+        and all(_text(a) for a in v["avoid"])
+        and _number(v["avoid_weight"])
+        and v["avoid_weight"] >= 0
+        and isinstance(v["blend"], bool)
+    )
+
+
+def _name_ok(v) -> bool:
+    return isinstance(v, str) and v == clean_name(v)
+
+
+def _text(v) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_PROMPT_CHARS and _utf8(v)
+
+
+def _film_ok(v) -> bool:
+    """An upload record's film facts, as _check_film writes them (None for a photo)."""
+    return v is None or (
+        isinstance(v, dict) and v.get("suffix") in FILM_SUFFIXES and _whole(v.get("frames")) and v["frames"] >= 0
+    )
 
 
 def _whole(v) -> bool:
@@ -411,6 +671,8 @@ class JobQueue:
         same bytes under two names are two uploads (the name makes the seed) and re-uploading one
         changes nothing."""
         name = clean_name(name)
+        if video.is_video(name):
+            return self._add_film(data, name)
         try:
             loaded = open_image(Path(name), self.max_pixels, data=data)
         except ClipstyleError as exc:
@@ -444,6 +706,96 @@ class JobQueue:
                     path.unlink(missing_ok=True)
                 raise self._refusal(f"cannot keep {name}", exc) from None
         return info
+
+    def _add_film(self, data: bytes, name: str) -> dict:
+        """Check an uploaded film as `clipstyle apply` reads one (clipstyle.video): it opens, its
+        first frame decodes, its frames are within the pixel limit, and it holds the frames it states
+        (a film cut short is refused here, not after a long job). The bytes are checked in a
+        temporary file inside the upload budget; kept as ``<id><suffix>`` with a view of its first
+        frame. Without PyAV: one line saying how to install it."""
+        try:
+            video.require_av()
+        except ClipstyleError as exc:
+            raise ClipstyleError(f"{name}: {exc}") from None
+        suffix = Path(name).suffix.lower()
+        digest = bytes_sha256(data)
+        upload_id = bytes_sha256(f"{digest}\0{name}".encode())[:16]
+        paths = [self.uploads / f"{upload_id}.{s}" for s in (suffix[1:], "jpg", "json")]
+        with self._uploading:
+            if all(p.is_file() for p in paths):
+                return self.upload_info(upload_id)  # the same bytes under the same name: already kept
+            self._make_room(len(data))
+            # a temporary name a restart removes (TEMPORARY) if the server dies while checking
+            tmp = self.uploads / f".{upload_id}{suffix}.{os.getpid()}-0.tmp"
+            try:
+                try:
+                    tmp.write_bytes(data)
+                except OSError as exc:
+                    raise self._refusal(f"cannot keep {name}", ClipstyleError(exc.strerror or str(exc))) from None
+                info = self._check_film(tmp, name)
+                info.update(id=upload_id, name=name, sha256=digest)
+                view = io.BytesIO()
+                info.pop("view").save(view, format="JPEG", quality=88)
+                record = json.dumps(info, ensure_ascii=False).encode("utf-8")
+                self._make_room(len(view.getvalue()) + len(record))
+                try:
+                    os.replace(tmp, paths[0])
+                    for path, content in zip(paths[1:], (view.getvalue(), record)):
+                        write_atomic(path, lambda fh, c=content: fh.write(c), overwrite=True)
+                except (OSError, ClipstyleError) as exc:
+                    for path in paths:  # all three or none: no orphan files
+                        path.unlink(missing_ok=True)
+                    if isinstance(exc, OSError):
+                        exc = ClipstyleError(exc.strerror or str(exc))
+                    raise self._refusal(f"cannot keep {name}", exc) from None
+            finally:
+                tmp.unlink(missing_ok=True)
+        return info
+
+    def _check_film(self, path: Path, name: str) -> dict:
+        """What the page shows of a film (size, frames, rate, duration, audio) and a view of its first
+        frame (a PIL image, under "view"); one line naming ``name`` for anything unusable."""
+        from PIL import Image
+
+        try:
+            try:
+                info = video.probe(path)
+                counted = video.count_frames(path)
+                if info.width * info.height > self.max_pixels:
+                    raise ClipstyleError(
+                        f"frames of {info.width}x{info.height} pixels, over the limit of {self.max_pixels:,}"
+                    )
+                if info.frames and info.frames - counted > max(2, info.frames // 100):
+                    raise ClipstyleError(f"is truncated or damaged: {counted} of its {info.frames} frames are there")
+                frames = video.rgb_frames(path)
+                try:
+                    first = next(frames, None)
+                finally:
+                    frames.close()
+            except ClipstyleError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - FFmpeg's errors on a hostile file, in one line
+                raise ClipstyleError(f"cannot read it as a video ({type(exc).__name__})") from None
+            if first is None:
+                raise ClipstyleError("holds no frame that can be decoded")
+        except ClipstyleError as exc:
+            raise ClipstyleError(f"{name}: {exc.reason}") from None
+        view = Image.fromarray(video.upright(first, info.rotation)).resize(info.display_size, Image.Resampling.BILINEAR)
+        view.thumbnail((VIEW_SIDE, VIEW_SIDE))
+        width, height = info.display_size
+        return {
+            "width": width,
+            "height": height,
+            "notes": [],
+            "film": {
+                "suffix": Path(name).suffix.lower(),
+                "frames": info.frames or counted,
+                "fps": round(float(info.fps), 3) if info.fps else None,
+                "duration": round(info.duration, 3),
+                "audio_streams": info.audio_streams,
+            },
+            "view": view,
+        }
 
     def _refusal(self, what: str, exc: ClipstyleError) -> ClipstyleError:
         """A write that failed, as one line for the page: NoSpace when the disk is full, no server path."""
@@ -479,6 +831,10 @@ class JobQueue:
         """Ids of uploads no job (waiting, running or in the gallery) refers to, oldest first."""
         with self._lock:
             used = {job.upload for job in self.jobs.values()}
+            used |= {job.region["mask"] for job in self.jobs.values() if job.region and job.region["mask"]}
+            used |= {
+                p["image"] for job in self.jobs.values() if job.target for p in job.target["targets"] if "image" in p
+            }
         found = {}
         for path in self.uploads.glob("*.json"):
             if UPLOAD_ID.fullmatch(path.stem) and path.stem not in used:
@@ -490,7 +846,8 @@ class JobQueue:
 
     def _remove_upload(self, upload_id: str) -> int:
         freed = 0
-        for suffix in ("json", "jpg", "bin"):  # the record first: an upload without it is not offered
+        for suffix in ("json", "jpg", "bin", *(s[1:] for s in FILM_SUFFIXES)):  # the record first: an upload
+            # without it is not offered
             path = self.uploads / f"{upload_id}.{suffix}"
             try:
                 size = path.stat().st_size
@@ -513,10 +870,88 @@ class JobQueue:
             or not isinstance(info.get("name"), str)
             or info["name"] != clean_name(info["name"])
             or not all(_whole(info.get(k)) and info[k] > 0 for k in ("width", "height"))
-            or not (self.uploads / f"{upload_id}.bin").is_file()
+            or not _film_ok(info.get("film"))
+            or not self.upload_path(upload_id, info).is_file()
         ):
             raise ClipstyleError("no such upload: upload the photo again")
         return info
+
+    def upload_path(self, upload_id: str, info: dict) -> Path:
+        """The upload's bytes: ``<id>.bin`` for a photo, ``<id><suffix>`` for a film."""
+        film = info.get("film")
+        return self.uploads / (f"{upload_id}{film['suffix']}" if film else f"{upload_id}.bin")
+
+    def region_for(self, form: dict) -> dict | None:
+        """The form's region (region_from_form) with its mask upload checked: an image upload of
+        this server, readable as a mask (clipstyle.regions.masks.read_mask)."""
+        region = region_from_form(form)
+        if region is None or region["mask"] is None:
+            return region
+        info = self.upload_info(region["mask"])
+        if info.get("film"):
+            raise ClipstyleError(f"{info['name']}: a mask is an image, not a film")
+        region["mask_name"] = info["name"]
+        path = self.upload_path(region["mask"], info)
+        try:
+            self._region(region).check()
+        except ClipstyleError as exc:
+            raise ClipstyleError(describe_error(exc, path, info["name"])) from None
+        return region
+
+    def targets_for(self, prompts: list[str], form: dict) -> dict[str, dict | None]:
+        """The form's jobs (targets_from_form) by label, as `clipstyle run` plans them: each style
+        image an image upload of this server, read with the checks every input gets, and named by
+        the name it was uploaded under; weights and phrases checked by clipstyle.method.targets;
+        every text CLIP reads checked as a prompt; two different targets under one label refused."""
+        wanted: dict[str, dict | None] = {}
+        for label, record in targets_from_form(prompts, form):
+            if record is not None:
+                for part in record["targets"]:
+                    if "image" in part:
+                        info = self.upload_info(part["image"])
+                        if info.get("film"):
+                            raise ClipstyleError(f"{info['name']}: a style image is an image, not a film")
+                        part["name"] = info["name"]
+                spec = self._targets(record)
+                label = spec.label()
+                check_prompts(spec.texts())
+            if label in wanted and wanted[label] != record:
+                raise ClipstyleError(f"two targets are both named {label!r}; rename a file or reword a prompt")
+            wanted[label] = record
+        return wanted
+
+    def _targets(self, record: dict | None) -> Targets | None:
+        """The library's Targets for a job's target record (None for a plain prompt): style images
+        read again from their uploads (ImageError names the upload by its name)."""
+        if record is None:
+            return None
+        parts = []
+        for part in record["targets"]:
+            if "text" in part:
+                parts.append(Target(part["text"], weight=part["weight"]))
+                continue
+            info = self.upload_info(part["image"])
+            path = self.upload_path(part["image"], info)
+            try:
+                image = StyleImage.open(path, self.max_pixels)
+            except ClipstyleError as exc:
+                raise ClipstyleError(describe_error(exc, path, part["name"])) from None
+            parts.append(Target(image=replace(image, name=part["name"]), weight=part["weight"]))
+        return Targets(tuple(parts), tuple(record["avoid"]), record["avoid_weight"])
+
+    def _region(self, region: dict | None) -> ServedRegion | None:
+        """The library's Region for a job's region record."""
+        if region is None:
+            return None
+        mask = region["mask"]
+        return ServedRegion(
+            mask=self.uploads / f"{mask}.bin" if mask else None,
+            where=region["where"],
+            invert=region["invert_mask"],
+            feather=region["feather"],
+            preserve_colour=region["preserve_color"],
+            mask_name=region["mask_name"],
+        )
 
     # --- submitting -------------------------------------------------------------------------------------
 
@@ -526,8 +961,6 @@ class JobQueue:
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise ClipstyleError("prompts must be a list of texts")
         prompts = [p.strip() for p in prompts if p.strip()]
-        if not prompts:
-            raise ClipstyleError("the prompt is empty")
         if len(prompts) > MAX_PROMPTS:
             raise ClipstyleError(f"{len(prompts)} prompts: at most {MAX_PROMPTS} at a time")
         for p in prompts:
@@ -536,7 +969,13 @@ class JobQueue:
         check_prompts(prompts)
         if not isinstance(form, dict):
             raise ClipstyleError("form must be an object")
+        if info.get("film"):
+            raise ClipstyleError(
+                f"{info['name']}: a film is restyled with a saved style: use Apply on a finished result"
+            )
         settings = settings_from_form(form)
+        region = self.region_for(form)
+        wanted = self.targets_for(prompts, form)  # label -> target record (None: the prompt alone)
         self._check_size(settings, info)
         base_seed = _seed(form)
         preset = form.get("preset") or "paper"
@@ -546,15 +985,17 @@ class JobQueue:
                 kind="stylize",
                 upload=upload_id,
                 input_name=info["name"],
-                prompt=p,
+                prompt=label,  # as run names a job: the prompt, "[style.jpg]", or a blend's parts and weights
                 settings=settings.to_dict(),
                 preset=preset,
                 base_seed=base_seed,
-                seed=pair_seed(base_seed, info["name"], p),
+                seed=pair_seed(base_seed, info["name"], label),
                 steps=settings.steps,
                 created=time.time(),
+                region=dict(region) if region else None,
+                target=target,
             )
-            for p in dict.fromkeys(prompts)
+            for label, target in wanted.items()
         ]
         self._enqueue(jobs, {job.id: settings for job in jobs})
         return jobs
@@ -586,6 +1027,7 @@ class JobQueue:
             raise ClipstyleError(f"strength: {_shown(strength)} is not a number") from None
         if not 0.0 <= strength <= 1.0:  # false for nan too
             raise ClipstyleError("strength must be between 0 and 1")
+        film = info.get("film")
         job = Job(
             id=uuid.uuid4().hex[:12],
             kind="apply",
@@ -594,8 +1036,9 @@ class JobQueue:
             prompt=source.prompt,
             style_of=style_of,
             strength=strength,
-            steps=1,
+            steps=film["frames"] if film else 1,
             created=time.time(),
+            film=bool(film),
         )
         self._enqueue([job])
         return job
@@ -641,7 +1084,7 @@ class JobQueue:
             if users:
                 raise ClipstyleError(f"a waiting job ({users[0]}) uses its style: cancel it first")
             # the record first: once it is gone, the job is not reloaded, whatever else stays
-            for name in (f"{job_id}.json", f"{job_id}.png", f"{job_id}.style"):
+            for name in (f"{job_id}.json", f"{job_id}.png", f"{job_id}.style", f"{job_id}.mp4"):
                 try:
                     (self.results / name).unlink(missing_ok=True)
                 except OSError as exc:
@@ -728,7 +1171,7 @@ class JobQueue:
                     status = self._apply(job)
             except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the server
                 status = "failed"
-                job.error = self.public(describe_error(exc, self.uploads / f"{job.upload}.bin", job.input_name))
+                job.error = self.public(describe_error(exc, self._source(job), job.input_name))
             if status not in KEPT:
                 self._remove_results(job.id)  # a failed write (a full disk) leaves nothing behind
             with self._wake:
@@ -743,8 +1186,15 @@ class JobQueue:
                     self._save_record(job)  # before anyone sees it finished (and may delete it)
                 self._changed()
 
+    def _source(self, job: Job) -> Path:
+        """Where a job's upload is (``<id>.bin``, or a film's own suffix)."""
+        try:
+            return self.upload_path(job.upload, self.upload_info(job.upload))
+        except ClipstyleError:
+            return self.uploads / f"{job.upload}.bin"
+
     def _remove_results(self, job_id: str) -> None:
-        for name in (f"{job_id}.png", f"{job_id}.style", f"{job_id}.json"):
+        for name in (f"{job_id}.png", f"{job_id}.style", f"{job_id}.mp4", f"{job_id}.json"):
             try:
                 (self.results / name).unlink(missing_ok=True)
             except OSError:
@@ -756,14 +1206,17 @@ class JobQueue:
         with self._lock:
             settings = self._settings.pop(job.id)
         source = self.uploads / f"{job.upload}.bin"
+        target = self._targets(job.target)
         pair = RunJob(
             InputFile(source, job.input_name, label=job.input_name),
             job.prompt,
             self.results / f"{job.id}.png",
             job.seed,
             style=self.results / f"{job.id}.style",
+            target=None if target is None or target.plain else target,  # as plan_run sets it
         )
-        options = RunOptions(base_seed=job.base_seed, max_pixels=self.max_pixels)
+        # the form's region and colour values, as `clipstyle run --where/--mask/--preserve-color` takes them
+        options = RunOptions(base_seed=job.base_seed, max_pixels=self.max_pixels, region=self._region(job.region))
         plan = RunPlan([pair], settings, options, models=self.models)
         events = _JobEvents(self, job)
         try:
@@ -803,14 +1256,21 @@ class JobQueue:
             job.error = "the style was deleted before this job ran"
             return "failed"
         style = load_style(style_path)
-        upload = self.uploads / f"{job.upload}.bin"
-        out = self.results / f"{job.id}.png"
+        upload = self._source(job)
+        out = self.results / (f"{job.id}.mp4" if job.film else f"{job.id}.png")
         records = []
+        started = time.perf_counter()
 
         queue = self
 
         class Events(BatchEvents):
-            def progress(self, _job, info):  # after each tile: Stop ends the job there, keeping nothing
+            def progress(self, _job, info):
+                # after each tile, or each frame of a film: Stop ends the job there, keeping nothing
+                if isinstance(info, FrameProgress):
+                    with queue._wake:
+                        job.step, job.steps = info.done, max(info.total, info.done)
+                        job.seconds = round(time.perf_counter() - started, 3)
+                        queue._changed()
                 if job.id in queue._stop or queue._closing:
                     raise _Stopped()
 
@@ -835,8 +1295,15 @@ class JobQueue:
         if record["status"] != "ok":
             job.error = self.public((record["error"] or "failed").replace(str(upload), job.input_name))
             return "failed"
-        job.metadata = _png_text(out)
         job.size = record["size"]
+        if job.film:
+            # the film's record (container metadata), as the PNG's text chunks are shown: JSON as text
+            kept = video.read_record(out)
+            job.metadata = {"clipstyle": json.dumps(kept)} if kept is not None else {}
+            job.video = out.name
+            job.step = job.steps = record["frames"]
+            return "done"
+        job.metadata = _png_text(out)
         job.png = out.name
         job.step = 1
         return "done"
@@ -859,7 +1326,7 @@ class JobQueue:
                 job = Job.from_record(json.loads(path.read_text(encoding="utf-8")), path.stem)
             except (OSError, ValueError, RecursionError):
                 job = None
-            if job is None or not (self.results / job.png).is_file():
+            if job is None or not (self.results / (job.png or job.video)).is_file():
                 self.skipped.append(path.name)
                 continue
             self.jobs[job.id] = job
