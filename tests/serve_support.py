@@ -12,6 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
+from conftest import PATIENCE
+
 HEADERS = {"X-Clipstyle": "1"}
 TINY = {"preset": "draft", "steps": 3, "size": 32, "crops": 2, "crop_size": 16}
 """A form for tiny models: a few steps on a 32-pixel picture."""
@@ -46,7 +48,7 @@ def running(queue, **options):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     queue.start()
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + PATIENCE
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
@@ -64,7 +66,7 @@ def request(method: str, url: str, body: bytes | None = None, headers: dict | No
     """(status, headers, body bytes); errors are answers too."""
     req = urllib.request.Request(url, data=body, method=method, headers={**HEADERS, **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as response:
+        with urllib.request.urlopen(req, timeout=PATIENCE) as response:
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
@@ -99,7 +101,7 @@ def start(base, prompts=("fire",), form=TINY, data=None, name="photo.jpg"):
     return info, body["jobs"]
 
 
-def wait_for(base: str, job_id: str, statuses=("done", "stopped", "failed", "cancelled"), timeout: float = 60):
+def wait_for(base: str, job_id: str, statuses=("done", "stopped", "failed", "cancelled"), timeout: float = PATIENCE):
     """The job's record once its status is one of ``statuses``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -20,7 +20,7 @@ from clipstyle.config import PRESETS, Settings
 from clipstyle.serve.jobs import FORM_FIELDS, JobQueue
 from serve_support import TINY, get_json, jpeg, post_json, request, running, start, upload, wait_for
 
-from conftest import counting_loader, invoke, tiny_models
+from conftest import PATIENCE, counting_loader, invoke, tiny_models
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_the_form_comes_from_settings_and_presets(server):
 
 
 def test_a_job_streams_progress_then_lands_in_the_gallery_with_its_files(server, queue):
-    events = urllib.request.urlopen(f"{server}/api/events", timeout=30)
+    events = urllib.request.urlopen(f"{server}/api/events", timeout=PATIENCE)
     _info, (job_id,) = start(server, form={**TINY, "steps": 12, "seed": 5})
     steps, previews = [], set()
     while True:
@@ -325,7 +325,7 @@ def test_cli_serve_loads_models_once_and_stops_cleanly_on_sigterm(tmp_path, monk
             while not bound:
                 time.sleep(0.01)
             base = f"http://127.0.0.1:{bound[0]}"
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + PATIENCE
             while True:
                 try:
                     get_json(f"{base}/api/state")

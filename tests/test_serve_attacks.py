@@ -25,7 +25,7 @@ from clipstyle.jobs.pairs import pair_seed
 from clipstyle.serve.jobs import MAX_STEPS, Job, JobQueue
 from serve_support import TINY, get_json, jpeg, post_json, request, running, start, upload, wait_for
 
-from conftest import counting_loader, invoke, tiny_models
+from conftest import PATIENCE, counting_loader, invoke, tiny_models
 
 ROOT = Path(__file__).parents[1]
 
@@ -220,7 +220,7 @@ def test_a_huge_body_is_refused_before_it_is_read(server):
     host, port = server.removeprefix("http://").split(":")
     for path, length in (("/api/jobs", 100 * 1024**2), ("/api/uploads", 10 * 1024**3)):
         with socket.create_connection((host, int(port))) as sock:
-            sock.settimeout(60)  # generous: the answer comes at once, without the body
+            sock.settimeout(PATIENCE)  # the answer comes at once, without the body
             head = (
                 f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Clipstyle: 1\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
@@ -558,7 +558,7 @@ def test_sigterm_after_a_finished_job_ends_cleanly(tmp_path):
             assert line, "the server ended before serving"
         base = line.split("serving on ")[1].split()[0]
         _, (job_id,) = start(base)
-        assert wait_for(base, job_id, timeout=600)["status"] == "done"
+        assert wait_for(base, job_id)["status"] == "done"
         child.send_signal(signal.SIGTERM)
         rest = child.stderr.read()
         code = child.wait()

@@ -34,7 +34,7 @@ from clipstyle.images import fit_size
 from clipstyle.serve.jobs import JobQueue
 from serve_support import running
 
-from conftest import tiny_models
+from conftest import PATIENCE, tiny_models
 
 SIZE = 64  # the form's size field in this test: small, for tiny models on a CPU
 
@@ -93,11 +93,27 @@ def shoot(driver, tmp_path: Path, name: str) -> None:
         shutil.copy(out, Path(target) / out.name)
 
 
+def clicking(browser, wait):
+    """click(by, value): click the element once nothing covers it. On a slow machine the page may
+    still be moving (a card arriving, a message fading) when the test clicks: a person would wait."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    def attempt(by, value) -> bool:
+        try:
+            browser.find_element(by, value).click()
+        except ElementClickInterceptedException:
+            return False
+        return True
+
+    return lambda by, value: wait.until(lambda d: attempt(by, value))
+
+
 def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
     picture = photo(tmp_path / "hills.jpg")
     queue = JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0.05)
-    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait = WebDriverWait(browser, PATIENCE, poll_frequency=0.02)
     find = browser.find_element
+    click = clicking(browser, wait)
     with running(queue) as base:
         browser.get(base)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fields input"))
@@ -109,7 +125,7 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
         find(By.ID, "prompts").send_keys("ink wash painting")
         Select(find(By.ID, "preset")).select_by_value("draft")
         assert find(By.ID, "f-steps").get_attribute("value") == "100"  # from PRESETS, through /api/config
-        find(By.CSS_SELECTOR, "#settings summary").click()
+        click(By.CSS_SELECTOR, "#settings summary")
         for name, value in (("steps", "400"), ("size", str(SIZE)), ("crops", "4"), ("crop_size", "32")):
             field = find(By.ID, f"f-{name}")
             field.clear()
@@ -120,7 +136,7 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
             window.seen = [];
             new MutationObserver(() => window.seen.push(document.getElementById('live').src))
               .observe(document.getElementById('live'), {attributes: true, attributeFilter: ['src']});""")
-        find(By.ID, "start").click()
+        click(By.ID, "start")
         wait.until(
             lambda d: (
                 len(set(d.execute_script("return window.seen"))) >= 3
@@ -131,13 +147,13 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
         assert all("/preview?v=" in src for src in seen)
         assert "about" in find(By.ID, "progress-text").text  # an estimate of the time left
         shoot(browser, tmp_path, "2-watch")
-        find(By.ID, "stop").click()
+        click(By.ID, "stop")
         wait.until(lambda d: "stopped at step" in find(By.ID, "progress-text").text)
         # Keep: the gallery card; its PNG downloads and is an image of the photo's aspect
         link = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card a.download-png"))
         shoot(browser, tmp_path, "3-stopped")
         link.click()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + PATIENCE
         while not (pngs := [p for p in browser.downloads.glob("*.png")]):
             assert time.monotonic() < deadline, "the PNG did not download"
             time.sleep(0.05)
@@ -151,7 +167,7 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
             assert img.text["prompt"] == "ink wash painting"
         # Reuse: the settings go back into the form; a shorter run finishes and keeps its style
         find(By.ID, "prompts").clear()
-        find(By.CSS_SELECTOR, "#cards .card button.use").click()
+        click(By.CSS_SELECTOR, "#cards .card button.use")
         # the page fetches the job's settings first: wait for the form to fill
         wait.until(lambda d: find(By.ID, "prompts").get_attribute("value"))
         assert find(By.ID, "prompts").get_attribute("value") == "ink wash painting"
@@ -160,9 +176,9 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
         steps = find(By.ID, "f-steps")
         steps.clear()
         steps.send_keys("12")
-        find(By.ID, "start").click()
+        click(By.ID, "start")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cards .card button.apply")) == 1)
-        find(By.CSS_SELECTOR, "#cards .card button.apply").click()
+        click(By.CSS_SELECTOR, "#cards .card button.apply")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cards .card")) == 3)
         wait.until(
             lambda d: d.execute_script(
@@ -170,7 +186,7 @@ def test_a_person_makes_watches_stops_keeps_and_applies(tmp_path, browser):
             )
         )
         assert find(By.ID, "message").text == ""
-        find(By.CSS_SELECTOR, "#cards .card:last-child details summary").click()  # the stopped run's metadata
+        click(By.CSS_SELECTOR, "#cards .card:last-child details summary")  # the stopped run's metadata
         wait.until(lambda d: "stopped_at_step" in find(By.CSS_SELECTOR, "#cards .card:last-child pre").text)
         browser.execute_script("document.getElementById('gallery').scrollIntoView()")
         shoot(browser, tmp_path, "4-gallery")
@@ -190,8 +206,9 @@ def test_a_person_styles_only_the_sky_then_restyles_a_film(tmp_path, browser):
     picture = photo(tmp_path / "hills.jpg")
     film = make_video(tmp_path / "holiday.mp4", frames=24, size=(96, 64))
     queue = JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0.05)
-    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait = WebDriverWait(browser, PATIENCE, poll_frequency=0.02)
     find = browser.find_element
+    click = clicking(browser, wait)
     with running(queue) as base:
         browser.get(base)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fields input"))
@@ -199,25 +216,25 @@ def test_a_person_styles_only_the_sky_then_restyles_a_film(tmp_path, browser):
         wait.until(lambda d: "hills.jpg (300×200)" in find(By.ID, "photo-name").text)
         find(By.ID, "prompts").send_keys("golden sunset")
         Select(find(By.ID, "preset")).select_by_value("draft")
-        find(By.CSS_SELECTOR, "#settings summary").click()
+        click(By.CSS_SELECTOR, "#settings summary")
         for name, value in (("steps", "10"), ("size", str(SIZE)), ("crops", "4"), ("crop_size", "32")):
             field = find(By.ID, f"f-{name}")
             field.clear()
             field.send_keys(value)
         browser.execute_script("document.getElementById('settings').open = false")
-        find(By.CSS_SELECTOR, "#region summary").click()
+        click(By.CSS_SELECTOR, "#region summary")
         assert find(By.ID, "feather").get_attribute("value") == "4"  # run's default, through /api/config
         find(By.ID, "where").send_keys("the sky")
-        find(By.ID, "preserve-color").click()
+        click(By.ID, "preserve-color")
         shoot(browser, tmp_path, "5-region")
-        find(By.ID, "start").click()
+        click(By.ID, "start")
         card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card button.apply"))
         facts = find(By.CSS_SELECTOR, "#cards .card p.muted").text
         assert "where “the sky”" in facts and "colours kept" in facts
         # the region goes back into the form with the rest of the settings
         find(By.ID, "where").clear()
-        find(By.ID, "preserve-color").click()
-        find(By.CSS_SELECTOR, "#cards .card button.use").click()
+        click(By.ID, "preserve-color")
+        click(By.CSS_SELECTOR, "#cards .card button.use")
         wait.until(lambda d: find(By.ID, "where").get_attribute("value") == "the sky")
         assert find(By.ID, "preserve-color").is_selected()
         # a film: uploaded in the same box, restyled with the card's style, counted in frames
@@ -241,8 +258,8 @@ def test_a_person_styles_only_the_sky_then_restyles_a_film(tmp_path, browser):
         assert browser.execute_script("return [arguments[0].videoWidth, arguments[0].videoHeight]", played) == [96, 64]
         browser.execute_script("document.getElementById('gallery').scrollIntoView()")
         shoot(browser, tmp_path, "6-film")
-        find(By.CSS_SELECTOR, "#cards .card a.download-film").click()
-        deadline = time.monotonic() + 20
+        click(By.CSS_SELECTOR, "#cards .card a.download-film")
+        deadline = time.monotonic() + PATIENCE
         while not (films := list(browser.downloads.glob("*.mp4"))):
             assert time.monotonic() < deadline, "the film did not download"
             time.sleep(0.05)
@@ -268,8 +285,9 @@ def test_a_person_blends_a_prompt_with_a_painting_and_avoids_letters(tmp_path, b
         draw.line([(x, 0), (x + 60, 60)], fill=(240, 200, 60), width=4)
     img.save(brush)
     queue = JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0.05)
-    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait = WebDriverWait(browser, PATIENCE, poll_frequency=0.02)
     find = browser.find_element
+    click = clicking(browser, wait)
     with running(queue) as base:
         browser.get(base)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fields input"))
@@ -281,19 +299,19 @@ def test_a_person_blends_a_prompt_with_a_painting_and_avoids_letters(tmp_path, b
         weight.clear()
         weight.send_keys("0.3")
         find(By.ID, "prompts").send_keys("ink wash painting:0.7")
-        find(By.ID, "blend").click()
-        find(By.CSS_SELECTOR, "#avoid-box summary").click()
+        click(By.ID, "blend")
+        click(By.CSS_SELECTOR, "#avoid-box summary")
         assert find(By.ID, "avoid-weight").get_attribute("value") == "0.5"  # run's default, through /api/config
         find(By.ID, "avoid").send_keys("letters")
         Select(find(By.ID, "preset")).select_by_value("draft")
-        find(By.CSS_SELECTOR, "#settings summary").click()
+        click(By.CSS_SELECTOR, "#settings summary")
         for name, value in (("steps", "8"), ("size", str(SIZE)), ("crops", "4"), ("crop_size", "32")):
             field = find(By.ID, f"f-{name}")
             field.clear()
             field.send_keys(value)
         browser.execute_script("document.getElementById('settings').open = false")
         shoot(browser, tmp_path, "7-targets")
-        find(By.ID, "start").click()
+        click(By.ID, "start")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cards .card button.use"))
         assert find(By.CSS_SELECTOR, "#cards .card .prompt").text == "ink wash painting:0.7 + [brush.png]:0.3"
         assert "avoiding “letters”" in find(By.CSS_SELECTOR, "#cards .card p.muted").text
@@ -302,8 +320,8 @@ def test_a_person_blends_a_prompt_with_a_painting_and_avoids_letters(tmp_path, b
         browser.execute_script("""
             for (const id of ['prompts', 'avoid']) document.getElementById(id).value = '';
             document.getElementById('blend').checked = false;""")
-        find(By.CSS_SELECTOR, "#style-list li button").click()
-        find(By.CSS_SELECTOR, "#cards .card button.use").click()
+        click(By.CSS_SELECTOR, "#style-list li button")
+        click(By.CSS_SELECTOR, "#cards .card button.use")
         wait.until(lambda d: find(By.ID, "prompts").get_attribute("value") == "ink wash painting:0.7")
         assert find(By.ID, "blend").is_selected() and find(By.ID, "avoid").get_attribute("value") == "letters"
         assert find(By.CSS_SELECTOR, "#style-list li input.weight").get_attribute("value") == "0.3"
