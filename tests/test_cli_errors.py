@@ -391,3 +391,35 @@ def test_checking_outputs_creates_nothing(tmp_path, img):
     jobs = plan_pairs(collect_inputs([str(img)]), ["x"], tmp_path / "a" / "b", 0)
     check_outputs(jobs, tmp_path / "c" / "report.jsonl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+HUGE = "1" + "0" * 400  # a typo no arithmetic should meet
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (["--size", HUGE], "size must be between 8 and 65,536"),
+        (["--output-size", HUGE], "at most 65,536 pixels a side"),
+        (["--steps", "100000000"], "steps must be between 1 and 100,000"),
+        (["--crops", "100000000"], "crops must be between 0 and 4,096"),
+    ],
+)
+def test_sizes_and_counts_beyond_any_use_are_refused_in_one_line(tmp_path, img, loads, bad, reason):
+    """Each used to be an internal error (an overflow) or to draw every step's crops for minutes,
+    until memory ran out, before the first step."""
+    result = invoke("run", img, "-p", "x", "-o", tmp_path / "out.png", *TINY_16, *bad)
+    assert result.exit_code == 1 and "internal error" not in result.output
+    assert reason in result.output and len(result.output.strip().splitlines()) == 1
+    assert loads == [] and not (tmp_path / "out.png").exists()
+
+
+def test_apply_refuses_a_size_beyond_any_use(tmp_path, img):
+    style = tmp_path / "s.style"
+    from clipstyle.method.loop import make_network
+    from clipstyle.styles.stylefile import save_style
+
+    save_style(style, make_network(0, torch.device("cpu")), {"prompt": "x"})
+    result = invoke("apply", style, img, "-o", tmp_path / "out.png", "--size", HUGE)
+    assert result.exit_code == 1 and "at most 65,536 pixels a side" in result.output
+    assert "internal error" not in result.output

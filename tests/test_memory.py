@@ -100,11 +100,11 @@ def test_the_cpu_allocators_error_while_optimising_is_out_of_memory(tmp_path, th
 
 
 def test_a_size_no_image_can_fit_is_refused_before_anything(tmp_path, three, loads, eight_gb):
-    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY_32, "--size", "100000", "--device", "cpu")
+    result = invoke("run", *three, "-p", "x", "-o", tmp_path / "out", *TINY_32, "--size", "64000", "--device", "cpu")
     assert result.exit_code == 1, result.stderr
     assert result.stderr.startswith(
-        "clipstyle: error: --size 100000: optimising even the thinnest image "
-        "(100000x5000 px) with 2 crops needs at least 2.0 TB of memory, more than the "
+        "clipstyle: error: --size 64000: optimising even the thinnest image "
+        "(64000x3200 px) with 2 crops needs at least 819.2 GB of memory, more than the "
         "8.0 GB this machine has; lower --size"
     ), result.stderr
     assert loads == [] and not (tmp_path / "out").exists()
@@ -140,8 +140,8 @@ def test_apply_refuses_a_size_that_cannot_fit_before_allocating(tmp_path, three,
         for p in three
     ]
     assert not list((tmp_path / "out").glob("*"))
-    up_front = invoke("apply", style, *three, "--size", "400000", "-o", tmp_path / "out", "-q", "--device", "cpu")
-    assert up_front.exit_code == 1 and "--size 400000: rendering even the thinnest image" in up_front.stderr
+    up_front = invoke("apply", style, *three, "--size", "65536", "-o", tmp_path / "out", "-q", "--device", "cpu")
+    assert up_front.exit_code == 1 and "--size 65536: rendering even the thinnest image" in up_front.stderr
 
 
 def test_batch_auto_fills_a_share_of_the_gpus_free_memory_up_to_the_cap():

@@ -38,6 +38,16 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
+# Upper bounds that stop a typo before it exhausts memory: every step's crop draws are
+# made before the first step (about 3 KB a step at 64 crops: 1e8 steps would need
+# 280 GB and minutes before any progress), and the memory estimate's arithmetic
+# overflows on sides of hundreds of digits. Far above any useful run (the paper: 200
+# steps, 64 crops, 512 px).
+MAX_STEPS = 100_000
+MAX_CROPS = 4_096
+MAX_SIDE = 65_536
+
+
 @dataclass(frozen=True)
 class Settings:
     # Optimisation length. More steps: stronger style, linear cost.
@@ -98,9 +108,9 @@ class Settings:
             if not (isinstance(value, (int, float)) and math.isfinite(value)):  # NaN passes every comparison
                 raise ClipstyleError(f"{name.replace('_', ' ')} must be a number, not {value!r}")
         checks = [
-            (self.steps >= 1, "steps must be at least 1"),
-            (self.size >= 8, "size must be at least 8"),
-            (self.crops >= 0, "crops must be 0 or more"),
+            (1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS:,}"),
+            (8 <= self.size <= MAX_SIDE, f"size must be between 8 and {MAX_SIDE:,}"),
+            (0 <= self.crops <= MAX_CROPS, f"crops must be between 0 and {MAX_CROPS:,}"),
             (self.crop_size >= 8, "crop size must be at least 8"),
             # the patch loss is 1 - cos, in [0, 2]: a threshold of 2 or more drops every patch
             (0.0 <= self.threshold < 2.0, "threshold must be at least 0 and under 2"),

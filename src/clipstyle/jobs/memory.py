@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from clipstyle.config import AUTO_BATCH_MAX, AUTO_BATCH_SHARE
+from clipstyle.config import AUTO_BATCH_MAX, AUTO_BATCH_SHARE, MAX_SIDE
 from clipstyle.errors import ClipstyleError
 
 # Optimisation: bytes per pixel of the training size (measured 4.1 to 5.3 KB at
@@ -142,6 +142,8 @@ def check_render_size(longest: int, device, option: str = "--size") -> None:
     can be rendered on ``device``."""
     from clipstyle.images import MAX_ASPECT
 
+    if longest > MAX_SIDE:
+        raise ClipstyleError(f"{option} {longest}: at most {MAX_SIDE:,} pixels a side")
     w, h = longest, max(1, round(longest / MAX_ASPECT))
     check_fits(
         render_bytes(w, h),
