@@ -37,7 +37,7 @@ if __name__ == "__main__":
     from clipstyle.jobs.devices import run_on_devices
 
     pairs = plan_pairs(collect_inputs([{inputs!r}]), ["ink"], pathlib.Path({out!r}), 0)
-    endless = Settings(steps=10_000_000, size=16, crops=1, crop_size=8, templates=NO_TEMPLATES)
+    endless = Settings(steps=100_000, size=16, crops=1, crop_size=8, templates=NO_TEMPLATES)
     run_on_devices(pairs, ["cpu"], loader, endless, RunOptions(), Report(None))
 """
 
