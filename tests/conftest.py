@@ -199,3 +199,20 @@ def counting_loader(monkeypatch, command: str = "run") -> list:
     )
     monkeypatch.setattr(target, load)
     return calls
+
+
+@pytest.fixture
+def queue(tmp_path):
+    """A web app's job queue over the tiny models, its folder in tmp_path (tests/test_serve*.py)."""
+    from clipstyle.serve.jobs import JobQueue
+
+    return JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0)
+
+
+@pytest.fixture
+def server(queue):
+    """The web app serving ``queue`` on 127.0.0.1 (a free port): its base URL; stopped afterwards."""
+    from serve_support import running
+
+    with running(queue) as base:
+        yield base

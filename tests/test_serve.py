@@ -20,18 +20,7 @@ from clipstyle.config import PRESETS, Settings
 from clipstyle.serve.jobs import FORM_FIELDS, JobQueue
 from serve_support import TINY, get_json, jpeg, post_json, request, running, start, upload, wait_for
 
-from conftest import PATIENCE, counting_loader, invoke, tiny_models
-
-
-@pytest.fixture
-def queue(tmp_path):
-    return JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0)
-
-
-@pytest.fixture
-def server(queue):
-    with running(queue) as base:
-        yield base
+from conftest import PATIENCE, counting_loader, invoke
 
 
 def files_in(folder: Path) -> set[str]:

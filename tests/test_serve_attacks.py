@@ -25,20 +25,9 @@ from clipstyle.jobs.pairs import pair_seed
 from clipstyle.serve.jobs import MAX_STEPS, Job, JobQueue
 from serve_support import TINY, get_json, jpeg, post_json, request, running, start, upload, wait_for
 
-from conftest import PATIENCE, counting_loader, invoke, tiny_models
+from conftest import PATIENCE, counting_loader, invoke
 
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture
-def queue(tmp_path):
-    return JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0)
-
-
-@pytest.fixture
-def server(queue):
-    with running(queue) as base:
-        yield base
 
 
 def files_in(folder: Path) -> set[str]:

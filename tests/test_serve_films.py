@@ -21,17 +21,6 @@ FRAMES = 16
 
 
 @pytest.fixture
-def queue(tmp_path):
-    return JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0)
-
-
-@pytest.fixture
-def server(queue):
-    with running(queue) as base:
-        yield base
-
-
-@pytest.fixture
 def film(tmp_path):
     pytest.importorskip("av")
     from videos import make_video

@@ -13,20 +13,9 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from clipstyle.serve.jobs import Job, JobQueue
-from serve_support import TINY, get_json, jpeg, post_json, running, upload, wait_for
+from serve_support import TINY, get_json, jpeg, post_json, upload, wait_for
 
 from conftest import counting_loader, invoke, tiny_models
-
-
-@pytest.fixture
-def queue(tmp_path):
-    return JobQueue(tiny_models(), tmp_path / "served", preview_seconds=0)
-
-
-@pytest.fixture
-def server(queue):
-    with running(queue) as base:
-        yield base
 
 
 def painting(path=None) -> bytes:
