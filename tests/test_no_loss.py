@@ -397,3 +397,41 @@ def test_a_real_interrupt_ends_with_the_summary_line(tmp_path):
     last = rest.strip().splitlines()[-1].split("\r")[-1]  # after the progress bar's erasing
     assert SUMMARY.fullmatch(last) and SUMMARY.fullmatch(last).group(1) == "1", rest
     assert "Traceback" not in rest
+
+
+def test_a_signal_while_a_progress_bar_is_built_waits_until_it_is_whole(monkeypatch, capsys):
+    # CI once caught Ctrl-C inside tqdm's constructor: the half-made bar printed a traceback
+    # from its finaliser. The signal now waits until the bar is whole, then stops the run.
+    import gc
+
+    import tqdm
+
+    from clipstyle import interrupts
+    from clipstyle.cli.common import close_bar, progress_bar
+
+    real_init, seen = tqdm.tqdm.__init__, []
+
+    def signalled_half_way(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered before the bar has its attributes
+        seen.append("went on")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(tqdm.tqdm, "__init__", signalled_half_way)
+    with pytest.raises(KeyboardInterrupt), interrupts.raising():
+        progress_bar(total=3)
+    gc.collect()
+    assert seen == ["went on"] and interrupts.requested()
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(tqdm.tqdm, "__init__", real_init)
+    real_close = tqdm.tqdm.close
+
+    def signalled_while_closing(self):
+        if not self.disable:  # the first close, not the finaliser's
+            os.kill(os.getpid(), signal.SIGINT)
+        real_close(self)
+
+    monkeypatch.setattr(tqdm.tqdm, "close", signalled_while_closing)
+    with pytest.raises(KeyboardInterrupt), interrupts.raising():
+        bar = progress_bar(total=3)
+        close_bar(bar)
+    assert bar.disable  # closed all the same, before the interrupt went on

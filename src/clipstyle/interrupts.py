@@ -44,6 +44,11 @@ def _raise(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _remember(signum, frame) -> None:
+    global _requested
+    _requested = signum
+
+
 def install() -> None:
     """From now on (start-up), a signal ends the process at once. The command's first call."""
     global _installed, _started
@@ -74,6 +79,26 @@ def raising():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Within raising(): a signal is remembered and raised on the way out, not inside.
+
+    For building and closing objects whose finaliser cannot bear being half made
+    (a progress bar interrupted in its constructor prints a traceback when it is
+    collected). Elsewhere it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not _raise:
+        yield
+        return
+    previous = {signum: signal.signal(signum, _remember) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    check()
 
 
 def requested() -> bool:

@@ -10,6 +10,7 @@ import click
 from clipstyle.cli.common import (
     Number,
     UserError,
+    close_bar,
     debug_option,
     device_option,
     echo_outcome,
@@ -18,6 +19,7 @@ from clipstyle.cli.common import (
     end_of_run,
     max_pixels_option,
     output_path,
+    progress_bar,
     stop_on_sigterm,
     video_options,
 )
@@ -66,16 +68,7 @@ def _events(quiet: bool):
             if quiet or (total <= 1 and unit == "tile"):
                 return
             if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(
-                    total=total or None,
-                    desc=job.input.path.name,
-                    unit=unit,
-                    leave=False,
-                    file=sys.stderr,
-                    dynamic_ncols=True,
-                )
+                self.bar = progress_bar(total=total or None, desc=job.input.path.name, unit=unit, leave=False)
             if total and self.bar.total != total:
                 self.bar.total = total
             self.bar.update(done - self.bar.n)
@@ -89,9 +82,8 @@ def _events(quiet: bool):
             echo_warning(job.input.path if job is not None else None, message)
 
         def close(self):
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
+            bar, self.bar = self.bar, None
+            close_bar(bar)
 
     return Progress()
 

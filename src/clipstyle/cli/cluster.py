@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from clipstyle.cli.common import echo_outcome, echo_warning
+from clipstyle.cli.common import close_bar, echo_outcome, echo_warning, progress_bar
 from clipstyle.jobs.batch import Events
 
 
@@ -60,9 +60,7 @@ class Overall(Events):
         self.quiet, self.total, self.failed = quiet, total, 0
         self.bar = None
         if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="pair", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+            self.bar = progress_bar(total=total, unit="pair", smoothing=0.05)
 
     def finished(self, pair, record) -> None:
         self._echo(lambda: echo_outcome(record, self.quiet, f"wrote {record['output']}"))
@@ -84,6 +82,5 @@ class Overall(Events):
             write()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        bar, self.bar = self.bar, None
+        close_bar(bar)

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import unicodedata
 import warnings
 from pathlib import Path
@@ -126,6 +127,25 @@ def echo_warning(path, message: str) -> None:
     """``clipstyle: warning: <file>: <message>`` on stderr (the file when there is one)."""
     where = f"{path}: " if path is not None else ""
     click.echo(one_line(f"clipstyle: warning: {where}{message}"), err=True)
+
+
+def progress_bar(**options):
+    """A progress bar on stderr; a Ctrl-C while it is built waits until it is whole (see interrupts.deferred)."""
+    from tqdm import tqdm
+
+    from clipstyle import interrupts
+
+    with interrupts.deferred():
+        return tqdm(file=sys.stderr, dynamic_ncols=True, **options)
+
+
+def close_bar(bar) -> None:
+    """Close a bar from progress_bar; a Ctrl-C meanwhile waits until it is closed."""
+    from clipstyle import interrupts
+
+    if bar is not None:
+        with interrupts.deferred():
+            bar.close()
 
 
 class BatchSize(click.ParamType):

@@ -11,6 +11,7 @@ import click
 from clipstyle.cli.common import (
     BatchSize,
     Number,
+    close_bar,
     debug_option,
     echo_outcome,
     echo_warning,
@@ -20,6 +21,7 @@ from clipstyle.cli.common import (
     max_pixels_option,
     model_options,
     output_path,
+    progress_bar,
     stop_on_sigterm,
     video_options,
 )
@@ -61,17 +63,13 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             self.close()
             if quiet or not per_step:
                 return
-            from tqdm import tqdm
-
             names = ", ".join(f"{p.input.path.name} x {p.prompt[:30]!r}" for p in pairs[:2])
             names += "" if len(pairs) <= 2 else f" (+{len(pairs) - 2})"
-            self.bar = tqdm(
+            self.bar = progress_bar(
                 total=steps,
                 desc=f"{overall(done, total, len(pairs), self.pair_seconds)} {names}",
                 unit="step",
                 leave=False,
-                file=sys.stderr,
-                dynamic_ncols=True,
             )
 
         def progress(self, pair, info):
@@ -95,16 +93,12 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             if quiet:
                 return
             if self.bar is None or self.bar.unit != "frame":
-                from tqdm import tqdm
-
                 self.close()
-                self.bar = tqdm(
+                self.bar = progress_bar(
                     total=info.total or None,
                     desc=f"rendering {pair.input.path.name}",
                     unit="frame",
                     leave=False,
-                    file=sys.stderr,
-                    dynamic_ncols=True,
                 )
             if info.total and self.bar.total != info.total:
                 self.bar.total = info.total
@@ -121,9 +115,8 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
 
         def close(self):
             self.postfix = {}
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
+            bar, self.bar = self.bar, None
+            close_bar(bar)
 
     return Progress()
 
