@@ -249,7 +249,8 @@ def test_a_person_styles_only_the_sky_then_restyles_a_film(tmp_path, browser):
         played = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#cards .card video"))
         assert any(t.startswith("frame ") and "/ 24" in t for t in browser.execute_script("return window.frames_seen"))
         assert find(By.ID, "progress-text").text.startswith("frame 24 / 24")
-        assert find(By.ID, "message").text == ""
+        # the form still holds the sky and preserve colour: a film is restyled whole, and the page says so
+        assert find(By.ID, "message").text == "a film is restyled whole: the region and colour controls work on photos"
         src = played.get_attribute("src")
         assert src.endswith(".mp4") and "/files/results/" in src
         # the page may load it (media-src), and the browser reads its size from the file

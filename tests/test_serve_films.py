@@ -210,3 +210,16 @@ def test_planted_film_records_never_name_another_file(tmp_path):
         {"film": "yes"},
     ):
         assert Job.from_record({**good, **change}, job_id) is None, change
+
+
+def test_a_film_refuses_the_region_controls_as_clipstyle_apply_does(server, queue, film):
+    style_job = styled(server)
+    status, info = upload(server, film.read_bytes(), "clip.mp4")
+    before = set(queue.jobs)
+    form = {"preserve_color": True}
+    status, body = post_json(f"{server}/api/jobs", {"apply": style_job, "upload": info["id"], "form": form})
+    assert status == 400 and body["error"] == "clip.mp4: the region and colour controls work on photos, not on films"
+    assert set(queue.jobs) == before
+    status, body = post_json(f"{server}/api/jobs", {"apply": style_job, "upload": info["id"], "form": {"where": ""}})
+    assert status == 200, body  # empty controls (the page always sends them) are no region
+    assert wait_for(server, body["jobs"][0])["status"] == "done"

@@ -182,3 +182,57 @@ def test_planted_region_records_are_skipped(tmp_path):
         assert (Job.from_record({**base, "id": job_id, "png": f"{job_id}.png", "region": region}, job_id) is None) == (
             i > 0
         ), region
+
+
+def test_an_apply_job_takes_the_region_as_clipstyle_apply_does(tmp_path, server, queue, photo, monkeypatch):
+    """Apply on a photo with the form's region and colour values: the same pixels and metadata as
+    `clipstyle apply STYLE photo --mask ... --invert-mask --feather ... --preserve-color`; without them
+    another image (the controls are not ignored, as they once were)."""
+    from serve_support import start
+
+    _, (style_job,) = start(server)
+    assert wait_for(server, style_job)["status"] == "done"
+    mask_file = tmp_path / "half.png"
+    mask_file.write_bytes(mask_png())
+    status, photo_info = upload(server, photo.read_bytes(), photo.name)
+    status, mask_info = upload(server, mask_file.read_bytes(), "half.png")
+    form = {"where": "", "mask": mask_info["id"], "invert_mask": True, "feather": 2, "preserve_color": True}
+    status, body = post_json(f"{server}/api/jobs", {"apply": style_job, "upload": photo_info["id"], "form": form})
+    assert status == 200, body
+    job = wait_for(server, body["jobs"][0])
+    assert job["status"] == "done", job["error"]
+    assert job["region"] == {**form, "where": None, "mask_name": "half.png", "feather": 2.0}
+
+    out = tmp_path / "cli.png"
+    style = queue.results / f"{style_job}.style"
+    cli = ["apply", style, photo, "-o", out, "-q", "--mask", mask_file, "--invert-mask", "--feather", 2]
+    result = invoke(*cli, "--preserve-color")
+    assert result.exit_code == 0, result.output
+    web = Image.open(queue.results / job["png"])
+    assert Image.open(out).tobytes() == web.tobytes()
+    cli_meta, web_meta = json.loads(Image.open(out).text["clipstyle"]), json.loads(web.text["clipstyle"])
+    assert web_meta["region"] == cli_meta["region"] and web_meta["region"]["mask"] == "half.png"
+
+    status, body = post_json(f"{server}/api/jobs", {"apply": style_job, "upload": photo_info["id"]})
+    plain = wait_for(server, body["jobs"][0])
+    assert plain["status"] == "done" and plain["region"] is None
+    assert Image.open(queue.results / plain["png"]).tobytes() != web.tobytes()
+
+
+def test_an_apply_job_with_a_bad_region_is_refused_and_queues_nothing(server, queue):
+    from serve_support import start
+
+    _, (style_job,) = start(server)
+    assert wait_for(server, style_job)["status"] == "done"
+    status, photo_info = upload(server, jpeg(), "photo.jpg")
+    cases = [
+        ("a form", "form: not a JSON object"),
+        ({"invert_mask": True}, "invert mask needs a mask or a where phrase"),
+        ({"mask": "f" * 24}, "no such upload"),
+        ({"where": "\u200b"}, "where: the phrase has no visible character"),
+    ]
+    before = set(queue.jobs)
+    for form, message in cases:
+        status, body = post_json(f"{server}/api/jobs", {"apply": style_job, "upload": photo_info["id"], "form": form})
+        assert status == 400 and message in body["error"], (form, body)
+    assert set(queue.jobs) == before

@@ -12,7 +12,8 @@ Routes (the page uses all of them; so can a script):
     GET  /api/state                queue and jobs, in short (JSON); /api/events streams it
     GET  /api/jobs/<id>            one job in full: settings, PNG metadata, notes
     POST /api/uploads              the photo's (or film's) bytes as the body, its name in X-Filename
-    POST /api/jobs                 {"upload", "prompts": [...], "form": {...}} or {"upload", "apply": job id}
+    POST /api/jobs                 {"upload", "prompts": [...], "form": {...}}
+                                   or {"upload", "apply": job id, "form": {the region values}}
                                    (a film upload takes only "apply": a saved style over every frame)
     POST /api/jobs/<id>/stop       cancel a queued job, or stop a running one keeping its last image
     DELETE /api/jobs/<id>          remove a finished job and its files
@@ -228,7 +229,8 @@ def make_app(
             return _error("the request is not a JSON object")
         try:
             if body.get("apply"):
-                jobs = [queue.submit_apply(body["apply"], body.get("upload"), body.get("strength", 1.0))]
+                form = body.get("form")
+                jobs = [queue.submit_apply(body["apply"], body.get("upload"), body.get("strength", 1.0), form)]
             else:
                 prompts = body.get("prompts")
                 if isinstance(prompts, str):

@@ -15,7 +15,8 @@ and keeps nothing either (a film is written whole or not at all).
 
 A stylize job's region and colour values (``run``'s --where, --mask, --invert-mask,
 --feather, --preserve-color; the mask an uploaded image) go into its one-pair plan
-as ``RunOptions.region``, as ``clipstyle run`` passes them; its style images, blend weights
+as ``RunOptions.region``, as ``clipstyle run`` passes them (an apply job's into
+``ApplyOptions.region``, as ``clipstyle apply`` does); its style images, blend weights
 and avoided phrases (``run``'s --style-image, --blend, --avoid, --avoid-weight; style images
 uploaded like photos) as the pair's ``RunJob.target``, as ``plan_run`` sets it.
 
@@ -439,7 +440,7 @@ class Job:
     style: str | None = None
     metadata: dict | None = None  # the PNG's text chunks, as written (JSON values stay text: 64-bit seeds)
     preview: int = 0  # bumps each time a new preview image is ready
-    region: dict | None = None  # stylize: the form's region and colour values (region_from_form)
+    region: dict | None = None  # the form's region and colour values (region_from_form), stylize or apply
     film: bool = False  # apply: the upload is a film (step and steps count its frames)
     video: str | None = None  # the restyled film in results/ (a film job's result instead of ``png``)
     # stylize: what the network is trained towards beyond the prompt alone (targets_from_form): style
@@ -1013,8 +1014,15 @@ class JobQueue:
             "lower the size or the crops",
         )
 
-    def submit_apply(self, style_of: str, upload_id: str, strength: float = 1.0) -> Job:
+    def submit_apply(self, style_of: str, upload_id: str, strength: float = 1.0, form: dict | None = None) -> Job:
+        """Apply a finished job's style to an upload; ``form`` may hold the region and colour
+        controls (REGION_FIELDS), as `clipstyle apply --where/--mask/--preserve-color` takes them."""
         info = self.upload_info(upload_id)
+        if form is not None and not isinstance(form, dict):
+            raise ClipstyleError("form: not a JSON object")
+        region = self.region_for({k: v for k, v in (form or {}).items() if k in REGION_FIELDS})
+        if region is not None and info.get("film"):
+            raise ClipstyleError(f"{info['name']}: the region and colour controls work on photos, not on films")
         with self._lock:
             source = self.jobs.get(style_of) if isinstance(style_of, str) else None
         if source is None or not source.style:
@@ -1039,6 +1047,7 @@ class JobQueue:
             steps=film["frames"] if film else 1,
             created=time.time(),
             film=bool(film),
+            region=region,
         )
         self._enqueue([job])
         return job
@@ -1284,7 +1293,12 @@ class JobQueue:
             apply_files(
                 [ApplyJob(InputFile(upload, job.input_name, label=job.input_name), out)],
                 [style],
-                ApplyOptions(strength=job.strength, max_pixels=self.max_pixels),
+                ApplyOptions(
+                    strength=job.strength,
+                    max_pixels=self.max_pixels,
+                    region=self._region(job.region),
+                    region_clip=self.models.clip,
+                ),
                 Report(None),
                 Events(),
                 device=self.models.device,

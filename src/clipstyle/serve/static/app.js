@@ -79,18 +79,28 @@ function applyPreset(name) {
 function formValues() {
   const form = { preset: $("preset").value, seed: $("seed").value };
   for (const f of config.fields) form[f.name] = $("f-" + f.name).value;
-  // the region and colour controls, as `clipstyle run --where/--mask/--invert-mask/--feather/--preserve-color`
-  form.where = $("where").value;
-  form.mask = mask ? mask.id : null;
-  form.invert_mask = $("invert-mask").checked;
-  form.feather = $("feather").value;
-  form.preserve_color = $("preserve-color").checked;
+  Object.assign(form, regionForm());
   // the targets, as `clipstyle run --style-image/--blend/--avoid/--avoid-weight`
   form.style_images = styles.map((s) => ({ upload: s.id, weight: s.weight }));
   form.blend = $("blend").checked;
   form.avoid = $("avoid").value.split("\n").map((a) => a.trim()).filter(Boolean);
   form.avoid_weight = $("avoid-weight").value;
   return form;
+}
+
+// a finished job's style onto the photo in the form, within its region; a film restyled whole (and said so)
+function applyStyle(jobId) {
+  if (!upload) return say("choose a photo first");
+  const region = regionForm();
+  const asked = region.where.trim() || region.mask || region.preserve_color;
+  say(upload.film && asked ? "a film is restyled whole: the region and colour controls work on photos" : "");
+  act("POST", "/api/jobs", upload.film ? { apply: jobId, upload: upload.id } : { apply: jobId, upload: upload.id, form: region });
+}
+
+// the region and colour controls, as `clipstyle run` (and `apply`) --where/--mask/--invert-mask/--feather/--preserve-color
+function regionForm() {
+  return { where: $("where").value, mask: mask ? mask.id : null, invert_mask: $("invert-mask").checked,
+           feather: $("feather").value, preserve_color: $("preserve-color").checked };
 }
 
 function setTargets(target) {
@@ -306,7 +316,7 @@ function card(job) {
   const buttons = el("p", {});
   if (job.kind === "stylize") buttons.append(el("button", { className: "plain use", textContent: "Use these settings", onclick: () => useSettings(job.id) }));
   if (job.style) buttons.append(el("button", { className: "plain apply", textContent: "Apply to the photo or film above",
-    onclick: () => upload ? act("POST", "/api/jobs", { apply: job.id, upload: upload.id }) : say("choose a photo first") }));
+    onclick: () => applyStyle(job.id) }));
   buttons.append(el("button", { className: "plain", textContent: "Delete", onclick: () => act("DELETE", `/api/jobs/${job.id}`) }));
   const picture = job.video
     ? el("video", { src: `/files/results/${job.video}`, controls: true, preload: "metadata", title: job.prompt })
