@@ -16,7 +16,7 @@ from clipstyle.method.unet import StyleNet
 from clipstyle.styles.stylefile import load_style, save_style
 
 from conftest import TINY_32, counting_loader, invoke, records
-from videos import audio_packets, decoded_frames, frame_times, make_video, pattern
+from videos import audio_packets, decoded_frames, frame_times, make_video, pattern, subtitle_packets
 
 pytest.importorskip("av")
 
@@ -57,6 +57,32 @@ def test_apply_keeps_frames_rate_duration_and_audio_bytes(tmp_path, style, clip)
     assert video.read_record(out)["styles"][0]["file"] == "ink.style"
     assert video.read_record(out)["compute"] == record["compute"] and record["compute"]["device"] == "cpu"
     assert leftovers(tmp_path) == []
+
+
+def test_subtitles_are_copied_where_the_container_holds_them_and_named_where_not(tmp_path, style):
+    """A holiday film's captions are kept in a .mkv, byte for byte; a container that cannot hold them
+    (.mp4 takes only mov_text) gets the film without them and a warning naming the stream, never silence."""
+    captions = [(0, 500, "Hello"), (700, 400, "the sea")]
+    film = make_video(tmp_path / "trip.mkv", subtitles=captions)
+    report = tmp_path / "r.jsonl"
+    kept = invoke("apply", style, film, "-o", tmp_path / "kept.mkv", "--report", report)
+    assert kept.exit_code == 0, kept.output
+    assert subtitle_packets(tmp_path / "kept.mkv") == subtitle_packets(film) == [(0.0, b"Hello"), (0.7, b"the sea")]
+    assert audio_packets(tmp_path / "kept.mkv") == audio_packets(film)
+    assert "not copied" not in kept.stderr
+    lost = invoke("apply", style, film, "-o", tmp_path / "lost.mp4", "--report", report)
+    assert lost.exit_code == 0, lost.output
+    (warning,) = [line for line in lost.stderr.splitlines() if "not copied" in line]
+    assert (
+        warning
+        == f"clipstyle: warning: {film}: not copied: subtitle stream 1 (srt): .mp4 cannot hold it (.mkv can hold most)"
+    )
+    assert video.probe(tmp_path / "lost.mp4").frames == 16 and audio_packets(tmp_path / "lost.mp4") == audio_packets(
+        film
+    )
+    first, second = records(report)
+    assert (first["subtitle_streams"], first["not_copied"]) == (1, [])
+    assert (second["subtitle_streams"], len(second["not_copied"])) == (0, 1)
 
 
 def test_frames_batched_equal_frames_one_at_a_time(tmp_path, style, clip, monkeypatch):

@@ -30,9 +30,11 @@ def make_video(
     times_ms: list[int] | None = None,
     video: bool = True,
     faststart: bool = False,
+    subtitles: list[tuple[int, int, str]] | None = None,
 ) -> Path:
     """Write an H.264 film of ``frames`` pattern frames (``times_ms``: each frame's time, for a variable
-    frame rate) with, when ``audio``, a 440 Hz mono AAC track as long as the film."""
+    frame rate) with, when ``audio``, a 440 Hz mono AAC track as long as the film, and, when
+    ``subtitles`` ((start ms, duration ms, text) each), a SubRip subtitle track (a .mkv ``path``)."""
     import av
 
     width, height = size
@@ -48,6 +50,10 @@ def make_video(
             stream.codec_context.sample_aspect_ratio = sample_aspect
         if rotation:
             stream.set_display_rotation(rotation)
+    captions = None
+    if subtitles:
+        captions = out.add_mux_stream("subrip")
+        captions.time_base = Fraction(1, 1000)
     sound = None
     if audio:
         sound = out.add_stream("aac", rate=16000)
@@ -57,6 +63,13 @@ def make_video(
         if times_ms is not None:
             frame.pts, frame.time_base = times_ms[i], Fraction(1, 1000)
         for packet in stream.encode(frame):
+            out.mux(packet)
+    if subtitles:  # muxed once the picture's stream has started (the header is written then)
+        for start, length, text in subtitles:
+            packet = av.Packet(text.encode())
+            packet.stream, packet.time_base = captions, Fraction(1, 1000)
+            packet.pts = packet.dts = start
+            packet.duration = length
             out.mux(packet)
     if sound is not None:
         seconds = (times_ms[-1] / 1000 + 0.1) if times_ms else frames / fps
@@ -85,6 +98,16 @@ def audio_packets(path: Path) -> list[bytes]:
 
     with av.open(str(path)) as container:
         return [bytes(p) for p in container.demux(container.streams.audio[0]) if p.size]
+
+
+def subtitle_packets(path: Path) -> list[tuple[float, bytes]]:
+    """(time in seconds, bytes) of every packet of the film's first subtitle stream, in order."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [
+            (float(p.pts * p.time_base), bytes(p)) for p in container.demux(container.streams.subtitles[0]) if p.size
+        ]
 
 
 def frame_times(path: Path) -> list[float]:

@@ -246,6 +246,8 @@ class FilmStats:
     fps: float | None = None
     duration: float = 0.0
     audio_streams: int = 0
+    subtitle_streams: int = 0  # copied
+    not_copied: list = field(default_factory=list)  # the other streams, each said in words
     seconds: dict = field(default_factory=lambda: {"decode": 0.0, "restyle": 0.0, "encode": 0.0})
 
 
@@ -259,6 +261,19 @@ def output_size(width: int, height: int, longest: int | None) -> tuple[int, int]
 
 
 _TMP_COUNTER = itertools.count()
+
+
+def _why_not_copied(stream, supported: set, suffix: str) -> str | None:
+    """None for a subtitle stream the output container can hold (it is copied); else why the
+    stream is left out, in words for the user's note."""
+    codec = getattr(getattr(stream, "codec_context", None), "name", None)
+    kind = {"video": "second video", "attachment": "attached"}.get(stream.type, stream.type)
+    named = f"{kind} stream {stream.index}" + (f" ({codec})" if codec else "")
+    if stream.type == "subtitle":
+        if codec in supported:
+            return None
+        return f"{named}: {suffix} cannot hold it (.mkv can hold most)"
+    return f"{named}: only the picture, sound and subtitles are copied"
 
 
 def transcode(
@@ -320,7 +335,16 @@ def transcode(
             vout.set_display_rotation(info.rotation)
         if encoding.codec in ("libx264", "libx265"):
             vout.options = {"crf": str(encoding.crf), "preset": encoding.preset}
-        audio = {a.index: out.add_stream_from_template(a) for a in inp.streams.audio}
+        copied = {a.index: out.add_stream_from_template(a) for a in inp.streams.audio}
+        for other in inp.streams:
+            if other.index == vin.index or other.type == "audio":
+                continue
+            why = _why_not_copied(other, out.supported_codecs, dst.suffix.lower())
+            if why is None:
+                copied[other.index] = out.add_stream_from_template(other)
+                stats.subtitle_streams += 1
+            else:
+                stats.not_copied.append(why)
         if record is not None:
             out.metadata[RECORD_TAG] = json.dumps(record, sort_keys=True, ensure_ascii=True)
         total = info.frames
@@ -347,11 +371,12 @@ def transcode(
                 progress(stats.frames, max(total, stats.frames))
 
         decode_t = time.perf_counter()
-        for packet in inp.demux(vin, *inp.streams.audio):
-            if packet.stream.type == "audio":
+        streams = [inp.streams[i] for i in copied]
+        for packet in inp.demux(vin, *streams):
+            if packet.stream.index in copied:  # audio and subtitles: copied as they are
                 if packet.dts is None:  # the demuxer's flush packet
                     continue
-                packet.stream = audio[packet.stream.index]
+                packet.stream = copied[packet.stream.index]
                 out.mux(packet)
                 continue
             try:

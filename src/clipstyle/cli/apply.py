@@ -79,7 +79,7 @@ def _events(quiet: bool):
             echo_outcome(record, quiet, f"wrote {record['output']} ({w}x{h}, {record.get('seconds') or 0:.1f} s)")
 
         def note(self, job, message):
-            echo_warning(job.input.path if job is not None else None, message)
+            echo_warning(job.input.path if job is not None else None, message, self.bar)
 
         def close(self):
             bar, self.bar = self.bar, None

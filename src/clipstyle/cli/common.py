@@ -123,10 +123,18 @@ def end_of_run(
         raise click.exceptions.Exit(1)
 
 
-def echo_warning(path, message: str) -> None:
-    """``clipstyle: warning: <file>: <message>`` on stderr (the file when there is one)."""
+def echo_warning(path, message: str, bar=None) -> None:
+    """``clipstyle: warning: <file>: <message>`` on stderr (the file when there is one), on a line
+    of its own above ``bar`` (a progress bar being drawn), which is drawn again below it."""
     where = f"{path}: " if path is not None else ""
-    click.echo(one_line(f"clipstyle: warning: {where}{message}"), err=True)
+    line = one_line(f"clipstyle: warning: {where}{message}")
+    if bar is None:
+        click.echo(line, err=True)
+        return
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        click.echo(line, err=True)
 
 
 def progress_bar(**options):

@@ -111,7 +111,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
             echo_outcome(record, quiet, f"wrote {record['output']} ({record.get('seconds_total') or 0:.1f} s)")
 
         def note(self, pair, message):
-            echo_warning(pair.input.path if pair is not None else None, message)
+            echo_warning(pair.input.path if pair is not None else None, message, self.bar)
 
         def close(self):
             self.postfix = {}

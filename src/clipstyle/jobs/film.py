@@ -96,6 +96,8 @@ def film_fields(stats: video.FilmStats) -> dict:
         "fps": round(stats.fps, 4) if stats.fps else None,
         "duration": round(stats.duration, 4),
         "audio_streams": stats.audio_streams,
+        "subtitle_streams": stats.subtitle_streams,
+        "not_copied": stats.not_copied,
         "frames_per_second": round(stats.frames / total, 3) if total else None,
         "seconds_decode": round(stats.seconds["decode"], 4),
         "seconds_restyle": round(stats.seconds["restyle"], 4),
