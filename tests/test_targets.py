@@ -260,3 +260,27 @@ def test_a_pair_with_targets_travels_to_worker_processes(tmp_path):
     back = pickle.loads(pickle.dumps(job))
     assert back.target == spec and back.target_record() == spec.record()
     assert back.target.targets[1].image.image.tobytes() == red_painting().image.tobytes()
+
+
+def test_a_set_takes_each_members_own_style_image_direction():
+    """Trained on a set (film frames, --train-on), a style image's direction starts from the content
+    being trained on at that step (S minus that member's crops), as one photo's does; text parts are the
+    same for every member. Once only the first member's was used for all."""
+    from clipstyle.method.loop import _PairState
+
+    models = Models(ColourClip().to(DEVICE), content_vgg().to(DEVICE))
+    warm = scene().flip(1)  # another member: its red and blue swapped
+    members = [scene().to(DEVICE), warm.to(DEVICE)]
+    target = Targets((Target("blue", weight=0.5), Target(image=red_painting(), weight=0.5)))
+    settings = SETTINGS.replace(steps=8)
+    pair = _PairState(0, members, target.label(), 3, models, models.vgg, settings, None, target=target)
+    with torch.no_grad():
+        wanted = [T.target_direction(models, target, settings, m) for m in members]
+    assert float(wanted[0] @ wanted[1]) < 0.99  # the members' directions differ
+    assert set(pair.choice) == {0, 1}  # both members are trained on
+    for step, member in enumerate(pair.choice):
+        pair.use(step)
+        torch.testing.assert_close(pair.text_dir, wanted[member])
+    text_only = Targets((Target("blue", weight=0.5), Target("red", weight=0.5)))
+    pair = _PairState(0, members, text_only.label(), 3, models, models.vgg, settings, None, target=text_only)
+    assert all(c[2] is pair.text_dir for c in pair.set_constants)  # one direction, shared

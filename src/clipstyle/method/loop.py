@@ -199,13 +199,17 @@ class _PairState:
             self.avoid_weight = target.avoid_weight
             self.source_emb = F.normalize(models.clip.encode_image(self.content).float(), dim=-1)[0]  # (D,)
             self.content_feats = {k: v.float() for k, v in vgg(self.content).items()}
-            if self.contents:  # each content's own source embedding and content features
+            if self.contents:
+                # each content's own source embedding and content features, and, when a style
+                # image takes part, its own target direction (a style image's starts from the content)
+                images = any(t.image is not None for t in target.targets)
                 self.set_constants = [
                     (
                         F.normalize(models.clip.encode_image(c).float(), dim=-1)[0],
                         {k: v.float() for k, v in vgg(c).items()},
+                        target_direction(models, target, settings, c) if images and i else self.text_dir,
                     )
-                    for c in self.contents
+                    for i, c in enumerate(self.contents)
                 ]
         self.step_times: list[float] = []
         self.rejected: list = []  # rejected crops per step (ints, or 0-d tensors read later)
@@ -247,7 +251,7 @@ class _PairState:
         if self.contents:
             i = self.choice[step]
             self.content = self.contents[i]
-            self.source_emb, self.content_feats = self.set_constants[i]
+            self.source_emb, self.content_feats, self.text_dir = self.set_constants[i]
 
 
 # Per-Models variants that a run needs but must not impose on the shared Models
