@@ -435,3 +435,25 @@ def test_a_signal_while_a_progress_bar_is_built_waits_until_it_is_whole(monkeypa
         bar = progress_bar(total=3)
         close_bar(bar)
     assert bar.disable  # closed all the same, before the interrupt went on
+
+
+def test_a_signal_inside_a_finaliser_is_kept_for_the_next_check(monkeypatch):
+    # Raised inside a __del__, KeyboardInterrupt would be printed with a traceback and dropped
+    # (finalisers run at any moment): it is remembered, and the run stops at its next check.
+    import gc
+
+    from clipstyle import interrupts
+
+    finished, unraisable = [], []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append(True)
+
+    with pytest.raises(KeyboardInterrupt), interrupts.raising():
+        Finalised()
+        gc.collect()
+        assert finished == [True] and unraisable == [] and interrupts.requested()
+        interrupts.check()

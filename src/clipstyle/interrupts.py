@@ -41,7 +41,18 @@ def _exit_now(signum, frame) -> None:
 def _raise(signum, frame) -> None:
     global _requested
     _requested = signum
+    if _in_finaliser(frame):
+        return  # raised there it would be printed with a traceback and dropped: check() raises it
     raise KeyboardInterrupt
+
+
+def _in_finaliser(frame) -> bool:
+    """Whether the interrupted code runs inside a ``__del__`` (a finaliser, called at any moment)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _remember(signum, frame) -> None:

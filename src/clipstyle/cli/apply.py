@@ -282,4 +282,5 @@ def apply(
         finally:
             events.close()
             report_file.close()
+    interrupted = interrupted or interrupts.requested()  # also one kept from a finaliser (interrupts._raise)
     end_of_run(summary, time.perf_counter() - start, quiet, interrupted, report_file.lost)

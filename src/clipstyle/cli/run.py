@@ -580,6 +580,7 @@ def run(
             events.close()
             report_file.close()
     note = f"--batch auto: {summary.batch} pairs per batch" if batch == "auto" and summary.batch else None
+    interrupted = interrupted or interrupts.requested()  # also one kept from a finaliser (interrupts._raise)
     end_of_run(summary, time.perf_counter() - start, quiet, interrupted, report_file.lost, note)
 
 
