@@ -109,6 +109,34 @@ def test_avoid_is_recorded_and_a_rerun_with_other_targets_is_refused_not_skipped
     assert invoke("run", "-p", "ink", photo, "-o", out, *TINY_32).exit_code == 1
 
 
+@pytest.mark.parametrize("kind", ["set", "film"])
+def test_a_set_or_film_style_records_its_targets_and_a_rerun_skips_it(tmp_path, painting, fake_loader, kind):
+    """A style trained on a set (--train-on) or a film with a style image and --avoid records the
+    target in its style file as a photo's does; the same command again is done, not refused."""
+    if kind == "film":
+        pytest.importorskip("av")
+        from videos import make_video
+
+        source = ["-o", tmp_path / "out.mp4", make_video(tmp_path / "clip.mp4", frames=6)]
+    else:
+        folder = tmp_path / "set"
+        folder.mkdir()
+        for i in range(2):
+            Image.new("RGB", (32, 24), (60 * i, 90, 160)).save(folder / f"m{i}.png")
+        source = ["--train-on", folder]
+    kept, report = tmp_path / "s.style", tmp_path / "r.jsonl"
+    args = ["run", "-p", "ink:0.5", "--style-image", painting, "--blend", "--avoid", "letters", *source]
+    args += ["--save-style", kept, "--train-frames", "2", "--report", report, *TINY_32]
+    assert invoke(*args).exit_code == 0
+    from clipstyle.styles.stylefile import load_style
+
+    target = load_style(kept).metadata["target"]
+    assert target["avoid"] == ["letters"] and target["targets"][1]["image_sha256"] == sha(painting)
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert records(report)[-1]["status"] == "skipped"
+
+
 @pytest.mark.parametrize(
     "content,reason",
     [(b"", "empty file"), (b"\xff\xd8\xff\xe0 not a jpeg", "cannot decode image"), (None, "file not found")],

@@ -463,6 +463,8 @@ class _StylizePairs(Work):
         if not job.film:
             meta.update(input=job.input.name, input_sha256=self._input_sha256(job))
         meta.update(trained_on=content.trained_on, train_frames=self.options.train_frames)
+        if job.target_record() is not None:  # as a photo's style file records it (a rerun compares it)
+            meta["target"] = job.target_record()
         self.files.save_style(path, result.network, meta, overwrite=self.overwrite)
 
     def _save_film(self, job: RunJob, content: _Content, result, events: Events, record: dict) -> None:
