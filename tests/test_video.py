@@ -188,6 +188,34 @@ def test_a_folder_of_images_and_films_with_broken_ones(tmp_path, style):
     assert sorted(p.name for p in out.iterdir()) == ["beach-ink.mp4", "sunset-ink.png"]
 
 
+def test_a_film_without_a_stated_frame_count_shows_progress_and_warns_when_cut_short(tmp_path, style, monkeypatch):
+    """Matroska and WebM state no frame count: the duration gives the bar its total, and a film whose
+    frames fall well short of it (cut while copying) is said to be, in one warning; the rest is kept."""
+    whole = make_video(tmp_path / "whole.mkv", frames=48)
+    assert video.probe(whole).frames == 0 and video.probe(whole).expected_frames == 48
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
+    totals, transcode = [], video.transcode
+
+    def watched(*args, progress=None, **kwargs):
+        def seen(done, total):
+            totals.append(total)
+            progress(done, total)
+
+        return transcode(*args, progress=seen, **kwargs)
+
+    monkeypatch.setattr(video, "transcode", watched)
+    result = invoke("apply", style, whole, "-o", tmp_path / "whole-ink.mkv")
+    assert result.exit_code == 0 and "truncated" not in result.output
+    assert set(totals) == {48}  # not 1/1, 2/2, ...: a bar with a time left
+    result = invoke("apply", style, cut, "-o", tmp_path / "cut-ink.mkv")
+    assert result.exit_code == 0, result.output
+    frames = video.probe(tmp_path / "cut-ink.mkv").expected_frames
+    assert 0 < frames < 40
+    (warning,) = [line for line in result.output.splitlines() if "truncated" in line]
+    assert warning.endswith("suggests about 48: it may be truncated") and "cut.mkv" in warning
+
+
 def test_without_pyav_a_film_gets_one_line_on_how_to_install_it(tmp_path, style, clip, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)
     result = invoke("apply", style, clip, "-o", tmp_path / "x.mp4")

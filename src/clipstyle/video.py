@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -93,6 +94,14 @@ class VideoInfo:
     codec: str
 
     @property
+    def expected_frames(self) -> int:
+        """The stated frame count, else one estimated from the duration and the average rate
+        (Matroska and WebM state none); 0 when neither is known."""
+        if self.frames:
+            return self.frames
+        return round(self.duration * float(self.fps)) if self.duration and self.fps else 0
+
+    @property
     def display_size(self) -> tuple[int, int]:
         """(w, h) as a viewer shows it: pixel aspect applied, then rotation."""
         w, h = self.width, self.height
@@ -135,6 +144,8 @@ def probe(path: str | Path) -> VideoInfo:
         duration = 0.0
         if stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
+        elif _tag_seconds(stream.metadata.get("DURATION")):  # Matroska's per-stream tag
+            duration = _tag_seconds(stream.metadata.get("DURATION"))
         elif container.duration:
             duration = container.duration / 1_000_000
         sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
@@ -151,6 +162,15 @@ def probe(path: str | Path) -> VideoInfo:
         )
     finally:
         container.close()
+
+
+def _tag_seconds(text) -> float:
+    """Seconds of a duration tag ``HH:MM:SS.fraction`` (as Matroska stores it), 0.0 when it is not one."""
+    match = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", str(text or "").strip())
+    if match is None:
+        return 0.0
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def upright(array, rotation: int):
@@ -248,7 +268,12 @@ class FilmStats:
     audio_streams: int = 0
     subtitle_streams: int = 0  # copied
     not_copied: list = field(default_factory=list)  # the other streams, each said in words
+    warnings: list = field(default_factory=list)  # what the user should know about the film, in words
     seconds: dict = field(default_factory=lambda: {"decode": 0.0, "restyle": 0.0, "encode": 0.0})
+
+    def notes(self) -> list[str]:
+        """Every warning for the user: the streams left out, then the rest."""
+        return [f"not copied: {why}" for why in self.not_copied] + self.warnings
 
 
 def output_size(width: int, height: int, longest: int | None) -> tuple[int, int]:
@@ -347,7 +372,7 @@ def transcode(
                 stats.not_copied.append(why)
         if record is not None:
             out.metadata[RECORD_TAG] = json.dumps(record, sort_keys=True, ensure_ascii=True)
-        total = info.frames
+        total = info.expected_frames  # for the progress bar; only a stated count is held to
         last_end = 0.0
         pending: list = []  # decoded frames waiting for a full batch: (frame, rgb)
 
@@ -402,8 +427,15 @@ def transcode(
         # A film cut short whose index comes first (MP4 "faststart") opens and decodes until
         # its data ends: fewer frames than it states. A frame or two may legitimately be
         # missing (an edit list that starts later), so only a real shortfall fails.
-        if total and total - stats.frames > max(2, total // 100):
-            raise VideoError(f"is truncated or damaged: {stats.frames} of its {total} frames could be read", src)
+        if info.frames and info.frames - stats.frames > max(2, info.frames // 100):
+            raise VideoError(f"is truncated or damaged: {stats.frames} of its {info.frames} frames could be read", src)
+        # Without a stated count the duration gives an estimate, which a longer audio track or
+        # an odd rate can throw off: a shortfall is said, not failed.
+        if not info.frames and total - stats.frames > max(2, total // 20):
+            stats.warnings.append(
+                f"{stats.frames} frames where its duration ({info.duration:.1f} s at {float(info.fps):.3g} frames/s)"
+                f" suggests about {total}: it may be truncated"
+            )
         stats.fps = float(rate)
         stats.duration = last_end
         with open(tmp, "rb+") as fh:

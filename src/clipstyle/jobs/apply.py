@@ -240,8 +240,8 @@ class _RenderFiles(Work):
                 progress=lambda d, t: events.progress(job, FrameProgress(d, t)),
             )
             record.update(size=list(stats.size), compute=compute, **film_fields(stats))
-            for why in stats.not_copied:
-                events.note(job, f"not copied: {why}")
+            for note in stats.notes():
+                events.note(job, note)
         except ClipstyleError as exc:
             record.update(status="failed", error=job_error(job, exc))
         record["seconds"] = round(time.perf_counter() - t0, 4)

@@ -490,8 +490,8 @@ class _StylizePairs(Work):
                 progress=lambda d, t: events.progress(job, FrameProgress(d, t)),
             )
             record.update(output_size=list(stats.size), **film_fields(stats))
-            for why in stats.not_copied:
-                events.note(job, f"not copied: {why}")
+            for note in stats.notes():
+                events.note(job, note)
         if job.style is not None:
             self._save_style(job, job.style, content, result)
             record["style"] = str(job.style)
