@@ -376,7 +376,7 @@ def _progress(quiet: bool, steps: int, per_step: bool = True):
     default=None,
     metavar="full|N",
     help="Render the final image with the trained network at the input's own resolution (full) "
-    "or with longest side N; training stays at --size. [default: the training size]",
+    "or with longest side N; training stays at --size. [default: the training size; a film: its own size]",
 )
 @click.option(
     "--strength",
