@@ -56,8 +56,8 @@ def running(queue, **options):
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
-        thread.join(20)
-        queue.close(60)
+        thread.join(PATIENCE)  # the one bound against hangs (conftest), not a guess at the machine's speed
+        queue.close(PATIENCE)
         sock.close()
         assert not thread.is_alive(), "the server did not stop"
 

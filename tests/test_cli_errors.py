@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import conftest
-from conftest import TINY_16, WAIT, counting_loader, invoke, records
+from conftest import PATIENCE, TINY_16, WAIT, counting_loader, invoke, records
 
 
 @pytest.fixture
@@ -331,6 +332,45 @@ def test_a_report_that_is_a_pipe_is_refused_without_opening_it(tmp_path, img, lo
     assert loads == [] and got in ([], [b""]) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("command", ["run", "mask"])
+def test_an_output_that_is_a_pipe_is_refused_without_opening_it(tmp_path, img, loads, command, monkeypatch):
+    """Reading a pipe's record (is it a clipstyle output?) blocked in open() for ever. A writer
+    stands by so that a broken check fails instead of hanging; it must never be needed."""
+    import threading
+
+    fifo = tmp_path / "out.png"
+    os.mkfifo(fifo)
+    opened, done = [], threading.Event()
+
+    def writer():
+        while not done.is_set():
+            try:
+                end = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # only succeeds while a reader waits
+                opened.append(True)
+                try:  # a PNG's first bytes, then none: the reader goes on to image code, which fails
+                    os.write(end, b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
+                finally:
+                    os.close(end)
+            except OSError:
+                done.wait(0.05)
+
+    if command == "mask":  # a stand-in CLIP: the pipe is refused before a mask is made
+        monkeypatch.setattr("clipstyle.cli.mask.load_where_clip", lambda region, *args: object())
+    helper = threading.Thread(target=writer, daemon=True)
+    helper.start()
+    try:
+        args = ["-p", "x"] if command == "run" else ["--where", "x"]
+        result = invoke(command, img, *args, "-o", fifo, *(TINY_16 if command == "run" else ["-q"]))
+    finally:
+        done.set()
+        helper.join(PATIENCE)
+    assert opened == [], "the pipe was opened"
+    assert result.exit_code == 1 and "out.png" in result.output and "--overwrite" in result.output
+    assert len(error_lines(result)) == 1 and loads == []
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # the pipe is still there, untouched
+
+
 def test_a_report_onto_an_image_that_is_not_an_input_is_refused(tmp_path, img, loads):
     other = tmp_path / "holiday.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(other)
@@ -403,6 +443,8 @@ HUGE = "1" + "0" * 400  # a typo no arithmetic should meet
         (["--output-size", HUGE], "at most 65,536 pixels a side"),
         (["--steps", "100000000"], "steps must be between 1 and 100,000"),
         (["--crops", "100000000"], "crops must be between 0 and 4,096"),
+        (["--source", "\u200b "], "the source text is empty"),  # was embedded as it was
+        (["--source", "a\udcff"], "not valid UTF-8"),  # a byte the terminal's encoding lacks
     ],
 )
 def test_sizes_and_counts_beyond_any_use_are_refused_in_one_line(tmp_path, img, loads, bad, reason):

@@ -159,6 +159,7 @@ def test_stop_keeps_the_last_image_and_cancel_drops_a_queued_job(server, queue):
     img = Image.open(queue.results / job["png"])
     assert img.size == (32, 24)
     assert json.loads(img.text["clipstyle"])["stopped_at_step"] == job["step"]
+    assert json.loads(img.text["clipstyle"])["compute"]["device"] == "cpu"  # as a finished job's PNG says
     assert wait_for(server, second)["status"] == "cancelled"
     assert not (queue.results / f"{second}.png").exists()
     status, body = post_json(f"{server}/api/jobs/nosuchjob000/stop", {})

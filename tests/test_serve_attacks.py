@@ -146,6 +146,8 @@ def test_hostile_form_values_get_one_line_and_queue_nothing(server):
         ({"size": 10**400}, "size: 1000000000000000000000000000000000000..."),
         ({"size": 2**31}, "size: 2147483648 is too large"),
         ({"steps": MAX_STEPS + 1}, f"steps: at most {MAX_STEPS:,} on this server"),
+        ({"source": "x" * 5000}, "source: 5,000 characters, at most 1,000"),
+        ({"source": "\u200b "}, "the source text is empty"),
     ]
     for form, message in cases:
         got = one_line_error(raw_post(url, json.dumps({"upload": uid, "prompts": ["fire"], "form": form}).encode()))
@@ -161,6 +163,7 @@ def test_hostile_form_values_get_one_line_and_queue_nothing(server):
         (b'{"upload": "%s", "prompts": ["fire"], "form": [1]}', "form must be an object"),
         (b'{"upload": ["%s"], "prompts": ["fire"], "form": {}}', "no such upload"),
         (b'{"upload": "%s", "apply": ["x"]}', "that result has no style file"),
+        (b'{"upload": "%s", "prompts": ["fire"], "form": {"source": "a\\ud800"}}', "the source text is not valid"),
     ]
     for body, message in raw:
         got = one_line_error(raw_post(url, body.replace(b"%s", uid.encode())))
@@ -202,6 +205,34 @@ def test_the_queue_is_bounded_and_refuses_politely(tmp_path, models):
         assert status == 429 and refused["error"].startswith("2 jobs are waiting, at most 2"), refused
         assert len(get_json(f"{base}/api/state")[1]["jobs"]) == 3
         post_json(f"{base}/api/jobs/{first}/stop", {})
+
+
+def test_submitting_and_cancelling_in_a_loop_keeps_the_state_bounded(tmp_path, models):
+    """Cancelled (and failed) jobs have no result: at most max_queued of them are kept, the oldest
+    forgotten, with the uploads only they used; once 960 jobs queued and cancelled grew every page's state."""
+    queue = JobQueue(models, tmp_path / "served", preview_seconds=0, max_queued=3)
+    first = queue.add_upload(jpeg(), "first.jpg")
+    kept = queue.add_upload(jpeg(40, 30), "kept.jpg")
+    ids = []
+    for upload_id in (first["id"], *[kept["id"]] * 5):  # not started: every job waits, then is cancelled
+        (job,) = queue.submit_stylize(upload_id, ["fire"], TINY)
+        queue.stop(job.id)
+        ids.append(job.id)
+    assert list(queue.jobs) == ids[-3:] and all(j.status == "cancelled" for j in queue.jobs.values())
+    assert first["id"] not in {j.upload for j in queue.jobs.values()}  # its upload is no longer held
+    queue.upload_space = queue.upload_bytes()  # full: room is made from uploads no job uses
+    queue.add_upload(jpeg(32, 24), "new.jpg")
+    assert not (queue.uploads / f"{first['id']}.bin").exists()
+
+
+def test_apply_strength_beyond_any_number_is_one_line(server):
+    _, (job_id,) = start(server)
+    wait_for(server, job_id)
+    status, info = upload(server, jpeg(), "other.jpg")
+    for strength in (10**400, "1e400", float("inf")):
+        body = json.dumps({"apply": job_id, "upload": info["id"], "strength": strength}).encode()
+        got = one_line_error(raw_post(f"{server}/api/jobs", body))
+        assert got.startswith(("strength: ", "strength must be between 0 and 1")), (strength, got)
 
 
 def test_a_huge_body_is_refused_before_it_is_read(server):

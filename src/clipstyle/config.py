@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from clipstyle.errors import ClipstyleError
-from clipstyle.prompts import IMAGENET_TEMPLATES
+from clipstyle.prompts import IMAGENET_TEMPLATES, is_blank
 
 # The models: OpenAI's CLIP ViT-B/32 (the paper's) through open_clip.
 CLIP_MODEL = "ViT-B-32"
@@ -107,6 +107,12 @@ class Settings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):  # NaN passes every comparison
                 raise ClipstyleError(f"{name.replace('_', ' ')} must be a number, not {value!r}")
+        try:
+            self.source.encode("utf-8")
+        except (AttributeError, UnicodeEncodeError):
+            raise ClipstyleError("the source text is not valid UTF-8 text (--source)") from None
+        if is_blank(self.source):
+            raise ClipstyleError("the source text is empty (--source: what the photo is, e.g. 'a Photo')")
         checks = [
             (1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS:,}"),
             (8 <= self.size <= MAX_SIDE, f"size must be between 8 and {MAX_SIDE:,}"),

@@ -12,6 +12,8 @@ Imports no torch.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 from clipstyle.config import Settings
@@ -42,6 +44,11 @@ def read_record(path: str | Path) -> dict | None:
     from clipstyle.video import is_video
     from clipstyle.video import read_record as film_record
 
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the open until a writer came
+            return None
+    except OSError:
+        return None
     if is_video(path):
         return film_record(path)
     try:

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from clipstyle import video
 from clipstyle.config import AVOID_WEIGHT, FEATHER, MAX_FEATHER, MAX_PIXELS, PRECISIONS, PRESETS, Settings
+from clipstyle.device import compute_info
 from clipstyle.errors import ClipstyleError
 from clipstyle.images import fit_size, open_image, save_png, slugify, to_pil, write_atomic
 from clipstyle.jobs.apply import ApplyJob, ApplyOptions, apply_files
@@ -346,6 +347,8 @@ def settings_from_form(form: dict) -> Settings:
                 values[name] = number
             else:
                 values[name] = str(raw)
+                if len(values[name]) > MAX_PROMPT_CHARS:  # text CLIP reads, bounded as prompts are
+                    raise ClipstyleError(f"{name}: {len(values[name]):,} characters, at most {MAX_PROMPT_CHARS:,}")
         except (TypeError, ValueError, OverflowError):
             raise ClipstyleError(f"{name.replace('_', ' ')}: {_shown(raw)} is not {what}") from None
         if kind is int and abs(values[name]) >= 2**31:  # means nothing here, and overflows float sums
@@ -1031,7 +1034,7 @@ class JobQueue:
             raise ClipstyleError(f"strength: {_shown(strength)} is not a number")
         try:
             strength = float(strength)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ClipstyleError(f"strength: {_shown(strength)} is not a number") from None
         if not 0.0 <= strength <= 1.0:  # false for nan too
             raise ClipstyleError("strength must be between 0 and 1")
@@ -1077,10 +1080,22 @@ class JobQueue:
                 self._settings.pop(job_id, None)
                 job.status = "cancelled"
                 job.finished = time.time()
+                self._forget_unkept()
             elif job.status == "running":
                 self._stop.add(job_id)
             self._changed()
             return job
+
+    def _forget_unkept(self) -> None:
+        """Keep at most ``max_queued`` of the finished jobs that have no result (cancelled, failed,
+        interrupted): dropping the oldest, so that submitting and cancelling in a loop cannot grow
+        the state every page reads without bound, nor hold uploads. Call with the lock held."""
+        unkept = [j for j in self.jobs.values() if j.status in FINISHED and j.status not in KEPT]
+        if len(unkept) > self.max_queued:
+            unkept.sort(key=lambda j: j.finished or j.created)
+            for job in unkept[: len(unkept) - self.max_queued]:
+                del self.jobs[job.id]
+                self._previews.pop(job.id, None)
 
     def delete(self, job_id: str) -> None:
         """Remove a finished job and its files from the gallery. Its files go first: when they cannot
@@ -1193,6 +1208,8 @@ class JobQueue:
                 self._running = None
                 if status in KEPT:
                     self._save_record(job)  # before anyone sees it finished (and may delete it)
+                else:
+                    self._forget_unkept()
                 self._changed()
 
     def _source(self, job: Job) -> Path:
@@ -1233,7 +1250,8 @@ class JobQueue:
         except _Stopped:
             if self._closing or events.last is None:  # nothing to keep
                 return "interrupted" if self._closing else "cancelled"
-            meta = output_metadata(pair, settings, self.models.info, options, file_sha256(source))
+            compute = compute_info(self.models.device)  # as a finished job's PNG records it
+            meta = output_metadata(pair, settings, self.models.info, options, file_sha256(source), compute)
             meta["clipstyle"]["stopped_at_step"] = job.step
             try:
                 self._finish(job, events.last, meta)
