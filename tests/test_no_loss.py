@@ -457,3 +457,20 @@ def test_a_signal_inside_a_finaliser_is_kept_for_the_next_check(monkeypatch):
         gc.collect()
         assert finished == [True] and unraisable == [] and interrupts.requested()
         interrupts.check()
+
+
+def test_a_bar_closed_after_a_handled_interrupt_does_not_raise_it_again():
+    # CI caught this: the run caught Ctrl-C, then closing its bar raised the same interrupt again,
+    # outside the run's handler: "clipstyle: interrupted" with no summary line.
+    from clipstyle import interrupts
+    from clipstyle.cli.common import close_bar, progress_bar
+
+    with interrupts.raising():
+        bar = progress_bar(total=3)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        try:
+            close_bar(bar)  # the interrupt above is the run's to handle (it did): not raised here
+        except KeyboardInterrupt:
+            pytest.fail("closing the bar raised the handled interrupt again")
+        assert bar.disable and interrupts.requested()

@@ -28,6 +28,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _started = time.monotonic()
 _installed = False
 _requested: int | None = None  # the signal received while raising(), if any
+_received = 0  # signals received while raising() or deferred(), counted
 
 
 def _exit_now(signum, frame) -> None:
@@ -39,8 +40,8 @@ def _exit_now(signum, frame) -> None:
 
 
 def _raise(signum, frame) -> None:
-    global _requested
-    _requested = signum
+    global _requested, _received
+    _requested, _received = signum, _received + 1
     if _in_finaliser(frame):
         return  # raised there it would be printed with a traceback and dropped: check() raises it
     raise KeyboardInterrupt
@@ -56,8 +57,8 @@ def _in_finaliser(frame) -> bool:
 
 
 def _remember(signum, frame) -> None:
-    global _requested
-    _requested = signum
+    global _requested, _received
+    _requested, _received = signum, _received + 1
 
 
 def install() -> None:
@@ -94,7 +95,7 @@ def raising():
 
 @contextlib.contextmanager
 def deferred():
-    """Within raising(): a signal is remembered and raised on the way out, not inside.
+    """Within raising(): a signal that comes is remembered and raised on the way out, not inside.
 
     For building and closing objects whose finaliser cannot bear being half made
     (a progress bar interrupted in its constructor prints a traceback when it is
@@ -103,13 +104,15 @@ def deferred():
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not _raise:
         yield
         return
+    before = _received
     previous = {signum: signal.signal(signum, _remember) for signum in SIGNALS}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    check()
+    if _received != before:  # only a signal that came within: one handled before is not raised again
+        raise KeyboardInterrupt
 
 
 def requested() -> bool:
