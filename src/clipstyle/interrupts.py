@@ -78,6 +78,17 @@ def installed() -> bool:
 
 
 @contextlib.contextmanager
+def _handled_by(handler):
+    """Within: every signal of SIGNALS goes to ``handler``; after: to the handlers before."""
+    previous = {signum: signal.signal(signum, handler) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+@contextlib.contextmanager
 def raising():
     """Within: a signal raises KeyboardInterrupt (and is remembered); after: as before."""
     global _requested
@@ -85,12 +96,8 @@ def raising():
         yield
         return
     _requested = None  # a new piece of work (a process may run commands in turn)
-    previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
-    try:
+    with _handled_by(_raise):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -105,12 +112,8 @@ def deferred():
         yield
         return
     before = _received
-    previous = {signum: signal.signal(signum, _remember) for signum in SIGNALS}
-    try:
+    with _handled_by(_remember):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if _received != before:  # only a signal that came within: one handled before is not raised again
         raise KeyboardInterrupt
 
