@@ -182,14 +182,20 @@ def film_support() -> dict:
     return {"available": True, "hint": None, "suffixes": list(FILM_SUFFIXES)}
 
 
-def _weight(raw, what: str, minimum_exclusive: bool = True) -> float:
-    """A weight from a form: a plain number (or its text), finite, above 0 (or 0 and above)."""
+def _form_number(raw, what: str) -> float:
+    """A number a client sent: a plain number or its text (not true/false, a list, an object, or
+    beyond a float); one line naming ``what`` otherwise. Its range is the caller's to check."""
     try:
         if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
             raise ValueError
-        number = float(raw)
+        return float(raw)
     except (TypeError, ValueError, OverflowError):
         raise ClipstyleError(f"{what}: {_shown(raw)} is not a number") from None
+
+
+def _weight(raw, what: str, minimum_exclusive: bool = True) -> float:
+    """A weight from a form: a plain number (or its text), finite, above 0 (or 0 and above)."""
+    number = _form_number(raw, what)
     if not math.isfinite(number) or number < 0 or (minimum_exclusive and number == 0):
         raise ClipstyleError(f"{what} must be a number above 0" if minimum_exclusive else f"{what} must be 0 or more")
     return number
@@ -306,12 +312,7 @@ def region_from_form(form: dict) -> dict | None:
     raw = form.get("feather")
     feather = FEATHER
     if raw is not None and raw != "":
-        try:
-            if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
-                raise ValueError
-            feather = float(raw)
-        except (TypeError, ValueError, OverflowError):
-            raise ClipstyleError(f"feather: {_shown(raw)} is not a number") from None
+        feather = _form_number(raw, "feather")
         if not 0 <= feather <= MAX_FEATHER:  # false for nan too
             raise ClipstyleError(f"feather must be between 0 and {MAX_FEATHER:,.0f} pixels")
     if flags["invert_mask"] and where is None and mask is None:
@@ -1030,12 +1031,7 @@ class JobQueue:
             source = self.jobs.get(style_of) if isinstance(style_of, str) else None
         if source is None or not source.style:
             raise ClipstyleError("that result has no style file (only finished runs keep one)")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float, str)):
-            raise ClipstyleError(f"strength: {_shown(strength)} is not a number")
-        try:
-            strength = float(strength)
-        except (TypeError, ValueError, OverflowError):
-            raise ClipstyleError(f"strength: {_shown(strength)} is not a number") from None
+        strength = _form_number(strength, "strength")
         if not 0.0 <= strength <= 1.0:  # false for nan too
             raise ClipstyleError("strength must be between 0 and 1")
         film = info.get("film")
